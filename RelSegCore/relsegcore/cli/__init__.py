@@ -1,0 +1,66 @@
+"""``relseg`` command line: one sub-module per command group, each a thin layer over the API.
+
+Each command module defines ``register(subparsers)`` which adds its parser(s) and sets
+``func`` to a function taking the parsed arguments and returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ..errors import RelSegError
+
+# Command modules, in the order they appear in ``relseg --help``.
+COMMAND_MODULES = ("segment", "evaluate", "train", "finetune", "models", "benchmark")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="relseg",
+        description="COVID-19 lung infection segmentation on chest CT (dual-encoder network).",
+    )
+    parser.add_argument("--version", action="version", version=f"relsegcore {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name == f"{__name__}.{name}":
+                continue  # command group not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except RelSegError as error:
+        print(f"relseg: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("relseg: interrupted", file=sys.stderr)
+        return 130
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"),
+        help="where the network runs: auto picks the GPU when PyTorch sees one (default: auto)",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
