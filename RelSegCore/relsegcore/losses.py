@@ -1,0 +1,59 @@
+"""Losses: Dice + cross-entropy for segmentation, and the relation-consistency regulariser.
+
+The relation loss follows the sample-relation consistency of SRC-MT (Liu et al., IEEE TMI
+2020), the nearest public definition of the paper's "relation-driven collaborative
+learning": for a batch of B samples, flatten each sample's activation map into a row of
+``A`` (B x D), form the Gram matrix ``A @ A.T`` (B x B), L2-normalise each row, and take the
+mean squared difference between two such matrices. What is compared with what is
+configurable (see ``training.RelationConfig``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """1 - mean foreground soft Dice over classes 1..C-1, computed over the whole batch (batch Dice)."""
+    probabilities = logits.float().softmax(dim=1)
+    one_hot = F.one_hot(target.long(), logits.shape[1]).movedim(-1, 1).to(probabilities.dtype)
+    reduce_dims = [0, *range(2, logits.ndim)]
+    intersection = (probabilities * one_hot).sum(reduce_dims)
+    denominator = probabilities.sum(reduce_dims) + one_hot.sum(reduce_dims)
+    dice = (2 * intersection + smooth) / (denominator + smooth)
+    return 1 - dice[1:].mean()
+
+
+def segmentation_loss(logits: torch.Tensor | list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """Dice + cross-entropy; with deep supervision (a list of logits, finest first) a weighted sum.
+
+    Coarser outputs are compared with a nearest-downsampled target and weighted 1/2^k, as in nnU-Net.
+    """
+    if isinstance(logits, torch.Tensor):
+        return soft_dice_loss(logits, target) + F.cross_entropy(logits.float(), target.long())
+    weights = [0.5**k for k in range(len(logits))]
+    total = 0.0
+    for weight, level_logits in zip(weights, logits, strict=True):
+        level_target = target
+        if level_logits.shape[2:] != target.shape[1:]:
+            level_target = F.interpolate(target[:, None].float(), size=level_logits.shape[2:], mode="nearest")[:, 0]
+        total = total + weight * segmentation_loss(level_logits, level_target)
+    return total / sum(weights)
+
+
+def relation_matrix(features: torch.Tensor) -> torch.Tensor:
+    """Row-normalised B x B Gram matrix of the flattened per-sample features."""
+    flat = features.float().flatten(start_dim=1)
+    gram = flat @ flat.t()
+    return F.normalize(gram, p=2, dim=1)
+
+
+def relation_loss(features_a: torch.Tensor, features_b: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the two batches' relation matrices (0 when relations agree).
+
+    Features of different widths are allowed: only the B x B relations are compared.
+    """
+    if features_a.shape[0] != features_b.shape[0]:
+        raise ValueError("relation_loss needs the same batch on both sides")
+    return F.mse_loss(relation_matrix(features_a), relation_matrix(features_b))

@@ -1,0 +1,172 @@
+"""Model cards and safe model loading.
+
+A model is ``<name>.pt`` (a ``state_dict``) beside ``<name>.json`` (its model card). The card
+states what the model was trained on, the exact command, its measured metrics and the
+weights' SHA-256, which is checked before ``torch.load(weights_only=True)``: loading
+weights is loading code.
+
+Models are looked up, in order, in the user's registry (``$RELSEG_HOME/models``, default
+``~/.relseg/models``), folders named in ``$RELSEG_MODELS_DIR`` (``os.pathsep``-separated;
+the Slicer module sets it to the extension's ``Resources/Models``), and the source
+checkout's ``Resources/Models``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+from .fileutil import atomic_path, atomic_write_text, sha256_of
+from .models import DualEncoderUNet, NetworkConfig
+
+DEFAULT_MODEL = "covid-infection-2d"
+CHECKOUT_MODELS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Models"
+
+
+@dataclass
+class ModelCard:
+    name: str
+    version: str
+    description: str
+    file: str
+    sha256: str
+    architecture: dict
+    classes: list[str]
+    preprocessing: dict = field(default_factory=lambda: {"input_size": 256})
+    training: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    date: str = ""
+    parent: str | None = None
+    clinical: bool = False
+    path: Path | None = field(default=None, compare=False)  # the weights file, set when found on disk
+
+    @property
+    def infection_classes(self) -> list[str]:
+        """Class names without the background, as segment names."""
+        return self.classes[1:]
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.pop("path")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, path: Path | None = None) -> ModelCard:
+        known = {f.name for f in dataclasses.fields(cls)} - {"path"}
+        missing = {"name", "version", "file", "sha256", "architecture", "classes"} - data.keys()
+        if missing:
+            raise ModelError(f"model card is missing {', '.join(sorted(missing))}")
+        return cls(**{k: v for k, v in data.items() if k in known}, path=path)
+
+
+@dataclass
+class LoadedModel:
+    network: DualEncoderUNet
+    card: ModelCard
+    device: torch.device
+
+
+def user_home() -> Path:
+    return Path(os.environ.get("RELSEG_HOME", Path.home() / ".relseg"))
+
+
+def models_dirs() -> list[Path]:
+    dirs = [user_home() / "models"]
+    dirs += [Path(p) for p in os.environ.get("RELSEG_MODELS_DIR", "").split(os.pathsep) if p]
+    dirs.append(CHECKOUT_MODELS_DIR)
+    return [d for i, d in enumerate(dirs) if d.is_dir() and d not in dirs[:i]]
+
+
+def read_card(card_path: Path) -> ModelCard:
+    try:
+        data = json.loads(Path(card_path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelError(f"cannot read model card {card_path}: {error}") from None
+    card = ModelCard.from_dict(data)
+    card.path = Path(card_path).with_name(card.file)
+    return card
+
+
+def list_models() -> list[ModelCard]:
+    """All models found, first occurrence of each name wins (the user's registry before shipped)."""
+    seen: dict[str, ModelCard] = {}
+    for directory in models_dirs():
+        for card_path in sorted(directory.glob("*.json")):
+            try:
+                card = read_card(card_path)
+            except ModelError:
+                continue
+            seen.setdefault(card.name, card)
+    return list(seen.values())
+
+
+def find_model(name_or_path: str | os.PathLike | None = None) -> ModelCard:
+    """A model by name, by card path (``.json``) or by weights path (``.pt`` with its card beside it)."""
+    name_or_path = name_or_path or DEFAULT_MODEL
+    path = Path(name_or_path)
+    if path.suffix in (".json", ".pt") or path.exists():
+        card_path = path.with_suffix(".json")
+        if not card_path.is_file():
+            raise ModelError(f"no model card {card_path.name} beside {path}")
+        return read_card(card_path)
+    for card in list_models():
+        if card.name == str(name_or_path):
+            return card
+    names = ", ".join(card.name for card in list_models()) or "none"
+    raise ModelError(f"unknown model {name_or_path!r}; installed models: {names}")
+
+
+def build_network(card: ModelCard) -> DualEncoderUNet:
+    return DualEncoderUNet(NetworkConfig(**card.architecture))
+
+
+def load_state_dict_verified(path: Path, sha256: str) -> dict:
+    """Read weights only after their SHA-256 matches the card; never unpickle arbitrary objects."""
+    if not path.is_file():
+        raise ModelError(f"model weights not found: {path}")
+    data = path.read_bytes()
+    import hashlib
+
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise ModelError(f"checksum mismatch for {path.name}: card says {sha256[:12]}..., file is {actual[:12]}...")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad model file
+        raise ModelError(f"cannot load model weights {path.name}: {error}") from None
+
+
+def load_model(name_or_path: str | os.PathLike | None, device: torch.device) -> LoadedModel:
+    card = find_model(name_or_path)
+    network = build_network(card)
+    try:
+        network.load_state_dict(load_state_dict_verified(card.path, card.sha256))
+    except RuntimeError as error:
+        raise ModelError(f"weights of {card.name} do not match its architecture: {error}") from None
+    network.to(device).eval()
+    return LoadedModel(network=network, card=card, device=device)
+
+
+def save_model(network: torch.nn.Module, card: ModelCard, directory: str | os.PathLike) -> Path:
+    """Write ``<name>.pt`` then ``<name>.json`` atomically; the card's sha256 and date are filled in."""
+    directory = Path(directory)
+    weights_path = directory / f"{card.name}.pt"
+    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    with atomic_path(weights_path) as tmp:
+        torch.save(state, tmp)
+        sha = sha256_of(tmp)
+    card.file = weights_path.name
+    card.sha256 = sha
+    card.date = card.date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    card.architecture = network.config.to_dict() if hasattr(network, "config") else card.architecture
+    atomic_write_text(directory / f"{card.name}.json", json.dumps(card.to_dict(), indent=2) + "\n")
+    card.path = weights_path
+    return weights_path
