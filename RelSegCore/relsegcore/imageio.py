@@ -1,0 +1,223 @@
+"""Read a CT, check that it is a CT we can segment, and move it to and from the canonical grid.
+
+Every problem with the input is raised as ``InputError`` with one sentence, before any
+slow work starts. Computation happens on the canonical LPS grid (``to_canonical``) and
+results go back on the input's exact geometry (``from_canonical``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+CANONICAL_ORIENTATION = "LPS"
+MIN_SPACING_MM = 0.1
+MAX_SPACING_MM = 20.0
+HU_RANGE = (-2048.0, 4095.0)
+AIR_PERCENTILE_MAX_HU = -500.0  # a CT always shows air (outside the body, lungs) near -1000
+BYTES_PER_VOXEL_NEEDED = 16  # working copies (float32 HU, masks, labels) during segmentation
+MAX_VOXELS_ENV = "RELSEG_MAX_VOXELS"
+
+_TAG_SERIES_UID = "0020|000e"
+_TAG_SERIES_DESCRIPTION = "0008|103e"
+_TAG_SERIES_NUMBER = "0020|0011"
+_TAG_MODALITY = "0008|0060"
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One DICOM series in a folder, as offered to the user and logged when chosen."""
+
+    uid: str
+    description: str
+    number: str
+    modality: str
+    files: tuple[str, ...]
+
+
+last_series_choice: SeriesInfo | None = None
+"""The series ``read_image`` picked from the last DICOM folder it read (None for single files)."""
+
+
+def read_image(path: str | os.PathLike, series: str | None = None) -> sitk.Image:
+    """Read a NIfTI / NRRD / MHA file or a DICOM series folder.
+
+    In a folder with several series, ``series`` selects one by SeriesInstanceUID,
+    SeriesDescription or SeriesNumber; without it the largest CT series is taken.
+    """
+    global last_series_choice
+    path = Path(path)
+    last_series_choice = None
+    if not path.exists():
+        raise InputError(f"Input not found: {path}.")
+    if path.is_dir():
+        chosen = choose_series(list_dicom_series(path), series, path)
+        last_series_choice = chosen
+        logger.info(
+            "Reading DICOM series %s (%s, number %s, %d files) from %s",
+            chosen.uid, chosen.description or "no description", chosen.number or "?", len(chosen.files), path,
+        )
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(list(chosen.files))
+        return _read_or_explain(reader.Execute, path)
+    if not path.name.lower().endswith(VOLUME_SUFFIXES):
+        raise InputError(
+            f"Unsupported file type for {path.name}: give a NIfTI, NRRD, MHA file or a DICOM folder."
+        )
+    return _read_or_explain(lambda: sitk.ReadImage(str(path)), path)
+
+
+def list_dicom_series(folder: Path) -> list[SeriesInfo]:
+    """All DICOM series directly in ``folder``."""
+    if not any(folder.iterdir()):
+        raise InputError(f"The folder {folder} is empty.")
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise InputError(f"No DICOM series found in {folder}.")
+    found = []
+    for uid in series_ids:
+        files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+        header = sitk.ImageFileReader()
+        header.SetFileName(files[0])
+        header.LoadPrivateTagsOff()
+        _read_or_explain(header.ReadImageInformation, Path(files[0]))
+
+        def tag(key: str, reader: sitk.ImageFileReader = header) -> str:
+            return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
+
+        found.append(SeriesInfo(uid, tag(_TAG_SERIES_DESCRIPTION), tag(_TAG_SERIES_NUMBER), tag(_TAG_MODALITY), files))
+    return found
+
+
+def choose_series(candidates: list[SeriesInfo], wanted: str | None, folder: Path) -> SeriesInfo:
+    """The series the user asked for, else the largest CT series (or largest of any, if none says CT)."""
+    if wanted is not None:
+        for info in candidates:
+            if wanted.strip() in (info.uid, info.description, info.number):
+                return info
+        offered = "; ".join(f"{info.uid} ({info.description or 'no description'})" for info in candidates)
+        raise InputError(f"No series '{wanted}' in {folder}; it holds: {offered}.")
+    ct_series = [info for info in candidates if info.modality.upper() == "CT"] or candidates
+    return max(ct_series, key=lambda info: len(info.files))
+
+
+def validate_ct(image: sitk.Image) -> None:
+    """Raise ``InputError`` unless ``image`` is a 3D scalar CT in HU that fits in memory."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"The image has {image.GetNumberOfComponentsPerPixel()} values per voxel (colour or vector): "
+            "a CT has one HU value per voxel."
+        )
+    if image.GetDimension() != 3:
+        raise InputError(f"The image is {image.GetDimension()}D: a CT volume must be 3D (x, y, slices).")
+    spacing = image.GetSpacing()
+    if any(not MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in spacing):
+        raise InputError(
+            f"Voxel spacing {tuple(round(s, 4) for s in spacing)} mm is not plausible for a CT "
+            f"(each must be between {MIN_SPACING_MM} and {MAX_SPACING_MM} mm)."
+        )
+    _check_fits_in_memory(image)
+    hu = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(hu).all():
+        raise InputError("The image contains NaN or infinite voxel values.")
+    low, high = float(hu.min()), float(hu.max())
+    if low == high:
+        raise InputError(f"The image is empty: every voxel has the value {low:g}.")
+    if low < HU_RANGE[0] or high > HU_RANGE[1]:
+        raise InputError(
+            f"Voxel values {low:g}..{high:g} are outside the CT range {HU_RANGE[0]:g}..{HU_RANGE[1]:g} HU "
+            "(is this a CT in Hounsfield units?)."
+        )
+    first_percentile = float(np.percentile(_sample(hu), 1))
+    if first_percentile > AIR_PERCENTILE_MAX_HU:
+        raise InputError(
+            f"The image shows no air near -1000 HU (1st percentile {first_percentile:g}): "
+            "it does not look like a CT in Hounsfield units (MR or rescaled data?)."
+        )
+
+
+def _check_fits_in_memory(image: sitk.Image) -> None:
+    voxels = int(np.prod(image.GetSize(), dtype=np.int64))
+    override = os.environ.get(MAX_VOXELS_ENV)
+    if override:
+        limit = int(override)
+    else:
+        limit = available_memory_bytes() // BYTES_PER_VOXEL_NEEDED
+    if voxels > limit:
+        raise InputError(
+            f"The image has {voxels:,} voxels, more than this machine can segment ({limit:,}); "
+            "crop or resample it first."
+        )
+
+
+def available_memory_bytes() -> int:
+    """RAM available now (MemAvailable), falling back to total physical memory."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def _sample(values: np.ndarray, size: int = 1_000_000) -> np.ndarray:
+    """A strided subset, so percentiles stay fast on large volumes."""
+    flat = values.reshape(-1)
+    step = max(1, flat.size // size)
+    return flat[::step]
+
+
+def to_canonical(image: sitk.Image) -> sitk.Image:
+    """The image resampled without interpolation onto LPS axes: row 0 anterior, x to the patient's left."""
+    return sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+
+
+def from_canonical(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """A result computed on ``to_canonical(reference)`` put back on ``reference``'s exact grid.
+
+    Axis-aligned cases are an exact permutation/flip (no interpolation). Anything else is
+    resampled with nearest neighbour, which keeps labels as labels.
+    """
+    oriented = sitk.DICOMOrient(image, _orientation_code(reference))
+    if _same_grid(oriented, reference):
+        oriented.CopyInformation(reference)
+        return oriented
+    return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, image.GetPixelID())
+
+
+def _orientation_code(image: sitk.Image) -> str:
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def _same_grid(image: sitk.Image, reference: sitk.Image, tolerance: float = 1e-4) -> bool:
+    return (
+        image.GetSize() == reference.GetSize()
+        and np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=tolerance * 100)
+        and np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=tolerance)
+        and np.allclose(image.GetDirection(), reference.GetDirection(), atol=tolerance)
+    )
+
+
+def _read_or_explain(read, path: Path):
+    """Run a SimpleITK read, turning its RuntimeError into one sentence about the file."""
+    try:
+        return read()
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()
+        detail = next((line.strip() for line in reversed(reason) if line.strip()), "unknown reason")
+        raise InputError(f"Could not read {path}: the file is damaged or not an image ({detail[:160]}).") from None
