@@ -1,0 +1,208 @@
+"""Run a loaded model over 2D slices (batched) or a 3D volume (sliding window).
+
+Both entry points take model-ready inputs (uint8 images for 2D, 0..1 floats for 3D) and
+return class probabilities; reading, windowing, cropping and pasting back are the
+pipeline's job. Batches run under ``torch.inference_mode`` with bf16/fp16 autocast on
+CUDA. A CUDA out-of-memory error halves the batch and retries; at batch size 1 the
+network moves to the CPU, with a logged warning, and the job goes on there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .device import is_cuda_oom
+from .progress import Progress
+from .zoo import LoadedModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_OVERLAP = 0.5
+
+
+def predict_slices(
+    loaded: LoadedModel,
+    images: np.ndarray,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    tta: bool = False,
+    progress: Progress | None = None,
+    progress_span: tuple[float, float] = (0.0, 1.0),
+) -> np.ndarray:
+    """Class probabilities float32 ``(N, C, S, S)`` for uint8 images ``(N, S, S)``.
+
+    ``tta`` averages with the horizontally flipped prediction. ``progress`` gets updates
+    mapped into ``progress_span`` and is asked about cancelling between batches.
+    """
+    images = np.asarray(images)
+    if images.ndim != 3:
+        raise ValueError(f"expected uint8 images (N, S, S), got shape {images.shape}")
+    num_classes = loaded.card.architecture.get("num_classes", len(loaded.card.classes))
+    probabilities = np.empty((len(images), num_classes, *images.shape[1:]), dtype=np.float32)
+    runner = _BatchRunner(loaded, batch_size)
+    done = 0
+    while done < len(images):
+        if progress is not None:
+            progress.check_cancelled()
+        stop = min(done + runner.batch_size, len(images))
+        batch = torch.from_numpy(np.ascontiguousarray(images[done:stop])).unsqueeze(1)
+        result = runner.run(batch, tta)
+        if result is None:
+            continue  # batch was too large for the GPU: retried next turn with the halved size
+        probabilities[done:stop] = result
+        done = stop
+        _report(progress, progress_span, done / len(images))
+    return probabilities
+
+
+def predict_volume(
+    loaded: LoadedModel,
+    volume: np.ndarray,
+    patch_size: tuple[int, int, int] | None = None,
+    overlap: float = DEFAULT_OVERLAP,
+    batch_size: int = 2,
+    tta: bool = False,
+    progress: Progress | None = None,
+    progress_span: tuple[float, float] = (0.0, 1.0),
+) -> np.ndarray:
+    """Class probabilities float32 ``(C, D, H, W)`` for a 3D model on a 0..1 volume ``(D, H, W)``.
+
+    Patches (``patch_size`` or the card's ``preprocessing["patch_size"]``) overlap by
+    ``overlap`` and are blended with a Gaussian importance map, so patch borders, where
+    the network sees least context, weigh least.
+    """
+    volume = np.asarray(volume, dtype=np.float32)
+    patch = tuple(int(p) for p in (patch_size or loaded.card.preprocessing["patch_size"]))
+    padded, pad = _pad_to_at_least(volume, patch)
+    num_classes = loaded.card.architecture.get("num_classes", len(loaded.card.classes))
+    accumulated = np.zeros((num_classes, *padded.shape), dtype=np.float32)
+    weights = np.zeros(padded.shape, dtype=np.float32)
+    importance = gaussian_importance(patch)
+    starts = [_window_starts(n, p, overlap) for n, p in zip(padded.shape, patch, strict=True)]
+    corners = list(itertools.product(*starts))
+    runner = _BatchRunner(loaded, batch_size)
+    done = 0
+    while done < len(corners):
+        if progress is not None:
+            progress.check_cancelled()
+        chunk = corners[done:done + runner.batch_size]
+        windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch, strict=True)) for corner in chunk]
+        batch = torch.from_numpy(np.stack([padded[w] for w in windows])).unsqueeze(1)
+        result = runner.run(batch, tta)
+        if result is None:
+            continue
+        for window, probs in zip(windows, result, strict=True):
+            accumulated[(slice(None), *window)] += probs * importance
+            weights[window] += importance
+        done += len(chunk)
+        _report(progress, progress_span, done / len(corners))
+    accumulated /= np.maximum(weights, 1e-8)
+    depth, height, width = volume.shape
+    return accumulated[:, pad[0]:pad[0] + depth, pad[1]:pad[1] + height, pad[2]:pad[2] + width]
+
+
+def gaussian_importance(patch: tuple[int, ...], sigma_fraction: float = 0.125) -> np.ndarray:
+    """A Gaussian bump over the patch (sigma = 1/8 of each side), max 1, never 0."""
+    axes = [np.exp(-0.5 * ((np.arange(n) - (n - 1) / 2) / max(n * sigma_fraction, 1e-3)) ** 2) for n in patch]
+    bump = np.ones(patch, dtype=np.float32)
+    for axis, values in enumerate(axes):
+        shape = [1] * len(patch)
+        shape[axis] = len(values)
+        bump = bump * values.reshape(shape).astype(np.float32)
+    bump /= bump.max()
+    return np.maximum(bump, 1e-3).astype(np.float32)
+
+
+class _BatchRunner:
+    """Forward passes with the GPU-memory policy: halve the batch on OOM, then fall back to the CPU."""
+
+    def __init__(self, loaded: LoadedModel, batch_size: int):
+        self.loaded = loaded
+        self.batch_size = max(1, int(batch_size))
+
+    def run(self, batch: torch.Tensor, tta: bool) -> np.ndarray | None:
+        """Probabilities for ``batch``, or None when it did not fit and the caller must resend it smaller."""
+        try:
+            return self._forward(batch, tta)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
+            if not is_cuda_oom(error):
+                raise
+            if len(batch) == 1 and self.loaded.device.type == "cpu":
+                raise
+        _release_cuda_cache()
+        if len(batch) > 1:
+            self.batch_size = max(1, len(batch) // 2)
+            log.info("GPU out of memory: retrying with batches of %d", self.batch_size)
+        else:
+            self._fall_back_to_cpu()
+        return None
+
+    def _forward(self, batch: torch.Tensor, tta: bool) -> np.ndarray:
+        device = self.loaded.device
+        x = batch.to(device, non_blocking=True).float()
+        if batch.dtype == torch.uint8:
+            x = x / 255.0
+        flip_axis = -1  # left-right in both (N, 1, H, W) and (N, 1, D, H, W)
+        with torch.inference_mode(), _autocast(device):
+            logits = self.loaded.network(x)
+            probs = torch.softmax(logits.float(), dim=1)
+            if tta:
+                flipped = self.loaded.network(torch.flip(x, dims=(flip_axis,)))
+                probs = 0.5 * (probs + torch.flip(torch.softmax(flipped.float(), dim=1), dims=(flip_axis,)))
+        return probs.cpu().numpy()
+
+    def _fall_back_to_cpu(self) -> None:
+        log.warning(
+            "The GPU ran out of memory even for one input at a time; continuing on the CPU (slower). "
+            "Close other GPU programs, or use --device cpu to start there."
+        )
+        self.loaded.network.to("cpu")
+        self.loaded.device = torch.device("cpu")
+
+
+def _autocast(device: torch.device):
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _release_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _report(progress: Progress | None, span: tuple[float, float], fraction: float) -> None:
+    if progress is not None:
+        progress.update(span[0] + (span[1] - span[0]) * fraction)
+
+
+def _window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Start indices of windows of ``patch`` covering ``size``, the last one flush with the end."""
+    if size <= patch:
+        return [0]
+    step = max(1, int(patch * (1.0 - overlap)))
+    count = math.ceil((size - patch) / step) + 1
+    return sorted({min(i * step, size - patch) for i in range(count)})
+
+
+def _pad_to_at_least(volume: np.ndarray, patch: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Pad (centred, with the volume's minimum) so that each side is at least the patch size."""
+    before = tuple(max(0, p - n) // 2 for n, p in zip(volume.shape, patch, strict=True))
+    widths = [(b, max(0, p - n) - b) for b, n, p in zip(before, volume.shape, patch, strict=True)]
+    if not any(w for pair in widths for w in pair):
+        return volume, before
+    return np.pad(volume, widths, mode="constant", constant_values=float(volume.min())), before
+
+
+def batches(count: int, size: int) -> Iterator[slice]:
+    """Consecutive slices of at most ``size`` items over ``count`` items."""
+    for start in range(0, count, size):
+        yield slice(start, min(start + size, count))

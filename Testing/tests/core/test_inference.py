@@ -1,0 +1,153 @@
+"""inference: batched 2D prediction, flip TTA, the GPU-memory policy, 3D sliding window."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from relsegcore import inference, zoo
+from relsegcore.errors import Cancelled
+from relsegcore.models import DualEncoderUNet, NetworkConfig
+from relsegcore.progress import Progress
+
+
+def save_tiny_model(directory: Path, dims: int = 2, num_classes: int = 2, input_size: int = 32,
+                    name: str = "tiny-test-model", seed: int = 0) -> Path:
+    """A small randomly initialised model with its card, saved like a shipped one (weights path returned)."""
+    torch.manual_seed(seed)
+    network = DualEncoderUNet(NetworkConfig(dims=dims, num_classes=num_classes, base_channels=4, depth=3))
+    classes = ["background", "infection"] if num_classes == 2 else ["background", "ground-glass", "consolidation"]
+    preprocessing = {"input_size": input_size, "window": [-1250, 250]}
+    if dims == 3:
+        preprocessing["patch_size"] = [8, 16, 16]
+    card = zoo.ModelCard(name=name, version="0.0.1", description="random weights, for tests", file="",
+                         sha256="", architecture={}, classes=classes, preprocessing=preprocessing)
+    return zoo.save_model(network, card, directory)
+
+
+@pytest.fixture
+def tiny_model(tmp_path: Path) -> zoo.LoadedModel:
+    return zoo.load_model(save_tiny_model(tmp_path), torch.device("cpu"))
+
+
+def random_images(count: int, size: int = 32, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, size, size), dtype=np.uint8)
+
+
+def reference_probabilities(loaded: zoo.LoadedModel, images: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        logits = loaded.network(torch.from_numpy(images).float().unsqueeze(1) / 255.0)
+    return torch.softmax(logits, dim=1).numpy()
+
+
+class FlakyGpuNetwork(torch.nn.Module):
+    """Wraps a network; raises CUDA OOM like a small GPU would (large batches, or anything on 'meta')."""
+
+    def __init__(self, network: torch.nn.Module, max_batch: int | None = None):
+        super().__init__()
+        self.network = network
+        self.max_batch = max_batch
+        self.calls: list[tuple[str, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append((x.device.type, len(x)))
+        if x.device.type == "meta" or (self.max_batch is not None and len(x) > self.max_batch):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.network(x)
+
+
+def test_probabilities_match_a_plain_forward_and_do_not_depend_on_batch_size(tiny_model):
+    images = random_images(7)
+    expected = reference_probabilities(tiny_model, images)
+    for batch_size in (1, 3, 16):
+        probabilities = inference.predict_slices(tiny_model, images, batch_size=batch_size)
+        assert probabilities.shape == (7, 2, 32, 32) and probabilities.dtype == np.float32
+        np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_flip_tta_averages_with_the_mirrored_prediction(tiny_model):
+    images = random_images(4)
+    plain = reference_probabilities(tiny_model, images)
+    mirrored = reference_probabilities(tiny_model, images[..., ::-1].copy())[..., ::-1]
+    with_tta = inference.predict_slices(tiny_model, images, tta=True)
+    np.testing.assert_allclose(with_tta, 0.5 * (plain + mirrored), atol=1e-5)
+    assert not np.allclose(with_tta, plain, atol=1e-3)  # the random network is not mirror-symmetric
+    # Flip TTA makes the prediction commute with mirroring the input.
+    flipped_input = inference.predict_slices(tiny_model, images[..., ::-1].copy(), tta=True)
+    np.testing.assert_allclose(flipped_input[..., ::-1], with_tta, atol=1e-5)
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_result(tiny_model):
+    images = random_images(10)
+    expected = reference_probabilities(tiny_model, images)
+    flaky = FlakyGpuNetwork(tiny_model.network, max_batch=3)
+    tiny_model.network = flaky
+    probabilities = inference.predict_slices(tiny_model, images, batch_size=16)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert [size for _, size in flaky.calls[:4]] == [10, 5, 2, 2]  # 16 > 10 slices, then halved to 5, then 2
+
+
+def test_out_of_memory_at_batch_one_falls_back_to_the_cpu_with_a_message(tiny_model, caplog):
+    images = random_images(3)
+    expected = reference_probabilities(tiny_model, images)
+    flaky = FlakyGpuNetwork(tiny_model.network)
+    tiny_model.network = flaky
+    tiny_model.device = torch.device("meta")  # stands in for a GPU that is always full
+    with caplog.at_level(logging.WARNING, logger="relsegcore.inference"):
+        probabilities = inference.predict_slices(tiny_model, images, batch_size=4)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert [call for call in flaky.calls if call[0] == "meta"] == [("meta", 3), ("meta", 1)]
+    assert {size for device, size in flaky.calls if device == "cpu"} == {1}
+    assert tiny_model.device.type == "cpu"
+    assert "continuing on the CPU" in caplog.text
+
+
+def test_errors_other_than_out_of_memory_are_not_swallowed(tiny_model):
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("shape mismatch")
+
+    tiny_model.network = Broken()
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        inference.predict_slices(tiny_model, random_images(2))
+
+
+def test_progress_is_reported_per_batch_and_cancel_stops_between_batches(tiny_model):
+    seen: list[float] = []
+    progress = Progress(callback=lambda fraction, stage: seen.append(fraction))
+    inference.predict_slices(tiny_model, random_images(10), batch_size=4, progress=progress, progress_span=(0.2, 0.6))
+    assert seen == pytest.approx([0.2 + 0.4 * f for f in (0.4, 0.8, 1.0)])
+
+    calls: list[int] = []
+    cancelling = Progress(callback=lambda fraction, stage: calls.append(1), should_cancel=lambda: len(calls) >= 1)
+    with pytest.raises(Cancelled):
+        inference.predict_slices(tiny_model, random_images(10), batch_size=4, progress=cancelling)
+    assert len(calls) == 1
+
+
+def test_sliding_window_covers_the_volume_and_matches_a_single_patch(tmp_path):
+    loaded = zoo.load_model(save_tiny_model(tmp_path, dims=3), torch.device("cpu"))
+    volume = np.random.default_rng(2).random((8, 16, 16), dtype=np.float32)
+    with torch.no_grad():
+        expected = torch.softmax(loaded.network(torch.from_numpy(volume)[None, None]), dim=1)[0].numpy()
+    np.testing.assert_allclose(inference.predict_volume(loaded, volume), expected, atol=1e-5)
+
+    larger = np.random.default_rng(3).random((13, 30, 21), dtype=np.float32)  # not multiples of the patch
+    probabilities = inference.predict_volume(loaded, larger, tta=True)
+    assert probabilities.shape == (2, 13, 30, 21)
+    np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, atol=1e-5)
+
+    small = np.random.default_rng(4).random((5, 10, 40), dtype=np.float32)  # smaller than the patch: padded
+    assert inference.predict_volume(loaded, small).shape == (2, 5, 10, 40)
+
+
+def test_gaussian_importance_peaks_in_the_centre_and_never_vanishes():
+    weights = inference.gaussian_importance((8, 16, 16))
+    assert weights.shape == (8, 16, 16)
+    assert weights.max() == pytest.approx(1.0) and weights.min() > 0
+    assert weights[4, 8, 8] > weights[0, 0, 0]
+    np.testing.assert_allclose(weights, weights[::-1, ::-1, ::-1])
