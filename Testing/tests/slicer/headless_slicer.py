@@ -1,0 +1,58 @@
+"""Stand up Slicer's real MRML scene and module logics from slicer-core, without the application.
+
+Used by the slicer tests' conftest and by ``Testing/make_screenshots.py``: after
+``bootstrap()``, ``slicer.mrmlScene`` and ``slicer.modules.{volumes,segmentations,...}.logic()``
+work as inside Slicer, so the module's Qt-free logic runs unchanged.
+"""
+
+from __future__ import annotations
+
+import types
+
+import slicer
+
+
+class _ModuleEntry:
+    """What ``slicer.modules.<name>`` offers that the logic uses: ``logic()``."""
+
+    def __init__(self, logic) -> None:
+        self._logic = logic
+
+    def logic(self):
+        return self._logic
+
+
+def bootstrap() -> types.SimpleNamespace:
+    """Create a scene with application, colour, volumes, segmentations and tables logics; install it in ``slicer``."""
+    scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    color_logic = app_logic.GetColorLogic()
+    color_logic.SetMRMLScene(scene)
+    color_logic.AddDefaultColorNodes()
+    app_logic.SetModuleLogic("Colors", color_logic)
+
+    logics = {}
+    for name, logic_class in (
+        ("volumes", slicer.vtkSlicerVolumesLogic),
+        ("segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
+        ("tables", slicer.vtkSlicerTablesLogic),
+        ("subjecthierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic),
+    ):
+        logic = logic_class()
+        logic.SetMRMLApplicationLogic(app_logic)
+        logic.SetMRMLScene(scene)
+        app_logic.SetModuleLogic(name.capitalize(), logic)
+        logics[name] = logic
+    app_logic.SetModuleLogic("Segmentations", logics["segmentations"])
+    app_logic.SetModuleLogic("SubjectHierarchy", logics["subjecthierarchy"])
+
+    slicer.mrmlScene = scene
+    slicer.app = None
+    slicer.modules = types.SimpleNamespace(**{name: _ModuleEntry(logic) for name, logic in logics.items()})
+    return types.SimpleNamespace(scene=scene, app_logic=app_logic, color_logic=color_logic, **logics)
+
+
+def teardown(env: types.SimpleNamespace) -> None:
+    """Clear the scene so that the next test starts empty."""
+    env.scene.Clear(True)
