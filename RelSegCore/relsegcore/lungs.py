@@ -29,6 +29,7 @@ MAX_AIRWAY_ML = 250.0  # an airway tree larger than this has leaked into the lun
 SOFT_TISSUE_MAX_HU = 150.0  # closing may add infection and vessels, never bone
 WORK_SPACING_MM = 1.4
 CLOSING_RADIUS_MM = 7.0
+Z_CLOSING_MM = 30.0  # a dent in the lung with lung above and below it is consolidation, not anatomy
 SMALL_HOLE_CM2 = 4.0  # holes this small are vessels or nodules: part of the lung
 HOLE_AIRY_HU = -300.0  # a larger hole that is on average this dark is infected lung
 
@@ -230,12 +231,25 @@ def _fill_lung(lung: np.ndarray, hu: np.ndarray, spacing: tuple[float, float, fl
     box = _bounding_box(lung, margin=radius + 1)
     mask = lung[box]
     hu_box = hu[box]
-    closed = _erode_disk(_dilate_disk(mask, radius), radius)
+    closed = _erode_disk(_dilate_disk(mask, radius), radius) | _close_along_z(mask, spacing[2])
     mask = mask | (closed & (hu_box < SOFT_TISSUE_MAX_HU))
     mask = _fill_lung_holes(mask, hu_box, pixel_cm2=spacing[0] * spacing[1] / 100.0)
     out = np.zeros_like(lung)
     out[box] = mask
     return out
+
+
+def _close_along_z(mask: np.ndarray, spacing_z: float) -> np.ndarray:
+    """Voxels with lung both above and below within ``Z_CLOSING_MM``: fills pleural consolidation.
+
+    The liver dome and the heart have lung on one side only along z, so they stay out.
+    """
+    steps = int(Z_CLOSING_MM / spacing_z)
+    if steps < 1 or mask.shape[0] < 3:
+        return mask
+    structure = np.ones((2 * steps + 1, 1, 1), bool)
+    padded = np.pad(mask, ((steps, steps), (0, 0), (0, 0)), mode="edge")
+    return ndimage.binary_erosion(ndimage.binary_dilation(padded, structure), structure)[steps:-steps]
 
 
 def _fill_lung_holes(mask: np.ndarray, hu: np.ndarray, pixel_cm2: float) -> np.ndarray:
