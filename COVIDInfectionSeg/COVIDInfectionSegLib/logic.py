@@ -13,9 +13,10 @@ import slicer
 
 from . import models
 from .geometry import array_on_volume_grid, sitk_image_from_volume
+from .learning import save_correction
 from .process import SegmentationProcess, new_segmentation_node
 from .quantify import fill_table, measure
-from .results import ResultArrays, check_overwrite_allowed, write_result
+from .results import ResultArrays, SegmentationEditedError, check_overwrite_allowed, write_result
 from .terms import load_into_slicer
 
 ProgressLike = Callable[[float, str], None]
@@ -103,3 +104,22 @@ class InfectionSegmentationLogic:
     def measure(self, segmentationNode, inputVolumeNode) -> dict:
         """The numbers behind ``quantify`` as a dict in the report's layout."""
         return measure(segmentationNode, inputVolumeNode)
+
+    def save_correction(self, volumeNode, segmentationNode, store_dir):
+        """Keep the radiologist's corrected infection (with the model's original) for fine-tuning."""
+        return save_correction(volumeNode, segmentationNode, store_dir)
+
+    def isEdited(self, segmentationNode) -> bool:
+        """True when re-segmenting into this node would discard the user's segments or edits."""
+        try:
+            check_overwrite_allowed(segmentationNode, overwrite=False)
+        except SegmentationEditedError:
+            return True
+        return False
+
+    @staticmethod
+    def resolveDevice(device: str) -> str:
+        """``auto`` -> ``cuda`` or ``cpu``, as relsegcore will choose it (for the run-time estimate)."""
+        from relsegcore.device import select_device
+
+        return select_device(device).type

@@ -67,52 +67,30 @@ def read_result_files(out_dir: Path, volume_node) -> ResultArrays:
     return ResultArrays(lungs=lungs, infection=infection, class_names=class_names, report=report)
 
 
-class SegmentationProcess:
-    """One background segmentation run; call ``start()`` then ``poll()`` from a timer until it is not running."""
+class CommandProcess:
+    """A command run in its own process group, polled from a timer: ``start()``, then ``poll()`` until done.
 
-    def __init__(
-        self,
-        input_volume,
-        output_segmentation=None,
-        model: str = "covid-infection-2d",
-        device: str = "auto",
-        tta: bool = False,
-        overwrite: bool = False,
-        command: Callable[[Path, Path], list[str]] | None = None,
-        environment: dict[str, str] | None = None,
-    ) -> None:
-        self.input_volume = input_volume
-        self.output_segmentation = output_segmentation
-        self.overwrite = overwrite
-        self._command = command or (lambda path, out: segment_command(path, out, model, device, tta))
+    Lines ``PROGRESS <fraction> <stage>`` on its stdout update ``fraction`` and ``stage``;
+    the last ``relseg: error:`` line on stderr becomes ``error`` when it fails.
+    """
+
+    def __init__(self, command: list[str] | None = None, environment: dict[str, str] | None = None) -> None:
+        self.command = command
         self._environment = environment
         self.state = "new"
         self.fraction = 0.0
         self.stage = ""
         self.error = ""
         self._process: subprocess.Popen | None = None
-        self._lines: queue.Queue[tuple[str, str]] = queue.Queue()
+        self._lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
         self._stderr: list[str] = []
-        self._work_dir: Path | None = None
 
     def start(self) -> None:
-        """Write the input to a temporary NRRD and launch the command in a new process group."""
-        if self.output_segmentation is not None:
-            check_overwrite_allowed(self.output_segmentation, self.overwrite)  # fail before a long run
-        self._work_dir = Path(tempfile.mkdtemp(prefix="COVIDInfectionSeg-"))
-        input_path = self._work_dir / f"{INPUT_STEM}.nrrd"
-        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-        storage.SetFileName(str(input_path))
-        storage.SetUseCompression(False)
-        if not storage.WriteData(self.input_volume):
-            self._cleanup()
-            raise OSError(f"Could not write the input volume to {input_path}.")
-        out_dir = self._work_dir / "out"
         popen_group = (
             {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
         )
         self._process = subprocess.Popen(
-            self._command(input_path, out_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **(self._environment or {})}, **popen_group,
         )
         for stream, name in ((self._process.stdout, "out"), (self._process.stderr, "err")):
@@ -140,16 +118,15 @@ class SegmentationProcess:
                 self.fraction, self.stage = parsed
 
     def poll(self) -> str:
-        """Update ``fraction``/``stage``; when the process has ended, load the result (or record the error)."""
+        """Update ``fraction``/``stage``; once the process has ended, finish (success) or record the error."""
         if self.state != RUNNING:
             return self.state
         self._drain()
         if self._process.poll() is None:
             return self.state
-        self._process.wait()
-        self._streams_closed_wait()
+        self._read_remaining_output()
         if self._process.returncode == 0:
-            self._finish()
+            self._on_success()
         else:
             errors = [line for line in self._stderr if line.startswith("relseg: error:")]
             self.error = (errors or self._stderr or [f"exit status {self._process.returncode}"])[-1]
@@ -157,32 +134,20 @@ class SegmentationProcess:
             self._cleanup()
         return self.state
 
-    def _streams_closed_wait(self, timeout_s: float = 5.0) -> None:
-        """After exit, read the remaining output (both reader threads end at EOF)."""
+    def _read_remaining_output(self, timeout_s: float = 5.0) -> None:
+        """After exit, take the output still buffered (both reader threads end at end of file)."""
         closed, deadline = 0, time.monotonic() + timeout_s
         while closed < 2 and time.monotonic() < deadline:
             closed += self._drain()
             if closed < 2:
                 time.sleep(0.01)
 
-    def _finish(self) -> None:
-        created = self.output_segmentation is None
-        try:
-            result = read_result_files(self._work_dir / "out", self.input_volume)
-            if created:
-                self.output_segmentation = new_segmentation_node(self.input_volume)
-            write_result(self.output_segmentation, self.input_volume, result, overwrite=self.overwrite)
-            self.fraction, self.stage, self.state = 1.0, "done", SUCCEEDED
-        except Exception as error:
-            if created and self.output_segmentation is not None:
-                slicer.mrmlScene.RemoveNode(self.output_segmentation)
-                self.output_segmentation = None
-            self.error, self.state = str(error), FAILED
-        finally:
-            self._cleanup()
+    def _on_success(self) -> None:
+        self.fraction, self.stage, self.state = 1.0, "done", SUCCEEDED
+        self._cleanup()
 
     def cancel(self, grace_s: float = 3.0) -> None:
-        """Kill the process and all its children; the scene is left as it was."""
+        """Kill the process and everything it spawned; nothing is loaded."""
         if self.state != RUNNING:
             return
         kill_process_tree(self._process, grace_s)
@@ -203,6 +168,62 @@ class SegmentationProcess:
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
+
+    def _cleanup(self) -> None:
+        """Remove temporary files (subclasses)."""
+
+
+class SegmentationProcess(CommandProcess):
+    """Segmentation of a volume node in a separate process; the result is loaded on success only."""
+
+    def __init__(
+        self,
+        input_volume,
+        output_segmentation=None,
+        model: str = "covid-infection-2d",
+        device: str = "auto",
+        tta: bool = False,
+        overwrite: bool = False,
+        command: Callable[[Path, Path], list[str]] | None = None,
+        environment: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(None, environment)
+        self.input_volume = input_volume
+        self.output_segmentation = output_segmentation
+        self.overwrite = overwrite
+        self._make_command = command or (lambda path, out: segment_command(path, out, model, device, tta))
+        self._work_dir: Path | None = None
+
+    def start(self) -> None:
+        """Write the input to a temporary NRRD, then launch the command."""
+        if self.output_segmentation is not None:
+            check_overwrite_allowed(self.output_segmentation, self.overwrite)  # fail before a long run
+        self._work_dir = Path(tempfile.mkdtemp(prefix="COVIDInfectionSeg-"))
+        input_path = self._work_dir / f"{INPUT_STEM}.nrrd"
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(input_path))
+        storage.SetUseCompression(False)
+        if not storage.WriteData(self.input_volume):
+            self._cleanup()
+            raise OSError(f"Could not write the input volume to {input_path}.")
+        self.command = self._make_command(input_path, self._work_dir / "out")
+        super().start()
+
+    def _on_success(self) -> None:
+        created = self.output_segmentation is None
+        try:
+            result = read_result_files(self._work_dir / "out", self.input_volume)
+            if created:
+                self.output_segmentation = new_segmentation_node(self.input_volume)
+            write_result(self.output_segmentation, self.input_volume, result, overwrite=self.overwrite)
+            self.fraction, self.stage, self.state = 1.0, "done", SUCCEEDED
+        except Exception as error:
+            if created and self.output_segmentation is not None:
+                slicer.mrmlScene.RemoveNode(self.output_segmentation)
+                self.output_segmentation = None
+            self.error, self.state = str(error), FAILED
+        finally:
+            self._cleanup()
 
     def _cleanup(self) -> None:
         if self._work_dir is not None:

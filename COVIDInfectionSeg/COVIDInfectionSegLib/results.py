@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,13 @@ from .terms import apply_definition, definitions_by_label
 
 FINGERPRINT_ATTRIBUTE = "COVIDInfectionSeg.Fingerprint"
 REPORT_ATTRIBUTE = "COVIDInfectionSeg.Report"
+CLASS_NAMES_ATTRIBUTE = "COVIDInfectionSeg.ClassNames"
 LUNG_SEGMENT_NAMES = {1: "Left lung", 2: "Right lung"}
+
+
+# The model's own infection labelmap per segmentation node ID, zlib-compressed (mostly zeros):
+# "Save as correction" stores it beside the radiologist's edit. Kept for this Slicer session.
+_ORIGINAL_INFECTION: dict[str, tuple[bytes, tuple[int, ...]]] = {}
 
 
 class SegmentationEditedError(RuntimeError):
@@ -162,11 +169,29 @@ def write_result(
         for name, segment_id in segment_ids.items():
             apply_definition(segmentation.GetSegment(segment_id), definitions[name])
         segmentation_node.SetAttribute(REPORT_ATTRIBUTE, json.dumps(result.report))
+        segmentation_node.SetAttribute(CLASS_NAMES_ATTRIBUTE, json.dumps(list(result.class_names)))
         segmentation_node.SetAttribute(FINGERPRINT_ATTRIBUTE, segmentation_fingerprint(segmentation_node))
     finally:
         segmentation_node.EndModify(was_modifying)
+    infection = np.ascontiguousarray(result.infection, dtype=np.uint8)
+    _ORIGINAL_INFECTION[segmentation_node.GetID()] = (zlib.compress(infection.tobytes(), 1), infection.shape)
     _configure_display(segmentation_node, segment_ids, show_3d)
     _place_under_input_study(segmentation_node, input_volume)
+
+
+def original_infection(segmentation_node) -> np.ndarray | None:
+    """The model's infection labelmap as first written into this node (None after a Slicer restart)."""
+    stored = _ORIGINAL_INFECTION.get(segmentation_node.GetID())
+    if stored is None:
+        return None
+    data, shape = stored
+    return np.frombuffer(zlib.decompress(data), dtype=np.uint8).reshape(shape)
+
+
+def infection_class_names(segmentation_node) -> list[str]:
+    """The infection segments' names in label order, as the model wrote them."""
+    text = segmentation_node.GetAttribute(CLASS_NAMES_ATTRIBUTE)
+    return json.loads(text) if text else []
 
 
 def stored_report(segmentation_node) -> dict | None:
