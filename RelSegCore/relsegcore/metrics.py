@@ -79,8 +79,20 @@ def _border(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
+def _crop_to_union(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks cut to their joint bounding box plus one voxel (never past the image edge).
+
+    Borders and border-to-border distances are unchanged, and the distance transforms of a
+    small lesion no longer run over the whole CT.
+    """
+    coords = np.nonzero(pred | ref)
+    box = tuple(slice(max(int(c.min()) - 1, 0), int(c.max()) + 2) for c in coords)
+    return pred[box], ref[box]
+
+
 def _border_distances(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...]):
     """Distances (mm) from each border voxel of one mask to the nearest border voxel of the other."""
+    pred, ref = _crop_to_union(pred, ref)
     pred_border, ref_border = _border(pred), _border(ref)
     to_ref = ndimage.distance_transform_edt(~ref_border, sampling=spacing)
     to_pred = ndimage.distance_transform_edt(~pred_border, sampling=spacing)

@@ -194,7 +194,7 @@ def write_report_json(path: str | os.PathLike, report: dict) -> None:
 
 def _ml(mask: np.ndarray, voxel_mm3: float) -> float:
     # Multiply before dividing, so that a count times a round voxel volume stays exact.
-    return np.count_nonzero(mask) * voxel_mm3 / 1000
+    return int(np.count_nonzero(mask)) * voxel_mm3 / 1000
 
 
 def _percent(part_ml: float, whole_ml: float) -> float | None:
@@ -354,10 +354,11 @@ def _write_overview_png(path: Path, ct: sitk.Image, lungs: sitk.Image, infection
         tile = _render_tile(ct_zyx[z, rows, cols].astype(np.float32), lungs_zyx[z, rows, cols],
                             infection_zyx[z, rows, cols], spacing_yx, colors)
         draw = ImageDraw.Draw(tile)
-        draw.text((4, 2), f"slice {_original_slice_index(canonical_ct, ct, z)}", fill=(255, 255, 255))
+        labels = [((4, 2), f"slice {_original_slice_index(canonical_ct, ct, z)}")]
         if position == 0:  # radiological convention: the patient's right is on the image left
-            draw.text((4, OVERVIEW_TILE_PX // 2), "R", fill=(255, 255, 255))
-            draw.text((OVERVIEW_TILE_PX - 12, OVERVIEW_TILE_PX // 2), "L", fill=(255, 255, 255))
+            labels += [((4, OVERVIEW_TILE_PX // 2), "R"), ((OVERVIEW_TILE_PX - 12, OVERVIEW_TILE_PX // 2), "L")]
+        for xy, text in labels:
+            draw.text(xy, text, fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
         montage.paste(tile, ((position % columns) * OVERVIEW_TILE_PX, (position // columns) * OVERVIEW_TILE_PX))
     montage.save(path, format="PNG")
 

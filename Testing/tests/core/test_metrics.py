@@ -92,8 +92,11 @@ def test_anisotropic_spacing_moves_the_z_faces_out_of_tolerance():
     assert anisotropic == pytest.approx(_brute_force_nsd(inner, outer, (3.0, 1.0, 1.0), tolerance))
 
 
-def test_2d_nsd_matches_brute_force_for_overlapping_shapes():
-    a, b = _square(size=12), _square(top=8, left=9, size=9)
+@pytest.mark.parametrize("corner", [(5, 5), (0, 0), (28, 0)])
+def test_2d_nsd_matches_brute_force_over_the_whole_image(corner):
+    # Shapes touching the image edge check that cropping to the masks changes no border.
+    a = _square(top=corner[0], left=corner[1], size=12)
+    b = _square(top=corner[0] + 3, left=corner[1] + 4, size=9)
     for tolerance in (0.5, 1.5, 3.0):
         expected = _brute_force_nsd(a, b, (0.8, 1.3), tolerance)
         assert metrics.surface_dice(a, b, (0.8, 1.3), tolerance) == pytest.approx(expected)
