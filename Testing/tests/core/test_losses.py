@@ -1,0 +1,58 @@
+"""Losses: values on small hand-computed cases."""
+
+import math
+
+import pytest
+import torch
+
+from relsegcore.losses import relation_loss, relation_matrix, segmentation_loss, soft_dice_loss
+
+
+def test_relation_matrix_of_hand_computed_batch():
+    # Rows a=(1,0), b=(1,1): Gram = [[1,1],[1,2]]; row-normalised: [1,1]/sqrt2, [1,2]/sqrt5.
+    features = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    expected = torch.tensor([[1 / math.sqrt(2), 1 / math.sqrt(2)], [1 / math.sqrt(5), 2 / math.sqrt(5)]])
+    assert torch.allclose(relation_matrix(features), expected)
+
+
+def test_relation_loss_hand_computed_value():
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    b = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # Gram = identity: rows (1,0), (0,1)
+    ra = relation_matrix(a)
+    expected = ((ra - torch.eye(2)) ** 2).mean()
+    assert relation_loss(a, b).item() == pytest.approx(expected.item())
+    # By hand: (1/sqrt2-1)^2 + (1/sqrt2)^2 + (1/sqrt5)^2 + (2/sqrt5-1)^2, over 4
+    by_hand = ((1 / math.sqrt(2) - 1) ** 2 + 0.5 + 0.2 + (2 / math.sqrt(5) - 1) ** 2) / 4
+    assert relation_loss(a, b).item() == pytest.approx(by_hand)
+
+
+def test_relation_loss_ignores_scale_and_width_but_not_relations():
+    torch.manual_seed(0)
+    a = torch.randn(4, 8, 5, 5)
+    assert relation_loss(a, 3.0 * a).item() == pytest.approx(0.0, abs=1e-7)
+    wider = torch.cat([a, a], dim=1)  # same relations, twice the channels
+    assert relation_loss(a, wider).item() == pytest.approx(0.0, abs=1e-7)
+    assert relation_loss(a, torch.randn(4, 8, 5, 5)).item() > 1e-3
+
+
+def test_relation_loss_needs_the_same_batch():
+    with pytest.raises(ValueError):
+        relation_loss(torch.randn(3, 4), torch.randn(2, 4))
+
+
+def test_soft_dice_is_zero_for_a_perfect_confident_prediction_and_one_for_the_opposite():
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, :2] = 1
+    perfect = torch.stack([(target == 0).float(), (target == 1).float()], 1) * 40 - 20
+    assert soft_dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-4)
+    assert soft_dice_loss(-perfect, target).item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_segmentation_loss_with_deep_supervision_weights_coarser_levels_less():
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    target[0, :4] = 1
+    good = torch.stack([(target == 0).float(), (target == 1).float()], 1) * 20 - 10
+    bad_coarse = torch.zeros(1, 2, 4, 4)
+    single = segmentation_loss(good, target)
+    combined = segmentation_loss([good, bad_coarse], target)
+    assert single.item() < combined.item() < segmentation_loss(bad_coarse, target[:, ::2, ::2]).item()
