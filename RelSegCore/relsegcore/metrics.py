@@ -115,7 +115,7 @@ def surface_dice(
         return 0.0
     pred_to_ref, ref_to_pred = _border_distances(pred, ref, _spacing(spacing, pred.ndim))
     within = np.count_nonzero(pred_to_ref <= tolerance_mm) + np.count_nonzero(ref_to_pred <= tolerance_mm)
-    return within / (pred_to_ref.size + ref_to_pred.size)
+    return float(within / (pred_to_ref.size + ref_to_pred.size))
 
 
 def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float] | None) -> float:

@@ -6,9 +6,10 @@ import math
 
 import numpy as np
 import pytest
+from scipy.spatial import cKDTree
+
 from relsegcore import metrics
 from relsegcore.errors import InputError
-from scipy.spatial import cKDTree
 
 
 def _square(shape=(40, 40), top=5, left=5, size=10) -> np.ndarray:
@@ -121,6 +122,7 @@ def test_case_metrics_reports_foreground_and_per_class_keys():
     assert result["dice_ggo"] == pytest.approx(2 * 100 / 250)
     assert result["sensitivity_consolidation"] == pytest.approx(0.5)
     assert set(result) >= {"nsd", "hd95", "nsd_ggo", "hd95_consolidation", "specificity_ggo"}
+    assert all(type(value) is float for value in result.values())  # plain floats for JSON reports
 
 
 def test_summarise_gives_mean_sd_and_skips_non_finite_values():

@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 from PIL import Image
+
 from relsegcore import outputs, terminology
 from relsegcore.errors import InputError
 
