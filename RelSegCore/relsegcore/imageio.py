@@ -7,8 +7,11 @@ results go back on the input's exact geometry (``from_canonical``).
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +77,44 @@ def read_image(path: str | os.PathLike, series: str | None = None) -> sitk.Image
         raise InputError(
             f"Unsupported file type for {path.name}: give a NIfTI, NRRD, MHA file or a DICOM folder."
         )
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(path)
     return _read_or_explain(lambda: sitk.ReadImage(str(path)), path)
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """SimpleITK reads a truncated NIfTI without complaint (the rest is zeros): count the bytes."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            header = handle.read(540)
+            expected = _nifti_expected_bytes(header)
+            available = len(header)
+            while block := handle.read(1 << 22):
+                available += len(block)
+    except (OSError, EOFError, zlib.error, struct.error):
+        raise InputError(f"Could not read {path}: the file is damaged, truncated or not a NIfTI image.") from None
+    if expected is None or available < expected:
+        raise InputError(f"Could not read {path}: the file is truncated or not a NIfTI image.")
+
+
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """Header offset plus voxel data size, from a NIfTI-1 or NIfTI-2 header (None if neither)."""
+    for order in ("<", ">"):
+        size = struct.unpack(order + "i", header[:4])[0]
+        if size == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+        elif size == 540:
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = struct.unpack(order + "q", header[168:176])[0]
+        else:
+            continue
+        voxels = int(np.prod([max(1, d) for d in dims[1 : 1 + max(0, min(dims[0], 7))]], dtype=np.int64))
+        return max(offset, size) + voxels * bitpix // 8
+    return None
 
 
 def list_dicom_series(folder: Path) -> list[SeriesInfo]:
@@ -218,6 +258,5 @@ def _read_or_explain(read, path: Path):
     try:
         return read()
     except RuntimeError as error:
-        reason = str(error).strip().splitlines()
-        detail = next((line.strip() for line in reversed(reason) if line.strip()), "unknown reason")
-        raise InputError(f"Could not read {path}: the file is damaged or not an image ({detail[:160]}).") from None
+        logger.debug("SimpleITK could not read %s: %s", path, error)
+        raise InputError(f"Could not read {path}: the file is damaged, truncated or not an image.") from None
