@@ -287,8 +287,9 @@ def choose_overview_slices(lungs_zyx: np.ndarray, infection_zyx: np.ndarray, cou
 
 
 def _original_slice_index(canonical: sitk.Image, original: sitk.Image, z: int) -> int:
-    """Index of canonical slice ``z`` along the input's own most superior-inferior axis."""
-    point = canonical.TransformIndexToPhysicalPoint((0, 0, int(z)))
+    """Index of canonical slice ``z``'s centre along the input's own most superior-inferior axis."""
+    width, height = canonical.GetSize()[:2]
+    point = canonical.TransformIndexToPhysicalPoint((width // 2, height // 2, int(z)))
     index = original.TransformPhysicalPointToContinuousIndex(point)
     axis = int(np.argmax(np.abs(np.array(original.GetDirection()).reshape(3, 3)[2])))
     return int(round(index[axis]))
