@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
 from relsegcore.download import download_model, fetch_models_index, install_from_index
 from relsegcore.errors import Cancelled, InputError, ModelError
 from relsegcore.progress import Progress
