@@ -97,9 +97,9 @@ def install_from_index(
     """
     entry = _checked_entry(entry, entry.get("url", ""))
     if cache_dir is None:
-        from .zoo import user_home
+        from .registry import default_home
 
-        cache_dir = user_home() / "models"
+        cache_dir = default_home() / "models"
     cache_dir = Path(cache_dir)
     name = _safe_name(entry["name"])
     weights = download_model(
@@ -114,6 +114,7 @@ def install_from_index(
         )
     card["file"] = weights.name
     card["name"] = name
+    _check_card_readable(card, card_url)
     atomic_write_text(cache_dir / f"{name}.json", json.dumps(card, indent=2) + "\n")
     return weights
 
@@ -193,6 +194,16 @@ def _fetch_card(card_url: str, timeout: float) -> dict:
     if not isinstance(card, dict):
         raise ModelError(f"the model card {card_url} is not a JSON object")
     return card
+
+
+def _check_card_readable(card: dict, card_url: str) -> None:
+    """Refuse a card that ``zoo`` could not read, before it lands beside the weights."""
+    from .zoo import ModelCard
+
+    try:
+        ModelCard.from_dict(card)
+    except (TypeError, ModelError) as error:
+        raise ModelError(f"the model card at {card_url} is incomplete: {error}") from None
 
 
 def _checked_entry(entry: object, index_url: str) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from relsegcore import zoo
 from relsegcore.download import download_model, fetch_models_index, install_from_index
 from relsegcore.errors import Cancelled, InputError, ModelError
 from relsegcore.progress import Progress
@@ -169,9 +170,14 @@ def test_cancel_keeps_part_for_resume(server, tmp_path):
     assert server.state.requests[-1][1] is not None
 
 
-def test_index_install_writes_weights_then_card(server, tmp_path):
-    card = {"name": "tiny", "version": "1.2", "file": "whatever.pt", "sha256": PAYLOAD_SHA,
+def tiny_card(**changes) -> dict:
+    card = {"name": "tiny", "version": "1.2", "description": "test", "file": "whatever.pt", "sha256": PAYLOAD_SHA,
             "architecture": {}, "classes": ["background", "infection"]}
+    return {**card, **changes}
+
+
+def test_index_install_writes_weights_then_card(server, tmp_path):
+    card = tiny_card()
     server.state.files["/models/tiny.json"] = json.dumps(card).encode()
     server.state.files["/index.json"] = json.dumps([
         {"name": "tiny", "version": "1.2", "url": "models/tiny.pt", "sha256": PAYLOAD_SHA.upper(),
@@ -187,13 +193,33 @@ def test_index_install_writes_weights_then_card(server, tmp_path):
 
 
 def test_index_card_for_other_weights_is_refused(server, tmp_path):
-    card = {"name": "tiny", "version": "1", "file": "tiny.pt", "sha256": "1" * 64}
+    card = tiny_card(sha256="1" * 64)
     server.state.files["/models/tiny-card.json"] = json.dumps(card).encode()
     entry = {"name": "tiny", "version": "1", "url": server.url("/models/tiny.pt"), "sha256": PAYLOAD_SHA,
              "card_url": server.url("/models/tiny-card.json")}
     with pytest.raises(ModelError, match="does not describe"):
         install_from_index(entry, tmp_path)
     assert not (tmp_path / "tiny.json").exists()
+
+
+def test_incomplete_card_is_refused(server, tmp_path):
+    card = tiny_card()
+    del card["classes"]
+    server.state.files["/models/tiny.json"] = json.dumps(card).encode()
+    entry = {"name": "tiny", "version": "1", "url": server.url("/models/tiny.pt"), "sha256": PAYLOAD_SHA}
+    with pytest.raises(ModelError, match="incomplete.*classes"):
+        install_from_index(entry, tmp_path)
+    assert not (tmp_path / "tiny.json").exists()
+
+
+def test_install_defaults_to_the_user_models_folder_zoo_searches(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("RELSEG_HOME", str(tmp_path / "home"))
+    server.state.files["/models/tiny.json"] = json.dumps(tiny_card()).encode()
+    entry = {"name": "tiny", "version": "1.2", "url": server.url("/models/tiny.pt"), "sha256": PAYLOAD_SHA}
+    weights = install_from_index(entry)
+    assert weights == tmp_path / "home" / "models" / "tiny.pt"
+    card = zoo.find_model("tiny")
+    assert card.path == weights and card.sha256 == PAYLOAD_SHA
 
 
 @pytest.mark.parametrize("body", [b"{not json", b'{"name": "x"}', b'[{"name": "x", "url": "y"}]'])
