@@ -1,6 +1,6 @@
 """Model download: resumable, checksum-verified, cached, offline once cached.
 
-A download streams into ``<file>.part`` beside the target. An interrupted download keeps
+A download streams into ``<file>.<sha256 prefix>.part`` beside the target. An interrupted download keeps
 the ``.part`` file and the next call asks the server for the rest with a ``Range`` header
 (a server that ignores it sends the whole file, and the download restarts). The file is
 renamed into the cache only after its SHA-256 matches; a mismatch deletes it. A file already
@@ -51,7 +51,7 @@ def download_model(
         target.unlink()  # stale or corrupt cache entry: fetch it again
     _checked_scheme(url)
     target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
+    part = target.with_name(f"{target.name}.{sha256[:12]}.part")  # never resumes another file's bytes
     for attempt in range(1, max(attempts, 1) + 1):
         try:
             _fetch_into(url, part, progress, timeout)
@@ -142,6 +142,10 @@ def _fetch_into(url: str, part: Path, progress: Progress | None, timeout: float)
         raise ModelError(f"cannot download {url}: {_reason(error)}") from None
     with response:
         resumed = offset > 0 and _resumes_at(response, offset)
+        if offset and response.status == 206 and not resumed:  # a range we did not ask for: start over
+            part.unlink()
+            response.close()
+            return _fetch_into(url, part, progress, timeout)
         start = offset if resumed else 0
         total = _expected_total(response, start)
         received = start

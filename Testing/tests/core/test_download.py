@@ -18,6 +18,7 @@ from relsegcore.progress import Progress
 
 PAYLOAD = bytes(range(256)) * 1200  # 300 KiB, several chunks
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
+PART = f"tiny.pt.{PAYLOAD_SHA[:12]}.part"
 
 
 @dataclass
@@ -95,7 +96,7 @@ def test_download_verifies_and_reports_progress(server, tmp_path):
     )
     assert path == tmp_path / "tiny.pt"
     assert path.read_bytes() == PAYLOAD
-    assert not (tmp_path / "tiny.pt.part").exists()
+    assert not (tmp_path / PART).exists()
     assert fractions == sorted(fractions) and len(fractions) > 2 and fractions[-1] == 1.0
 
 
@@ -111,13 +112,13 @@ def test_dropped_connection_resumes_with_range(server, tmp_path):
     server.state.drops = [100_000]
     with pytest.raises(ModelError, match="interrupted after 100000 bytes"):
         download_model(server.url("/models/tiny.pt"), PAYLOAD_SHA, tmp_path, attempts=1)
-    assert (tmp_path / "tiny.pt.part").stat().st_size == 100_000
+    assert (tmp_path / PART).stat().st_size == 100_000
     assert not (tmp_path / "tiny.pt").exists()
 
     path = download_model(server.url("/models/tiny.pt"), PAYLOAD_SHA, tmp_path)
     assert path.read_bytes() == PAYLOAD
     assert server.state.requests[-1] == ("/models/tiny.pt", "bytes=100000-")
-    assert not (tmp_path / "tiny.pt.part").exists()
+    assert not (tmp_path / PART).exists()
 
 
 def test_drops_within_one_call_are_resumed(server, tmp_path):
@@ -161,11 +162,11 @@ def test_unreachable_and_missing_urls_are_model_errors(server, tmp_path):
 
 def test_cancel_keeps_part_for_resume(server, tmp_path):
     def cancel_after_first_chunk() -> bool:
-        return (tmp_path / "tiny.pt.part").stat().st_size > 0
+        return (tmp_path / PART).stat().st_size > 0
 
     with pytest.raises(Cancelled):
         download_model(server.url("/models/tiny.pt"), PAYLOAD_SHA, tmp_path, Progress(None, cancel_after_first_chunk))
-    assert 0 < (tmp_path / "tiny.pt.part").stat().st_size < len(PAYLOAD)
+    assert 0 < (tmp_path / PART).stat().st_size < len(PAYLOAD)
     assert download_model(server.url("/models/tiny.pt"), PAYLOAD_SHA, tmp_path).read_bytes() == PAYLOAD
     assert server.state.requests[-1][1] is not None
 
@@ -242,3 +243,9 @@ def test_file_urls_work_for_local_mirrors(tmp_path):
     source.write_bytes(PAYLOAD)
     path = download_model(Path(source).as_uri(), PAYLOAD_SHA, tmp_path / "cache")
     assert path.read_bytes() == PAYLOAD
+
+
+def test_part_file_the_server_cannot_continue_is_restarted(server, tmp_path):
+    (tmp_path / PART).write_bytes(b"x" * (len(PAYLOAD) + 10))  # longer than the file: HTTP 416
+    assert download_model(server.url("/models/tiny.pt"), PAYLOAD_SHA, tmp_path).read_bytes() == PAYLOAD
+    assert [r for _, r in server.state.requests] == [f"bytes={len(PAYLOAD) + 10}-", None]
