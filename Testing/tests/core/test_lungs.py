@@ -1,0 +1,123 @@
+"""Lung segmentation from HU: real COVID slices, real volumes, and side conventions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from relsegcore import imageio
+from relsegcore.demo import make_demo_ct
+from relsegcore.lungs import LEFT_LUNG, RIGHT_LUNG, segment_lungs, segment_lungs_array
+
+COVID_SLICES_WITH_WHOLE_LUNGS = [
+    "coronacases_001_slice098.npz",  # posterior consolidation, liver dome inside the right lung
+    "coronacases_001_slice110.npz",
+    "coronacases_001_slice122.npz",  # diffuse ground-glass
+]
+COVID_SLICE_SPACING = (0.7, 0.7, 5.0)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
+
+
+@pytest.fixture(scope="module")
+def demo_case():
+    return make_demo_ct(seed=0)
+
+
+@pytest.mark.parametrize("name", COVID_SLICES_WITH_WHOLE_LUNGS)
+def test_real_covid_slice_lungs_reach_dice_095_per_lung(shared_data, name):
+    data = np.load(shared_data / "covid-hu-slices" / name)
+    labels = segment_lungs_array(data["image"][None], COVID_SLICE_SPACING)[0]
+    for side in (LEFT_LUNG, RIGHT_LUNG):
+        assert dice(labels == side, data["lung_mask"] == side) >= 0.95, f"lung {side} on {name}"
+
+
+def test_lung_base_slice_does_not_take_stomach_gas_for_lung(shared_data):
+    """coronacases_008 slice 26 shows only partial-volume slivers of the lung bases (median about -280 HU
+    on the left) beside a large stomach gas bubble: from one slice the slivers cannot be recovered well,
+    but the gas must not become lung."""
+    data = np.load(shared_data / "covid-hu-slices" / "coronacases_008_slice026.npz")
+    image = data["image"]
+    labels = segment_lungs_array(image[None], COVID_SLICE_SPACING)[0]
+    gas = ndimage.binary_opening(image < -950, iterations=2) & (np.arange(512)[:, None] < 200)
+    assert gas.sum() > 1000  # the bubble is there
+    assert not (labels > 0)[gas].any()
+    assert (labels > 0).sum() < 3 * (data["lung_mask"] > 0).sum()
+
+
+def test_real_volume_lobes_match_totalsegmentator(shared_data):
+    """Lung bases in an abdominal CT stored RAS-like (direction -1, -1, 1): exercises canonicalisation."""
+    folder = shared_data / "ct-fixtures" / "totalsegmentator-example"
+    image = imageio.read_image(folder / "example_ct_sm.nii.gz")
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "example_seg.nii.gz")))
+    labels = sitk.GetArrayFromImage(segment_lungs(image))
+    left_lobes, right_lobes = np.isin(reference, [10, 11]), np.isin(reference, [12, 13, 14])
+    assert dice(labels == LEFT_LUNG, left_lobes) >= 0.95
+    assert dice(labels == RIGHT_LUNG, right_lobes) >= 0.95
+
+
+def test_real_chest_volume_has_plausible_lungs_on_the_right_sides(shared_data):
+    image = imageio.read_image(shared_data / "lung-tumor-volumes" / "lung1_image.nrrd")
+    labels_image = segment_lungs(image)
+    labels = sitk.GetArrayFromImage(labels_image)
+    voxel_litres = float(np.prod(image.GetSpacing())) / 1e6
+    centroids_x = {}
+    for side in (LEFT_LUNG, RIGHT_LUNG):
+        mask = labels == side
+        assert 1.0 <= mask.sum() * voxel_litres <= 4.0
+        centre_index = ndimage.center_of_mass(mask)[::-1]
+        centroids_x[side] = labels_image.TransformContinuousIndexToPhysicalPoint(centre_index)[0]
+    assert centroids_x[LEFT_LUNG] > centroids_x[RIGHT_LUNG] + 50.0  # LPS: +x is the patient's left
+    tumour = sitk.GetArrayFromImage(sitk.ReadImage(str(shared_data / "lung-tumor-volumes" / "lung1_label.nrrd")))
+    assert (labels[tumour > 0] > 0).mean() > 0.95
+
+
+def test_single_synthetic_slice_reaches_dice_095(demo_case):
+    hu = sitk.GetArrayFromImage(demo_case.image)
+    truth = sitk.GetArrayFromImage(demo_case.lungs)
+    z = 40
+    labels = segment_lungs_array(hu[z : z + 1], demo_case.image.GetSpacing())
+    assert labels.shape == (1,) + hu.shape[1:] and labels.dtype == np.uint8
+    for side in (LEFT_LUNG, RIGHT_LUNG):
+        assert dice(labels[0] == side, truth[z] == side) >= 0.95
+
+
+def test_flipped_input_gets_the_same_labels_at_the_same_physical_points(demo_case):
+    """Stored RAS (x and y flipped in memory), the patient's left lung must still be label 1."""
+    image = demo_case.image
+    flipped = sitk.Flip(image, [True, True, False])  # same physical content, flipped index order
+    assert not np.allclose(flipped.GetDirection(), image.GetDirection())
+    labels = segment_lungs(flipped)
+    assert labels.GetSize() == flipped.GetSize()
+    assert np.allclose(labels.GetDirection(), flipped.GetDirection())
+    back_on_original = sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor)
+    truth = sitk.GetArrayFromImage(demo_case.lungs)
+    result = sitk.GetArrayFromImage(back_on_original)
+    for side in (LEFT_LUNG, RIGHT_LUNG):
+        assert dice(result == side, truth == side) >= 0.95
+
+
+def test_image_without_lungs_gives_empty_labels():
+    hu = np.full((3, 64, 64), -1000, np.int16)
+    hu[:, 8:56, 8:56] = 40  # a body with no air inside
+    labels = segment_lungs_array(hu, (1.0, 1.0, 5.0))
+    assert labels.shape == hu.shape and not labels.any()
+
+
+def test_non_volume_array_is_refused():
+    with pytest.raises(ValueError, match="z, y, x"):
+        segment_lungs_array(np.zeros((64, 64)), (1.0, 1.0, 1.0))
+
+
+def test_single_real_dicom_slice_is_segmented_end_to_end(shared_data):
+    image = imageio.read_image(shared_data / "ct-fixtures" / "dicom-chest-slice" / "0.dcm")
+    imageio.validate_ct(image)  # 512 x 512 x 1 is a valid input
+    labels = sitk.GetArrayFromImage(segment_lungs(image))[0]
+    pixel_cm2 = image.GetSpacing()[0] * image.GetSpacing()[1] / 100.0
+    for side in (LEFT_LUNG, RIGHT_LUNG):
+        assert 30.0 < (labels == side).sum() * pixel_cm2 < 250.0
+    assert np.nonzero(labels == LEFT_LUNG)[1].mean() > np.nonzero(labels == RIGHT_LUNG)[1].mean()
