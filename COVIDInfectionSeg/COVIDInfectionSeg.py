@@ -4,13 +4,14 @@ Thin Slicer layer: the computation lives in the Qt-free ``COVIDInfectionSegLib``
 slicer-core's real MRML scene) and in ``relsegcore`` (the same code as the ``relseg`` command).
 """
 
-import COVIDInfectionSegLib as Lib
 import qt
 import slicer
-from COVIDInfectionSegLib import learning, models, quantify
 from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import *
 from slicer.util import VTKObservationMixin
+
+import COVIDInfectionSegLib as Lib
+from COVIDInfectionSegLib import learning, models, quantify
 
 
 class COVIDInfectionSeg(ScriptedLoadableModule):

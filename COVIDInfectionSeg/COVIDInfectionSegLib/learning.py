@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import slicer
 
 from .geometry import sitk_image_from_volume
-from .results import infection_class_names, original_infection, stored_report
+from .results import infection_class_names, original_infection, segment_mask, stored_report
 
 
 class CorrectionError(RuntimeError):
@@ -29,8 +28,7 @@ def corrected_infection(segmentation_node, volume_node, class_names: list[str]) 
         segment_id = segmentation.GetSegmentIdBySegmentName(name)
         if not segment_id:
             continue  # the user deleted the segment: no voxels of that class
-        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume_node)
-        labels[mask > 0] = label
+        labels[segment_mask(segmentation_node, segment_id, volume_node)] = label
     return labels
 
 

@@ -63,7 +63,8 @@ def read_result_files(out_dir: Path, volume_node) -> ResultArrays:
     report = json.loads((out_dir / f"{INPUT_STEM}_report.json").read_text())
     lungs = array_on_volume_grid(sitk.ReadImage(str(out_dir / f"{INPUT_STEM}_lungs.nii.gz")), volume_node)
     infection = array_on_volume_grid(sitk.ReadImage(str(out_dir / f"{INPUT_STEM}_infection.nii.gz")), volume_node)
-    class_names = list(report.get("infection", {}).get("classes", {})) or ["Infection"]
+    classes = sorted(report["infection"]["classes"].values(), key=lambda item: item["label"])
+    class_names = [item["name"] for item in classes]
     return ResultArrays(lungs=lungs, infection=infection, class_names=class_names, report=report)
 
 

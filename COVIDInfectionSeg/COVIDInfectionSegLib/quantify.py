@@ -7,10 +7,9 @@ they follow the radiologist's edits; on an unedited result they equal the report
 from __future__ import annotations
 
 import numpy as np
-import slicer
 import vtk
 
-from .results import LUNG_SEGMENT_NAMES
+from .results import LUNG_SEGMENT_NAMES, segment_mask
 
 REGION_NAMES = ("Left lung", "Right lung", "Both lungs")
 COLUMNS = ("Region", "Lung volume (mL)", "Infection volume (mL)", "Opacity (%)")
@@ -23,7 +22,7 @@ def _segment_masks(segmentation_node, reference_volume) -> dict[str, np.ndarray]
     for index in range(segmentation.GetNumberOfSegments()):
         segment_id = segmentation.GetNthSegmentID(index)
         name = segmentation.GetSegment(segment_id).GetName()
-        masks[name] = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, reference_volume) > 0
+        masks[name] = segment_mask(segmentation_node, segment_id, reference_volume)
     return masks
 
 
@@ -42,13 +41,18 @@ def measure(segmentation_node, reference_volume) -> dict:
     lungs = {
         "left_ml": left.sum() * voxel_ml,
         "right_ml": right.sum() * voxel_ml,
-        "total_ml": (left | right).sum() * voxel_ml,
+        "total_ml": (left.sum() + right.sum()) * voxel_ml,
     }
+
+    def per_lung(mask: np.ndarray) -> dict[str, float]:
+        left_ml, right_ml = (mask & left).sum() * voxel_ml, (mask & right).sum() * voxel_ml
+        return {"left_ml": left_ml, "right_ml": right_ml, "total_ml": left_ml + right_ml}
+
+    # As in relsegcore's report: infection counts inside the lungs; what lies outside is reported apart.
     infected = {
-        "total_ml": infection.sum() * voxel_ml,
-        "left_ml": (infection & left).sum() * voxel_ml,
-        "right_ml": (infection & right).sum() * voxel_ml,
-        "classes": {name: mask.sum() * voxel_ml for name, mask in class_masks.items()},
+        **per_lung(infection),
+        "outside_lungs_ml": (infection & ~(left | right)).sum() * voxel_ml,
+        "classes": {name: per_lung(mask) for name, mask in class_masks.items()},
     }
 
     def percent(part: float, whole: float) -> float:
@@ -57,7 +61,7 @@ def measure(segmentation_node, reference_volume) -> dict:
     opacity = {
         "left": percent(infected["left_ml"], lungs["left_ml"]),
         "right": percent(infected["right_ml"], lungs["right_ml"]),
-        "overall": percent(infected["left_ml"] + infected["right_ml"], lungs["total_ml"]),
+        "overall": percent(infected["total_ml"], lungs["total_ml"]),
     }
     return {"lungs": lungs, "infection": infected, "percent_opacity": opacity}
 
@@ -68,7 +72,7 @@ def table_rows(measurement: dict) -> list[tuple[str, float, float, float]]:
     return [
         ("Left lung", lungs["left_ml"], infection["left_ml"], opacity["left"]),
         ("Right lung", lungs["right_ml"], infection["right_ml"], opacity["right"]),
-        ("Both lungs", lungs["total_ml"], infection["left_ml"] + infection["right_ml"], opacity["overall"]),
+        ("Both lungs", lungs["total_ml"], infection["total_ml"], opacity["overall"]),
     ]
 
 
@@ -85,7 +89,8 @@ def fill_table(table_node, measurement: dict) -> None:
         table.AddColumn(column)
     rows = table_rows(measurement)
     if len(measurement["infection"]["classes"]) > 1:
-        rows += [(name, float("nan"), ml, float("nan")) for name, ml in measurement["infection"]["classes"].items()]
+        rows += [(name, float("nan"), volumes["total_ml"], float("nan"))
+                 for name, volumes in measurement["infection"]["classes"].items()]
     table.SetNumberOfRows(len(rows))
     for row_index, row in enumerate(rows):
         table.SetValue(row_index, 0, vtk.vtkVariant(row[0]))

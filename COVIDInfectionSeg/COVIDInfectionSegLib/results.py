@@ -51,7 +51,7 @@ def segmentation_fingerprint(segmentation_node) -> str:
     for index in range(segmentation.GetNumberOfSegments()):
         segment_id = segmentation.GetNthSegmentID(index)
         segment = segmentation.GetSegment(segment_id)
-        digest.update(f"{segment_id}|{segment.GetName()}|{segment.GetLabelValue()};".encode())
+        digest.update(f"{segment.GetName()}|{segment.GetLabelValue()};".encode())
         labelmap = segment.GetRepresentation("Binary labelmap")
         layer_address = labelmap.GetAddressAsString("vtkObject") if labelmap is not None else ""
         if labelmap is None or layer_address in layers_seen:
@@ -97,10 +97,7 @@ def _import_labels(segmentation_node, reference_volume, array: np.ndarray, names
             if segmentation.GetNthSegmentID(i) not in before
         ]
     finally:
-        display_node = label_node.GetDisplayNode()
-        slicer.mrmlScene.RemoveNode(label_node)
-        if display_node is not None:
-            slicer.mrmlScene.RemoveNode(display_node)
+        remove_with_display_nodes(label_node)
     by_name = {}
     for segment_id in new_ids:
         segment = segmentation.GetSegment(segment_id)
@@ -117,18 +114,46 @@ def _import_labels(segmentation_node, reference_volume, array: np.ndarray, names
     return by_name
 
 
+def remove_with_display_nodes(node) -> None:
+    """Remove a temporary node and its display nodes (removing the node alone leaves them in the scene)."""
+    display_nodes = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    slicer.mrmlScene.RemoveNode(node)
+    for display_node in display_nodes:
+        if display_node is not None:
+            slicer.mrmlScene.RemoveNode(display_node)
+
+
+def segment_mask(segmentation_node, segment_id: str, reference_volume) -> np.ndarray:
+    """A segment as a (k, j, i) boolean array on the reference volume's grid, leaving no node behind."""
+    import vtk
+
+    segment_ids = vtk.vtkStringArray()
+    segment_ids.InsertNextValue(segment_id)
+    label_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "COVIDInfectionSeg_tmp")
+    try:
+        if not slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(
+            segmentation_node, segment_ids, label_node, reference_volume
+        ):
+            raise RuntimeError(f"Could not export segment {segment_id!r} on the volume's grid.")
+        return slicer.util.arrayFromVolume(label_node) > 0
+    finally:
+        remove_with_display_nodes(label_node)
+
+
 def _place_under_input_study(segmentation_node, input_volume) -> None:
     """Put the segmentation beside the CT in the subject hierarchy (DICOM SEG export needs the study)."""
     sh_node = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
     if sh_node is None:
         return
     volume_item = sh_node.GetItemByDataNode(input_volume)
-    segmentation_item = sh_node.GetItemByDataNode(segmentation_node)
-    if not volume_item or not segmentation_item:
+    parent = sh_node.GetItemParent(volume_item) if volume_item else 0
+    if not parent or parent == sh_node.GetSceneItemID():
         return
-    parent = sh_node.GetItemParent(volume_item)
-    if parent and parent != sh_node.GetSceneItemID():
+    segmentation_item = sh_node.GetItemByDataNode(segmentation_node)
+    if segmentation_item:
         sh_node.SetItemParent(segmentation_item, parent)
+    else:  # Slicer's GUI adds items for new nodes; without it, add one
+        sh_node.CreateItem(parent, segmentation_node)
 
 
 def _configure_display(segmentation_node, segment_ids: dict[str, str], show_3d: bool) -> None:
@@ -154,11 +179,11 @@ def write_result(
         if array.shape != expected:
             raise ValueError(f"Result shape {array.shape} differs from the input volume's {expected}.")
     lung_definitions, infection_definitions = definitions_by_label(result.class_names)
+    # Segment names, colours and codes all come from relsegcore.terminology (as in its .seg.nrrd).
     lung_names = {label: definition.name for label, definition in lung_definitions.items()}
-    # Segment names are the model's class names; codes and colours come from the definitions.
-    infection_names = dict(enumerate(result.class_names, start=1))
-    definitions = {lung_names[label]: lung_definitions[label] for label in lung_names}
-    definitions.update({infection_names[label]: infection_definitions[label] for label in infection_names})
+    infection_names = {label: definition.name for label, definition in infection_definitions.items()}
+    definitions = {definition.name: definition for definition in [*lung_definitions.values(),
+                                                                   *infection_definitions.values()]}
     was_modifying = segmentation_node.StartModify()
     try:
         segmentation_node.GetSegmentation().RemoveAllSegments()
@@ -169,7 +194,7 @@ def write_result(
         for name, segment_id in segment_ids.items():
             apply_definition(segmentation.GetSegment(segment_id), definitions[name])
         segmentation_node.SetAttribute(REPORT_ATTRIBUTE, json.dumps(result.report))
-        segmentation_node.SetAttribute(CLASS_NAMES_ATTRIBUTE, json.dumps(list(result.class_names)))
+        segmentation_node.SetAttribute(CLASS_NAMES_ATTRIBUTE, json.dumps(list(infection_names.values())))
         segmentation_node.SetAttribute(FINGERPRINT_ATTRIBUTE, segmentation_fingerprint(segmentation_node))
     finally:
         segmentation_node.EndModify(was_modifying)
@@ -189,7 +214,7 @@ def original_infection(segmentation_node) -> np.ndarray | None:
 
 
 def infection_class_names(segmentation_node) -> list[str]:
-    """The infection segments' names in label order, as the model wrote them."""
+    """The infection segments' names in label order (label 1 first), as written by ``write_result``."""
     text = segmentation_node.GetAttribute(CLASS_NAMES_ATTRIBUTE)
     return json.loads(text) if text else []
 

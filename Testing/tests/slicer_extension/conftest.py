@@ -1,0 +1,69 @@
+"""Fixtures for the Slicer module's tests: a real MRML scene with Slicer's module logics (slicer-core).
+
+``mrml`` bootstraps vtkMRMLScene + application, colour, volumes, segmentations, tables and
+subject-hierarchy logics and installs them as ``slicer.mrmlScene`` / ``slicer.modules``; the
+module's Qt-free package ``COVIDInfectionSegLib`` is imported from the checkout.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[2]
+for path in (HERE, REPO / "COVIDInfectionSeg"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import headless_slicer  # noqa: E402
+
+
+@pytest.fixture
+def mrml():
+    """A fresh scene with Slicer's logics, installed in the ``slicer`` module; cleared afterwards."""
+    env = headless_slicer.bootstrap()
+    yield env
+    headless_slicer.teardown(env)
+
+
+def load_volume(path: Path, name: str = "CT"):
+    """Read a CT file into a scalar volume node through Slicer's own storage node."""
+    import slicer
+
+    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.ReadData(volume), f"Slicer could not read {path}"
+    return volume
+
+
+@pytest.fixture
+def lung_ct(mrml, shared_data):
+    """Real chest CT in HU (pyradiomics lung1, 512x512x48 NRRD) as a volume node."""
+    return load_volume(shared_data / "lung-tumor-volumes" / "lung1_image.nrrd", "lung1")
+
+
+@pytest.fixture(scope="session")
+def test_model(tmp_path_factory) -> Path:
+    """The shipped model when present, else a tiny randomly initialised one saved like a shipped model.
+
+    The pipeline, card checks and weights loading are all real either way; only the weights differ.
+    """
+    from relsegcore import zoo
+
+    shipped = zoo.CHECKOUT_MODELS_DIR / f"{zoo.DEFAULT_MODEL}.json"
+    if shipped.is_file():
+        return shipped
+    import torch
+
+    from relsegcore.models import DualEncoderUNet, NetworkConfig
+
+    torch.manual_seed(0)
+    config = NetworkConfig(dims=2, num_classes=2, base_channels=4, depth=3)
+    card = zoo.ModelCard(name="tiny-slicer-test", version="0.0.1", description="random weights, for tests", file="",
+                         sha256="", architecture={}, classes=["background", "infection"],
+                         preprocessing={"input_size": 32, "window": [-1250, 250]})
+    return zoo.save_model(DualEncoderUNet(config), card, tmp_path_factory.mktemp("model")).with_suffix(".json")
