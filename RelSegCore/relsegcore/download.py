@@ -95,28 +95,44 @@ def install_from_index(
     Files are saved as ``<name>.pt`` and ``<name>.json``; the card is written last, so a model
     only becomes visible to ``zoo.list_models`` once both are complete. Returns the weights path.
     """
-    entry = _checked_entry(entry, entry.get("url", ""))
+    entry = _checked_entry(entry, "")
     if cache_dir is None:
         from .registry import default_home
 
         cache_dir = default_home() / "models"
     cache_dir = Path(cache_dir)
     name = _safe_name(entry["name"])
+    card_path = cache_dir / f"{name}.json"
+    installed = _installed_sha256(card_path)
+    if installed not in (None, entry["sha256"]):
+        raise ModelError(
+            f"a different model named {name!r} is already installed ({card_path}); remove it first "
+            "so that a name never silently changes meaning"
+        )
     weights = download_model(
         entry["url"], entry["sha256"], cache_dir, progress, timeout, filename=f"{name}.pt"
     )
-    card_url = entry.get("card_url") or _sibling_card_url(entry["url"])
-    card = _fetch_card(card_url, timeout)
-    if str(card.get("sha256", "")).lower() != entry["sha256"]:
-        raise ModelError(
-            f"the model card at {card_url} does not describe the downloaded weights "
-            f"(card sha256 {card.get('sha256')!r}, index sha256 {entry['sha256']})"
-        )
-    card["file"] = weights.name
-    card["name"] = name
-    _check_card_readable(card, card_url)
-    atomic_write_text(cache_dir / f"{name}.json", json.dumps(card, indent=2) + "\n")
+    if installed is None:  # with the card already in place, installing again needs no network
+        card_url = entry.get("card_url") or _sibling_card_url(entry["url"])
+        card = _fetch_card(card_url, timeout)
+        if str(card.get("sha256", "")).lower() != entry["sha256"]:
+            raise ModelError(
+                f"the model card at {card_url} does not describe the downloaded weights "
+                f"(card sha256 {card.get('sha256')!r}, index sha256 {entry['sha256']})"
+            )
+        card["file"] = weights.name
+        card["name"] = name
+        _check_card_readable(card, card_url)
+        atomic_write_text(card_path, json.dumps(card, indent=2) + "\n")
     return weights
+
+
+def _installed_sha256(card_path: Path) -> str | None:
+    """The weights checksum an already installed card names, or None when there is no usable card."""
+    try:
+        return str(json.loads(card_path.read_text(encoding="utf-8"))["sha256"]).lower()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class _Interrupted(Exception):

@@ -107,23 +107,34 @@ class ModelRegistry:
             raise InputError(f"no model file at {source}")
         card = zoo.find_model(source)
         _verify_card(card)
-        existing = self._cards().get(card.name)
-        if existing is not None and existing.sha256 != card.sha256:
-            raise ModelError(
-                f"a different model named {card.name!r} is already installed ({existing.path}); "
-                "give the new version its own name"
-            )
-        if existing is None:
+        if not self._already_installed(card.name, card.sha256):
             self._install(card)
-        if make_default:
-            return self.use(card.name)
-        return self.entry(card.name)
+        return self.use(card.name) if make_default else self.entry(card.name)
+
+    def install(self, index_entry: dict, progress=None, make_default: bool = False) -> RegistryEntry:
+        """Download a models-index entry (see ``download.fetch_models_index``) into ``<home>/models``."""
+        from .download import install_from_index
+
+        name, sha256 = str(index_entry.get("name", "")), str(index_entry.get("sha256", "")).lower()
+        if not self._already_installed(name, sha256):
+            install_from_index(index_entry, self.models_dir, progress)
+        return self.use(name) if make_default else self.entry(name)
 
     def verify(self, name: str) -> None:
         """Raise ``ModelError`` unless ``name`` is installed, its weights match the card and load."""
         _verify_card(self.card(name))
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _already_installed(self, name: str, sha256: str) -> bool:
+        """True for the same model under this name; a different model under it is refused."""
+        existing = self._cards().get(name)
+        if existing is not None and existing.sha256 != sha256:
+            raise ModelError(
+                f"a different model named {name!r} is already installed ({existing.path}); "
+                "give the new version its own name"
+            )
+        return existing is not None
 
     def _install(self, card) -> None:
         """Weights first, card last: the model appears to ``zoo`` only when both are complete."""

@@ -26,6 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("path")
     add.add_argument("--default", action="store_true", help="also make it the default")
     add.set_defaults(func=run_register)
+    install = actions.add_parser("install", help="download a model listed in a models index (resumable, verified)")
+    install.add_argument("name")
+    install.add_argument("--index", required=True, metavar="URL", help="models index: a JSON list of models")
+    install.add_argument("--default", action="store_true", help="also make it the default")
+    install.add_argument("--progress", choices=("bar", "lines", "none"), default="bar")
+    install.set_defaults(func=run_install)
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -75,6 +81,22 @@ def run_register(args: argparse.Namespace) -> int:
 
     entry = ModelRegistry().register(args.path, make_default=args.default)
     print(f"registered {entry.name} {entry.version} ({entry.path})" + (" as the default" if entry.is_default else ""))
+    return 0
+
+
+def run_install(args: argparse.Namespace) -> int:
+    from ..download import fetch_models_index
+    from ..errors import ModelError
+    from ..registry import ModelRegistry
+    from .segment import progress_display
+
+    entries = {entry["name"]: entry for entry in fetch_models_index(args.index)}
+    if args.name not in entries:
+        offered = ", ".join(sorted(entries)) or "none"
+        raise ModelError(f"the models index {args.index} has no model {args.name!r}; it offers: {offered}")
+    with progress_display(args.progress) as progress:
+        entry = ModelRegistry().install(entries[args.name], progress, make_default=args.default)
+    print(f"installed {entry.name} {entry.version} ({entry.path})" + (" as the default" if entry.is_default else ""))
     return 0
 
 

@@ -249,3 +249,45 @@ def test_part_file_the_server_cannot_continue_is_restarted(server, tmp_path):
     (tmp_path / PART).write_bytes(b"x" * (len(PAYLOAD) + 10))  # longer than the file: HTTP 416
     assert download_model(server.url("/models/tiny.pt"), PAYLOAD_SHA, tmp_path).read_bytes() == PAYLOAD
     assert [r for _, r in server.state.requests] == [f"bytes={len(PAYLOAD) + 10}-", None]
+
+
+def test_installed_model_reinstalls_offline_and_keeps_its_name(server, tmp_path):
+    server.state.files["/models/tiny.json"] = json.dumps(tiny_card()).encode()
+    entry = {"name": "tiny", "version": "1.2", "url": server.url("/models/tiny.pt"), "sha256": PAYLOAD_SHA}
+    install_from_index(entry, tmp_path)
+    card_before = (tmp_path / "tiny.json").read_bytes()
+    server.stop()
+    assert install_from_index(entry, tmp_path).read_bytes() == PAYLOAD  # no network needed
+    other = {**entry, "sha256": "2" * 64}
+    with pytest.raises(ModelError, match="different model named 'tiny'"):
+        install_from_index(other, tmp_path)
+    assert (tmp_path / "tiny.json").read_bytes() == card_before
+
+
+def test_relseg_models_install_from_an_index(server, tmp_path, monkeypatch, capsys):
+    """A real tiny network served over HTTP, installed through the CLI into the registry, made default."""
+    import torch
+
+    from relsegcore.cli import main
+    from relsegcore.models import DualEncoderUNet, NetworkConfig
+    from relsegcore.registry import ModelRegistry
+
+    network = DualEncoderUNet(NetworkConfig(base_channels=2, depth=2, max_channels=4))
+    card = zoo.ModelCard(name="remote-net", version="2.0", description="served", file="", sha256="",
+                         architecture={}, classes=["background", "infection"])
+    weights = zoo.save_model(network, card, tmp_path / "published")
+    server.state.files["/m/remote-net.pt"] = weights.read_bytes()
+    server.state.files["/m/remote-net.json"] = weights.with_suffix(".json").read_bytes()
+    server.state.files["/index.json"] = json.dumps(
+        [{"name": "remote-net", "version": "2.0", "url": "m/remote-net.pt", "sha256": card.sha256}]
+    ).encode()
+    monkeypatch.setenv("RELSEG_HOME", str(tmp_path / "home"))
+
+    assert main(["models", "install", "remote-net", "--index", server.url("/index.json"), "--default",
+                 "--progress", "none"]) == 0
+    assert "installed remote-net 2.0" in capsys.readouterr().out
+    assert ModelRegistry().default() == "remote-net"
+    loaded = zoo.load_model("remote-net", torch.device("cpu"))
+    assert loaded.card.path == tmp_path / "home" / "models" / "remote-net.pt"
+    assert main(["models", "install", "absent", "--index", server.url("/index.json")]) == 2
+    assert "offers: remote-net" in capsys.readouterr().err
