@@ -3,7 +3,8 @@
 The infection model only looks inside the lungs, so each lung must be the whole lung,
 infected parts included. The method is classic and fast: air inside the body, minus the
 trachea and main bronchi, split into left and right, then vessels and dense infection
-brought back by hole filling and a closing restricted to soft-tissue values. Decisions
+brought back by hole filling and by closings (in-plane, and along z for consolidation on the
+pleura) restricted to soft-tissue values. Decisions
 (components, airway, sides) are taken on an in-plane downsampled grid (about 1.4 mm) and
 the masks are brought back to full resolution by linear interpolation of each lung.
 
