@@ -85,6 +85,7 @@ class CommandProcess:
         self._process: subprocess.Popen | None = None
         self._lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
         self._stderr: list[str] = []
+        self._closed_streams = 0
 
     def start(self) -> None:
         popen_group = (
@@ -103,16 +104,15 @@ class CommandProcess:
             self._lines.put((name, line.rstrip("\n")))
         self._lines.put((name, None))
 
-    def _drain(self) -> int:
-        """Consume the lines read so far; return how many streams reached their end."""
-        closed = 0
+    def _drain(self) -> None:
+        """Consume the lines read so far."""
         while True:
             try:
                 name, line = self._lines.get_nowait()
             except queue.Empty:
-                return closed
+                return
             if line is None:
-                closed += 1
+                self._closed_streams += 1
             elif name == "err":
                 self._stderr.append(line)
             elif (parsed := parse_progress_line(line)) is not None:
@@ -137,11 +137,11 @@ class CommandProcess:
 
     def _read_remaining_output(self, timeout_s: float = 5.0) -> None:
         """After exit, take the output still buffered (both reader threads end at end of file)."""
-        closed, deadline = 0, time.monotonic() + timeout_s
-        while closed < 2 and time.monotonic() < deadline:
-            closed += self._drain()
-            if closed < 2:
-                time.sleep(0.01)
+        deadline = time.monotonic() + timeout_s
+        self._drain()
+        while self._closed_streams < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+            self._drain()
 
     def _on_success(self) -> None:
         self.fraction, self.stage, self.state = 1.0, "done", SUCCEEDED
