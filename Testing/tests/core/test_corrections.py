@@ -300,6 +300,14 @@ def check_case_is_whole(record) -> None:
     assert record.edited_slices == [k % 48]
 
 
+def wait_for_staging(root, timeout=20.0) -> None:
+    """Return as soon as a writer has started staging a case."""
+    deadline = time.monotonic() + timeout
+    while not any(p.name.startswith(".tmp-") for p in root.iterdir()):
+        assert time.monotonic() < deadline, "the writer never started a case"
+        time.sleep(0.001)
+
+
 @pytest.mark.skipif(os.name != "posix", reason="SIGKILL")
 def test_writer_killed_mid_write_leaves_only_whole_cases(tmp_path):
     script = tmp_path / "writer.py"
@@ -313,7 +321,11 @@ def test_writer_killed_mid_write_leaves_only_whole_cases(tmp_path):
             [sys.executable, str(script), str(root), str(round_number)], stdout=subprocess.PIPE, text=True
         )
         assert writer.stdout.readline().strip() == "READY"
-        time.sleep(chance.uniform(0.05, 0.35))
+        if round_number % 2:  # at any moment of the write loop
+            time.sleep(chance.uniform(0.05, 0.35))
+        else:  # shortly after a case starts being written
+            wait_for_staging(root)
+            time.sleep(chance.uniform(0.0, 0.03))
         writer.send_signal(signal.SIGKILL)
         writer.wait()
         writer.stdout.close()
@@ -327,5 +339,5 @@ def test_writer_killed_mid_write_leaves_only_whole_cases(tmp_path):
         seen |= listed
         for record in records:
             check_case_is_whole(record)
-    assert crashes_with_leftovers >= 3  # the kills really landed mid-write
+    assert crashes_with_leftovers >= 4  # the kills really landed mid-write
     assert len(records) >= 1
