@@ -51,7 +51,7 @@ class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.settings = qt.QSettings()
         self.ui.modelsIndexUrlEdit.text = self.settings.value("COVIDInfectionSeg/ModelsIndexURL", "")
         self.ui.correctionsDirEdit.currentPath = self.settings.value(
-            "COVIDInfectionSeg/CorrectionsDir", str(models.download_cache_dir().parent / "Corrections"))
+            "COVIDInfectionSeg/CorrectionsDir", str(models.slicer_settings_home() / "Corrections"))
         for label, device in (("Auto", "auto"), ("GPU", "cuda"), ("CPU", "cpu")):
             self.ui.deviceSelector.addItem(label, device)
         self.ui.segmentButton.clicked.connect(self.onSegment)
@@ -60,6 +60,7 @@ class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.downloadModelsButton.clicked.connect(self.onDownloadModels)
         self.ui.saveCorrectionButton.clicked.connect(self.onSaveCorrection)
         self.ui.fineTuneButton.clicked.connect(self.onFineTune)
+        self.ui.useVersionButton.clicked.connect(self.onUseVersion)
         self.ui.rollBackButton.clicked.connect(self.onRollBack)
         self.initializeParameterNode()
 
@@ -82,13 +83,15 @@ class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.removeObservers()
 
     def refreshModels(self):
-        """Fill the model selector and show the GPU PyTorch sees (needs the dependencies)."""
+        """Fill the model and version selectors and show the GPU PyTorch sees (needs the dependencies)."""
         import torch
 
         self.ui.modelSelector.clear()
+        self.ui.modelVersionSelector.clear()
         for choice in models.model_choices():
-            self.ui.modelSelector.addItem(choice.label, choice.name)
-            self.ui.modelSelector.setItemData(self.ui.modelSelector.count - 1, choice.tooltip, qt.Qt.ToolTipRole)
+            for selector in (self.ui.modelSelector, self.ui.modelVersionSelector):
+                selector.addItem(choice.label, choice.name)
+                selector.setItemData(selector.count - 1, choice.tooltip, qt.Qt.ToolTipRole)
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none found"
         self.ui.deviceSelector.setItemText(1, f"GPU ({gpu})")
 
@@ -123,9 +126,12 @@ class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if state == "running":
             return
         self.setRunning(False)
-        if state == "succeeded":
+        if state == "succeeded" and isinstance(self.process, Lib.SegmentationProcess):
             self._parameterNode.outputSegmentation = self.process.output_segmentation
             self.showResults()
+        elif state == "succeeded":  # fine-tuning: its summary (Dice before/after) is the last output line
+            self.refreshModels()
+            self.ui.correctionsLabel.text = (self.process.output_lines or ["Fine-tuning finished."])[-1]
         elif state == "failed":
             self.ui.stageLabel.text = "Failed."
             slicer.util.errorDisplay(f"Segmentation failed: {self.process.error}")
@@ -186,10 +192,16 @@ class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 self.ui.deviceSelector.currentData)
             self.setRunning(True)
 
+    def onUseVersion(self):
+        with slicer.util.tryWithErrorDisplay("Could not change the default model.", waitCursor=True):
+            models.use_model(self.ui.modelVersionSelector.currentData)
+            self.refreshModels()
+
     def onRollBack(self):
         with slicer.util.tryWithErrorDisplay("Could not roll back.", waitCursor=True):
-            learning.roll_back(self.ui.modelSelector.currentData, self.ui.modelVersionSelector.currentText)
+            previous = models.roll_back()
             self.refreshModels()
+            self.ui.correctionsLabel.text = f"Default model is {previous} again."
 
 
 class COVIDInfectionSegLogic(Lib.InfectionSegmentationLogic, ScriptedLoadableModuleLogic):

@@ -75,15 +75,3 @@ def start_fine_tuning(model: str, store_dir: str | Path, device: str = "auto"):
     process.start()
     return process
 
-
-def roll_back(model: str, version: str | None = None) -> None:
-    """Make an earlier version of ``model`` the default again (``relseg models rollback``)."""
-    import subprocess
-
-    from .process import python_executable
-
-    command = [python_executable(), "-m", "relsegcore.cli", "models", "rollback", model]
-    command += ["--to", version] if version else []
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        raise CorrectionError((completed.stderr.strip().splitlines() or ["rollback failed"])[-1])

@@ -57,7 +57,7 @@ class InfectionSegmentationLogic:
         from relsegcore import pipeline
 
         result = pipeline.segment(
-            sitk_image_from_volume(inputVolumeNode), model=model or models.DEFAULT_MODEL, device=device, tta=tta,
+            sitk_image_from_volume(inputVolumeNode), model=model or models.default_model(), device=device, tta=tta,
             progress=_as_progress(progress),
         )
         arrays = ResultArrays(
@@ -86,7 +86,7 @@ class InfectionSegmentationLogic:
         tta: bool = False, overwrite: bool = False,
     ) -> SegmentationProcess:
         """Non-blocking segmentation in a separate process; poll the returned process from a timer."""
-        process = SegmentationProcess(inputVolumeNode, outputSegmentationNode, model or models.DEFAULT_MODEL,
+        process = SegmentationProcess(inputVolumeNode, outputSegmentationNode, model or models.default_model(),
                                       device, tta, overwrite)
         process.start()
         return process

@@ -1,8 +1,10 @@
-"""Where the module finds models: shipped with the extension, downloaded into Slicer's settings folder.
+"""Which models the module offers, and where they live.
 
-relsegcore's zoo searches the folders in ``RELSEG_MODELS_DIR``; this module puts the
-extension's ``Resources/Models`` and the download cache there (in the environment, so the
-segmentation subprocess sees them too).
+- Shipped models: the extension's ``Resources/Models`` (put on ``RELSEG_MODELS_DIR``, which
+  relsegcore's zoo searches; the variable is inherited by the segmentation subprocess).
+- Downloaded and fine-tuned models, and the persisted default: relsegcore's ``ModelRegistry``
+  in ``RELSEG_HOME``, which inside Slicer is ``<Slicer settings folder>/COVIDInfectionSeg``,
+  so a download is kept across extension updates and works offline once cached.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MODULE_DIR = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = "covid-infection-2d"
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class ModelChoice:
     name: str
     label: str
     tooltip: str
+    is_default: bool
 
 
 def shipped_models_dirs() -> list[Path]:
@@ -30,36 +32,46 @@ def shipped_models_dirs() -> list[Path]:
     return [path for path in candidates if path.is_dir()]
 
 
-def download_cache_dir() -> Path:
-    """Downloaded models live beside Slicer's user settings (kept across extension updates, works offline)."""
+def slicer_settings_home() -> Path | None:
+    """``<folder of Slicer's user settings>/COVIDInfectionSeg`` inside Slicer, else None."""
     import slicer
 
     app = getattr(slicer, "app", None)
-    if app is not None:
-        return Path(app.slicerUserSettingsFilePath).parent / "COVIDInfectionSeg" / "Models"
-    return Path.home() / ".relseg" / "models"
+    if app is None:
+        return None
+    return Path(app.slicerUserSettingsFilePath).parent / "COVIDInfectionSeg"
 
 
-def configure_model_search(extra_dirs: list[Path] | None = None) -> list[Path]:
-    """Put the shipped and downloaded model folders on ``RELSEG_MODELS_DIR``; return the full list."""
+def configure_model_search() -> list[Path]:
+    """Set ``RELSEG_HOME`` (inside Slicer, unless the user set it) and add shipped folders to ``RELSEG_MODELS_DIR``."""
+    home = slicer_settings_home()
+    if home is not None:
+        os.environ.setdefault("RELSEG_HOME", str(home))
     current = [Path(p) for p in os.environ.get("RELSEG_MODELS_DIR", "").split(os.pathsep) if p]
-    wanted = [download_cache_dir(), *shipped_models_dirs(), *(extra_dirs or [])]
-    merged = current + [path for path in wanted if path not in current]
+    merged = current + [path for path in shipped_models_dirs() if path not in current]
     os.environ["RELSEG_MODELS_DIR"] = os.pathsep.join(str(path) for path in merged)
     return merged
 
 
+def default_model() -> str:
+    """The registry's default model (the shipped one until the user chooses another)."""
+    from relsegcore.registry import default_model_name
+
+    return default_model_name()
+
+
 def model_choices() -> list[ModelChoice]:
-    """Installed models for the selector: name, version and the card's one-line description."""
-    from relsegcore import zoo
+    """Installed models for the selector: name, version and the card's one-line description; default first."""
+    from relsegcore.registry import ModelRegistry
 
     choices = []
-    for card in zoo.list_models():
-        summary = (card.description or "").strip().splitlines()[0] if card.description else ""
-        classes = ", ".join(card.infection_classes)
-        choices.append(ModelChoice(card.name, f"{card.name} {card.version} - {summary}".strip(" -"),
-                                   f"{summary}\nClasses: {classes}\nSHA-256: {card.sha256[:12]}..."))
-    return choices
+    for entry in ModelRegistry().list():
+        summary = (entry.description or "").strip().splitlines()[0] if entry.description else ""
+        label = f"{entry.name} {entry.version}" + (f" - {summary}" if summary else "")
+        origin = f"fine-tuned from {entry.parent}" if entry.parent else entry.origin
+        choices.append(ModelChoice(entry.name, label + (" (default)" if entry.is_default else ""),
+                                   f"{summary}\n{origin}, {entry.date}", entry.is_default))
+    return sorted(choices, key=lambda choice: not choice.is_default)
 
 
 def models_in_index(index_url: str) -> list[dict]:
@@ -69,10 +81,22 @@ def models_in_index(index_url: str) -> list[dict]:
     return download.fetch_models_index(index_url)
 
 
-def download_model_entry(entry: dict, progress=None) -> Path:
-    """Download (or resume, or reuse from the cache) one index entry into the cache; return the weights path."""
-    from relsegcore import download
+def download_model_entry(entry: dict, progress=None):
+    """Download (resuming, verifying SHA-256, reusing the cache) one index entry into the registry."""
+    from relsegcore.registry import ModelRegistry
 
-    cache = download_cache_dir()
-    configure_model_search([cache])
-    return download.install_from_index(entry, cache_dir=cache, progress=progress)
+    return ModelRegistry().install(entry, progress=progress)
+
+
+def use_model(name: str):
+    """Make an installed model the default (checks its weights first)."""
+    from relsegcore.registry import ModelRegistry
+
+    return ModelRegistry().use(name)
+
+
+def roll_back() -> str:
+    """Return to the previous default model; returns its name."""
+    from relsegcore.registry import ModelRegistry
+
+    return ModelRegistry().rollback()

@@ -85,6 +85,7 @@ class CommandProcess:
         self._process: subprocess.Popen | None = None
         self._lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
         self._stderr: list[str] = []
+        self.output_lines: list[str] = []  # stdout lines other than progress (e.g. a fine-tuning summary)
         self._closed_streams = 0
 
     def start(self) -> None:
@@ -117,6 +118,8 @@ class CommandProcess:
                 self._stderr.append(line)
             elif (parsed := parse_progress_line(line)) is not None:
                 self.fraction, self.stage = parsed
+            else:
+                self.output_lines.append(line)
 
     def poll(self) -> str:
         """Update ``fraction``/``stage``; once the process has ended, finish (success) or record the error."""

@@ -1,0 +1,111 @@
+"""The real pipeline from a volume node to the segmentation node: blocking and in a separate process.
+
+Real CTs in HU are read by Slicer's storage node; relsegcore runs for real (the shipped model
+when present, else a tiny model saved like one). Checks geometry, names, infection inside the
+lungs, table = report, and the .seg.nrrd written from the node.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+from conftest import load_volume
+from test_results import mask, node_ids, segment_names
+
+from COVIDInfectionSegLib import InfectionSegmentationLogic, SegmentationProcess, stored_report
+from COVIDInfectionSegLib.process import SUCCEEDED
+
+SMALL_CT = "ct-fixtures/totalsegmentator-example/example_ct_sm.nii.gz"
+
+
+def assert_on_volume_grid(segmentation, volume) -> None:
+    import slicer
+    import vtk
+
+    geometry = slicer.vtkOrientedImageData()
+    reference = segmentation.GetSegmentation().GetConversionParameter("Reference image geometry")
+    assert slicer.vtkSegmentationConverter.DeserializeImageGeometry(reference, geometry, False)
+    seg_matrix, volume_matrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    geometry.GetImageToWorldMatrix(seg_matrix)
+    volume.GetIJKToRASMatrix(volume_matrix)
+    elements = lambda m: [m.GetElement(r, c) for r in range(4) for c in range(4)]  # noqa: E731
+    np.testing.assert_allclose(elements(seg_matrix), elements(volume_matrix), atol=1e-5)
+    assert geometry.GetExtent() == volume.GetImageData().GetExtent()
+
+
+def assert_consistent_result(segmentation, volume, logic) -> dict:
+    """Names, infection inside the lungs, and the measured table equal to the pipeline's report."""
+    report = stored_report(segmentation)
+    infection_names = [c["name"] for c in sorted(report["infection"]["classes"].values(), key=lambda c: c["label"])]
+    assert segment_names(segmentation) == ["Left lung", "Right lung", *infection_names]
+    lungs = mask(segmentation, "Left lung", volume) | mask(segmentation, "Right lung", volume)
+    assert lungs.sum() > 1000
+    for name in infection_names:
+        assert not (mask(segmentation, name, volume) & ~lungs).any()
+    measured = logic.measure(segmentation, volume)
+    for group in ("lungs", "percent_opacity"):
+        for key, value in report[group].items():
+            assert measured[group][key] == pytest.approx(value or 0.0, rel=1e-6, abs=1e-9), (group, key)
+    for key in ("left_ml", "right_ml", "total_ml"):
+        assert measured["infection"][key] == pytest.approx(report["infection"][key], rel=1e-6, abs=1e-9)
+    import slicer
+
+    table = logic.quantify(segmentation, volume)
+    np.testing.assert_allclose(slicer.util.arrayFromTableColumn(table, "Lung volume (mL)"),
+                               [report["lungs"]["left_ml"], report["lungs"]["right_ml"], report["lungs"]["total_ml"]],
+                               rtol=1e-6)
+    return report
+
+
+def test_real_chest_ct_blocking_path(lung_ct, test_model, tmp_path):
+    logic = InfectionSegmentationLogic()
+    stages = []
+    segmentation = logic.segment(lung_ct, model=str(test_model), device="cpu", show3D=False,
+                                 progress=lambda fraction, stage: stages.append((fraction, stage)))
+    assert_on_volume_grid(segmentation, lung_ct)
+    report = assert_consistent_result(segmentation, lung_ct, logic)
+    assert report["lungs"]["left_ml"] > 300 and report["lungs"]["right_ml"] > 300  # a real adult chest
+    assert [stage for _, stage in stages][-1] == "Report" and stages[-1][0] == 1.0
+
+    storage = segmentation.CreateDefaultStorageNode()
+    storage.SetFileName(str(tmp_path / "lung1.seg.nrrd"))
+    assert storage.WriteData(segmentation)
+    read = slicerio.read_segmentation(str(tmp_path / "lung1.seg.nrrd"))
+    assert [segment["name"] for segment in read["segments"]] == segment_names(segmentation)
+    assert slicerio.segment_mask(read, "Right lung").sum() == mask(segmentation, "Right lung", lung_ct).sum()
+
+
+def oblique_copy(source, tmp_path):
+    """The same voxels with a rotated direction (an oblique acquisition), written as NIfTI."""
+    image = sitk.ReadImage(str(source))
+    rotation = np.array(sitk.VersorTransform((0.0, 0.0, 1.0), 0.3).GetMatrix()).reshape(3, 3)
+    image.SetDirection((rotation @ np.array(image.GetDirection()).reshape(3, 3)).flatten().tolist())
+    path = tmp_path / "oblique.nii.gz"
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_oblique_ct_result_stays_on_the_volume_grid(mrml, shared_data, test_model, tmp_path):
+    volume = load_volume(oblique_copy(shared_data / SMALL_CT, tmp_path), "oblique")
+    logic = InfectionSegmentationLogic()
+    segmentation = logic.segment(volume, model=str(test_model), device="cpu", show3D=False)
+    assert_on_volume_grid(segmentation, volume)
+    assert_consistent_result(segmentation, volume, logic)
+
+
+def test_separate_process_gives_the_same_segmentation_as_the_blocking_path(mrml, shared_data, test_model):
+    volume = load_volume(shared_data / SMALL_CT, "small")
+    logic = InfectionSegmentationLogic()
+    blocking = logic.segment(volume, model=str(test_model), device="cpu", show3D=False)
+    before = node_ids()
+    process = SegmentationProcess(volume, model=str(test_model), device="cpu")
+    process.start()
+    assert process.wait(timeout_s=120) == SUCCEEDED, process.error
+    assert node_ids() - before  # a new segmentation node, only now
+    background = process.output_segmentation
+    assert segment_names(background) == segment_names(blocking)
+    for name in segment_names(blocking):
+        np.testing.assert_array_equal(mask(background, name, volume), mask(blocking, name, volume))
+    assert stored_report(background)["lungs"] == pytest.approx(stored_report(blocking)["lungs"])
