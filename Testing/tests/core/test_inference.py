@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from relsegcore import inference, zoo
 from relsegcore.errors import Cancelled
 from relsegcore.models import DualEncoderUNet, NetworkConfig
@@ -15,14 +16,14 @@ from relsegcore.progress import Progress
 
 
 def save_tiny_model(directory: Path, dims: int = 2, num_classes: int = 2, input_size: int = 32,
-                    name: str = "tiny-test-model", seed: int = 0) -> Path:
+                    name: str = "tiny-test-model", seed: int = 0, patch_size=(8, 16, 16)) -> Path:
     """A small randomly initialised model with its card, saved like a shipped one (weights path returned)."""
     torch.manual_seed(seed)
     network = DualEncoderUNet(NetworkConfig(dims=dims, num_classes=num_classes, base_channels=4, depth=3))
     classes = ["background", "infection"] if num_classes == 2 else ["background", "ground-glass", "consolidation"]
     preprocessing = {"input_size": input_size, "window": [-1250, 250]}
     if dims == 3:
-        preprocessing["patch_size"] = [8, 16, 16]
+        preprocessing["patch_size"] = list(patch_size)
     card = zoo.ModelCard(name=name, version="0.0.1", description="random weights, for tests", file="",
                          sha256="", architecture={}, classes=classes, preprocessing=preprocessing)
     return zoo.save_model(network, card, directory)
