@@ -128,12 +128,13 @@ def render_panel(path: Path, volume_name: str, segmentation_name: str, measureme
     for row, values in enumerate(quantify.table_rows(measurement)):
         for column, value in enumerate(values[1:]):
             table.setItem(row, column, QtWidgets.QTableWidgetItem(f"{value:.1f}"))
-    table.setMinimumHeight(120)
+    table.horizontalHeader().setSectionResizeMode(QtWidgets.QHeaderView.Stretch)
+    table.setFixedHeight(table.horizontalHeader().height() + 3 * table.rowHeight(0) + 4)
     sha = model.get("sha256", "")[:12]
     ui["modelInfoLabel"].setText(f"Model {model.get('name')} {model.get('version')} (sha256 {sha}...)")
     ui["correctionsDirEdit"].setText("~/.config/NA-MIC/COVIDInfectionSeg/Corrections")
     collapse_sections(panel)
-    panel.resize(440, 700)
+    panel.resize(440, 640)
     panel.show()
     QtWidgets.QApplication.processEvents()
     panel.grab().save(str(path))

@@ -18,12 +18,11 @@ UI_FILE = Path(__file__).resolve().parents[3] / "COVIDInfectionSeg" / "Resources
 
 
 class CollapsibleButton(QtWidgets.QGroupBox):
-    """ctkCollapsibleButton: a titled section; ``collapsed`` hides its content."""
+    """ctkCollapsibleButton: a titled section (its ``text`` arrives as a dynamic property)."""
 
-    def setProperty(self, name, value):  # noqa: N802 (Qt API)
-        if name == "text":
-            self.setTitle(("▸ " if self.property("collapsed") else "▾ ") + value)
-        return super().setProperty(name, value)
+    def apply_properties(self) -> None:
+        collapsed = bool(self.property("collapsed"))
+        self.setTitle(("▸ " if collapsed else "▾ ") + str(self.property("text") or ""))
 
 
 class NodeComboBox(QtWidgets.QComboBox):
@@ -70,6 +69,8 @@ def load_panel(ui_file: Path = UI_FILE) -> QtWidgets.QWidget:
         handle.close()
     if widget is None:
         raise ValueError(f"Qt could not load {ui_file}: {loader.errorString()}")
+    for section in widget.findChildren(CollapsibleButton):
+        section.apply_properties()
     return widget
 
 
