@@ -1,0 +1,163 @@
+"""``relseg segment``: a CT file, a DICOM folder, a folder of cases, a CSV list, or the built-in demo."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import InputError
+from ..progress import Progress, line_progress
+from . import add_device_argument
+
+DEFAULT_MODEL = "covid-infection-2d"  # zoo.DEFAULT_MODEL, repeated so that --help does not import torch
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "segment",
+        help="segment lungs and COVID-19 infection on chest CT",
+        description=(
+            "Segment the lungs (1 left, 2 right) and COVID-19 infection on a chest CT and write "
+            "<name>.seg.nrrd, <name>_lungs.nii.gz, <name>_infection.nii.gz, <name>_report.json and "
+            "<name>_overview.png into --out. INPUT is a NIfTI/NRRD/MHA file, a DICOM series folder, "
+            "a folder of cases, or a CSV list of cases (column 'path', optional 'name' and 'series'). "
+            "Research software: not for clinical use."
+        ),
+    )
+    parser.add_argument("input", nargs="?", type=Path, metavar="INPUT", help="CT file, DICOM folder, folder or CSV")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the output files")
+    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|PATH",
+                        help=f"model name or model card/weights path (default: {DEFAULT_MODEL})")
+    add_device_argument(parser)
+    parser.add_argument("--tta", action="store_true", help="average with left-right flipped predictions (2x time)")
+    parser.add_argument("--series", metavar="UID", help="DICOM series to read (UID, description or number)")
+    parser.add_argument("--progress", choices=("bar", "lines", "none"), default="bar",
+                        help="progress display; 'lines' prints 'PROGRESS <fraction> <stage>' for tools")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="worker processes for a folder or CSV of cases (default: 1)")
+    parser.add_argument("--demo", action="store_true",
+                        help="segment the built-in synthetic chest CT (not clinical data) and compare with its "
+                             "known masks")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.demo == (args.input is not None):
+        raise InputError("Give either an INPUT or --demo.")
+    if args.workers < 1:
+        raise InputError("--workers must be at least 1.")
+    with progress_display(args.progress) as progress:
+        if args.demo:
+            return run_demo(args, progress)
+        from ..batch import is_batch_input
+
+        if is_batch_input(args.input):
+            return run_batch(args, progress)
+        return run_single(args, progress)
+
+
+@contextlib.contextmanager
+def progress_display(kind: str) -> Iterator[Progress]:
+    """A tqdm bar on stderr, ``PROGRESS`` lines on stdout, or nothing."""
+    if kind == "lines":
+        yield line_progress()
+        return
+    if kind == "none":
+        yield Progress()
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=1000, file=sys.stderr, bar_format="{desc:<28.28} {percentage:3.0f}%|{bar}| {elapsed}",
+               leave=False)
+
+    def show(fraction: float, stage: str) -> None:
+        bar.set_description_str(stage, refresh=False)
+        bar.update(round(fraction * 1000) - bar.n)
+
+    try:
+        yield Progress(callback=show)
+    finally:
+        bar.close()
+
+
+def run_single(args: argparse.Namespace, progress: Progress) -> int:
+    from .. import imageio
+    from ..pipeline import segment_file
+
+    paths = segment_file(args.input, args.out, model=args.model, device=args.device, tta=args.tta,
+                         series=args.series, progress=progress)
+    if imageio.last_series_choice is not None:
+        chosen = imageio.last_series_choice
+        print(f"DICOM series: {chosen.uid} ({chosen.description or 'no description'}, {len(chosen.files)} files)")
+    print_outputs(paths)
+    return 0
+
+
+def run_batch(args: argparse.Namespace, progress: Progress) -> int:
+    from ..batch import SUMMARY_NAME, list_cases, run_batch
+
+    outcomes = run_batch(list_cases(args.input), args.out, model=args.model, device=args.device, tta=args.tta,
+                         workers=args.workers, progress=progress)
+    for outcome in outcomes:
+        detail = f": {outcome.error}" if outcome.error else ""
+        opacity = outcome.report.get("percent_opacity", {}).get("overall") if outcome.report else None
+        numbers = f" (opacity {opacity:.1f} % of lung)" if opacity is not None else ""
+        print(f"{outcome.status:8} {outcome.case.name}{numbers}{detail}")
+    failed = sum(outcome.status == "failed" for outcome in outcomes)
+    print(f"{len(outcomes) - failed} of {len(outcomes)} cases segmented; summary: {args.out / SUMMARY_NAME}")
+    return 1 if failed else 0
+
+
+def run_demo(args: argparse.Namespace, progress: Progress) -> int:
+    """The README's first command: the whole pipeline on a synthetic CT whose true masks are known."""
+    import SimpleITK as sitk
+
+    from ..demo import make_demo_ct
+    from ..metrics import dice
+    from ..pipeline import segment, write_result
+
+    progress.update(0.0, "Synthetic CT")
+    case = make_demo_ct()
+    result = segment(case.image, model=args.model, device=args.device, tta=args.tta, progress=progress)
+    known_lungs = sitk.GetArrayViewFromImage(case.lungs)
+    known_infection = sitk.GetArrayViewFromImage(case.infection)
+    found_lungs = sitk.GetArrayViewFromImage(result.lungs)
+    found_infection = sitk.GetArrayViewFromImage(result.infection)
+    check = {
+        "note": "synthetic demo CT with known masks: a pipeline check, not a clinical measurement",
+        "lung_dice": round(dice(found_lungs > 0, known_lungs > 0), 4),
+        "infection_dice": round(dice(found_infection > 0, known_infection > 0), 4),
+    }
+    result.report["synthetic_demo"] = check
+    paths = write_result(args.out, "demo", case.image, result)
+    print_outputs(paths)
+    print("Synthetic demo (known masks, not clinical data):")
+    print(f"  lung Dice      {check['lung_dice']:.3f}")
+    print(f"  infection Dice {check['infection_dice']:.3f}")
+    return 0
+
+
+def print_outputs(paths: dict[str, Path]) -> None:
+    import json
+
+    report = json.loads(Path(paths["report"]).read_text(encoding="utf-8"))
+    print("Outputs:")
+    for path in paths.values():
+        print(f"  {path}")
+    lungs, infection, opacity = report["lungs"], report["infection"], report["percent_opacity"]
+    print(f"Lungs:     left {lungs['left_ml']:.0f} mL, right {lungs['right_ml']:.0f} mL, "
+          f"total {lungs['total_ml']:.0f} mL")
+    print(f"Infection: {infection['total_ml']:.1f} mL, {_percent(opacity['overall'])} of lung volume "
+          f"(left {_percent(opacity['left'])}, right {_percent(opacity['right'])})")
+    high = report.get("percent_high_opacity")
+    if high:
+        print(f"High opacity (consolidation): {_percent(high['overall'])} of lung volume")
+    model = report["model"]
+    print(f"Model: {model['name']} {model['version']} on {report['device']}, {report['timing_s']['total']:.1f} s")
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} %"

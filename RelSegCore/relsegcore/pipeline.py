@@ -1,0 +1,226 @@
+"""CT in -> lungs, infection, report: the one code path behind the CLI, the API and Slicer.
+
+The CT is checked, turned to the canonical LPS grid, the lungs are found from HU, and the
+infection model runs only where there is lung: a 2D model on every axial slice with lung,
+windowed and cropped to the lungs as its training slices were, in chunks of slices so
+that memory does not grow with full-resolution probabilities of the whole volume; a 3D
+model by sliding window over the box around the lungs. Infection is restricted to the
+lungs and both label maps go back on the input's exact geometry.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import imageio, outputs, zoo
+from .data import intensity
+from .device import describe_device, select_device
+from .errors import InputError
+from .inference import DEFAULT_BATCH_SIZE, batches, predict_slices, predict_volume
+from .lungs import segment_lungs_array
+from .progress import Progress
+
+SLICES_PER_CHUNK = 32  # probabilities of one chunk at most: 32 x C x 256 x 256 float32 = 16 MB for C=2
+LUNG_BOX_MARGIN_VOXELS = 8  # context around the lungs for a 3D model
+VOLUME_BATCH_SIZE = 4  # 3D patches per forward pass
+STAGE_SPANS = {"Reading": (0.0, 0.05), "Lungs": (0.05, 0.2), "Infection": (0.2, 0.95), "Report": (0.95, 1.0)}
+
+
+@dataclass
+class SegmentationResult:
+    """Label maps on the input's exact grid, and the report (volumes, percentages, model, device, timing)."""
+
+    lungs: sitk.Image  # 1 left lung, 2 right lung
+    infection: sitk.Image  # 1 infection (binary model) or 1 ground-glass, 2 consolidation
+    class_names: list[str]  # infection labels' names, label 1 first
+    report: dict
+
+
+@dataclass
+class _Timer:
+    """Wall-clock seconds per stage, in the order the stages ran."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def segment(
+    image: sitk.Image,
+    model: str | os.PathLike = zoo.DEFAULT_MODEL,
+    device: str = "auto",
+    tta: bool = False,
+    progress: Progress | None = None,
+    lungs: sitk.Image | None = None,
+) -> SegmentationResult:
+    """Lungs (1 left, 2 right), infection and report for a CT in HU.
+
+    ``lungs`` may give known lung labels on ``image``'s grid (skipping lung segmentation).
+    ``progress`` receives the stages "Lungs", "Infection", "Report" and may cancel between
+    chunks of slices (``errors.Cancelled``).
+    """
+    progress = progress or Progress()
+    timer = _Timer()
+    started = time.perf_counter()
+    with timer.stage("checks"):
+        imageio.validate_ct(image)
+        loaded = zoo.load_model(model, select_device(device))  # model problems surface before slow work
+        canonical = imageio.to_canonical(image)
+        hu = sitk.GetArrayViewFromImage(canonical)
+    progress.update(STAGE_SPANS["Lungs"][0], "Lungs")
+    with timer.stage("lungs"):
+        lung_labels = _canonical_lungs(lungs, image) if lungs is not None else None
+        if lung_labels is None:
+            lung_labels = segment_lungs_array(hu, canonical.GetSpacing())
+    if not lung_labels.any():
+        raise InputError("No lungs were found in the image: is it a chest CT?")
+    progress.update(STAGE_SPANS["Infection"][0], "Infection")
+    with timer.stage("infection"):
+        infection_labels, network_seconds = infection_labels_for(loaded, hu, lung_labels, tta, progress)
+    timer.seconds["network"] = round(network_seconds, 3)
+    progress.update(STAGE_SPANS["Report"][0], "Report")
+    with timer.stage("report"):
+        lungs_image = _on_input_grid(lung_labels, canonical, image)
+        infection_image = _on_input_grid(infection_labels, canonical, image)
+        class_names = list(loaded.card.infection_classes)
+        report = outputs.compute_report(lungs_image, infection_image, class_names)
+    timer.seconds["total"] = round(time.perf_counter() - started, 3)
+    report.update(
+        model={"name": loaded.card.name, "version": loaded.card.version, "sha256": loaded.card.sha256},
+        device=describe_device(loaded.device),
+        tta=bool(tta),
+        timing_s=timer.seconds,
+    )
+    progress.update(1.0, "Report")
+    return SegmentationResult(lungs_image, infection_image, class_names, report)
+
+
+def infection_labels_for(
+    loaded: zoo.LoadedModel, hu: np.ndarray, lung_labels: np.ndarray, tta: bool = False,
+    progress: Progress | None = None,
+) -> tuple[np.ndarray, float]:
+    """Infection labels uint8 ``(z, y, x)`` inside the lungs, and the seconds spent in the network."""
+    if loaded.card.architecture.get("dims", 2) == 3:
+        return _infection_3d(loaded, hu, lung_labels, tta, progress)
+    return _infection_2d(loaded, hu, lung_labels, tta, progress)
+
+
+def _infection_2d(loaded, hu, lung_labels, tta, progress) -> tuple[np.ndarray, float]:
+    size = int(loaded.card.preprocessing.get("input_size", 256))
+    window = loaded.card.preprocessing.get("window")
+    labels = np.zeros(hu.shape, np.uint8)
+    slices_with_lung = np.flatnonzero(lung_labels.reshape(len(lung_labels), -1).any(axis=1))
+    span_start, span_end = STAGE_SPANS["Infection"]
+    network_seconds = 0.0
+    for chunk in batches(len(slices_with_lung), SLICES_PER_CHUNK):
+        z_indices = slices_with_lung[chunk]
+        prepared = [intensity.to_model_input(hu[z], lung_labels[z], size, window) for z in z_indices]
+        images = np.stack([image for image, _ in prepared])
+        fraction = (span_start + (span_end - span_start) * chunk.start / len(slices_with_lung),
+                    span_start + (span_end - span_start) * chunk.stop / len(slices_with_lung))
+        start = time.perf_counter()
+        probabilities = predict_slices(loaded, images, DEFAULT_BATCH_SIZE, tta, progress, fraction)
+        network_seconds += time.perf_counter() - start
+        for z, (_, box), slice_probabilities in zip(z_indices, prepared, probabilities, strict=True):
+            labels[z][box] = _argmax_resized(slice_probabilities, _box_shape(box))
+    labels[lung_labels == 0] = 0
+    return labels, network_seconds
+
+
+def _infection_3d(loaded, hu, lung_labels, tta, progress) -> tuple[np.ndarray, float]:
+    window = loaded.card.preprocessing.get("window")
+    box = _bounding_box(lung_labels > 0, LUNG_BOX_MARGIN_VOXELS)
+    volume = intensity.window_hu(np.asarray(hu[box]), window).astype(np.float32) / 255.0
+    start = time.perf_counter()
+    probabilities = predict_volume(loaded, volume, batch_size=VOLUME_BATCH_SIZE, tta=tta, progress=progress,
+                                   progress_span=STAGE_SPANS["Infection"])
+    network_seconds = time.perf_counter() - start
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[box] = probabilities.argmax(axis=0).astype(np.uint8)
+    labels[lung_labels == 0] = 0
+    return labels, network_seconds
+
+
+def _argmax_resized(probabilities: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Labels uint8 at ``shape`` from ``(C, S, S)`` probabilities, resized bilinearly before the argmax."""
+    return intensity.resize_slices(probabilities, shape, order=1).argmax(axis=0).astype(np.uint8)
+
+
+def _box_shape(box: tuple[slice, slice]) -> tuple[int, int]:
+    return (box[0].stop - box[0].start, box[1].stop - box[1].start)
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    coords = np.nonzero(mask)
+    return tuple(slice(max(0, int(c.min()) - margin), min(n, int(c.max()) + margin + 1))
+                 for c, n in zip(coords, mask.shape, strict=True))
+
+
+def _canonical_lungs(lungs: sitk.Image, image: sitk.Image) -> np.ndarray:
+    """User-given lung labels as a canonical array; they must lie on the CT's grid."""
+    if lungs.GetSize() != image.GetSize() or not np.allclose(lungs.GetSpacing(), image.GetSpacing(), atol=1e-4):
+        raise InputError("The lung labels given do not have the CT's size and spacing.")
+    lungs = sitk.Cast(lungs, sitk.sitkUInt8)
+    lungs.CopyInformation(image)
+    return sitk.GetArrayFromImage(imageio.to_canonical(lungs))
+
+
+def _on_input_grid(labels: np.ndarray, canonical: sitk.Image, image: sitk.Image) -> sitk.Image:
+    result = sitk.GetImageFromArray(labels)
+    result.CopyInformation(canonical)
+    return imageio.from_canonical(result, image)
+
+
+# --- files in, files out ---------------------------------------------------------------------------------
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """An output name from an input path: ``ct.nii.gz`` -> ``ct``, a DICOM folder -> its folder name."""
+    path = Path(path)
+    name = path.name
+    lowered = name.lower()
+    for suffix in sorted(imageio.VOLUME_SUFFIXES, key=len, reverse=True):
+        if lowered.endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "case"
+
+
+def segment_file(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    model: str | os.PathLike = zoo.DEFAULT_MODEL,
+    device: str = "auto",
+    tta: bool = False,
+    series: str | None = None,
+    progress: Progress | None = None,
+    name: str | None = None,
+) -> dict[str, Path]:
+    """Read a CT file or DICOM folder, segment it and write all outputs (all or nothing)."""
+    progress = progress or Progress()
+    progress.update(0.0, "Reading")
+    image = imageio.read_image(path, series)
+    result = segment(image, model=model, device=device, tta=tta, progress=progress)
+    result.report.setdefault("input", str(path))
+    return write_result(out_dir, name or case_name(path), image, result)
+
+
+def write_result(out_dir: str | os.PathLike, name: str, image: sitk.Image,
+                 result: SegmentationResult) -> dict[str, Path]:
+    """Write every output of one case into ``out_dir`` (all of them, or none: see ``outputs.write_outputs``)."""
+    return outputs.write_outputs(out_dir, name, image, result.lungs, result.infection, result.class_names,
+                                 result.report)

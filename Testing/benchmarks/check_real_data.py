@@ -1,0 +1,136 @@
+"""Does the infection model land on real ground-glass, and stay off effusion and tumours?
+
+Reads ``../shared/data`` (never copied into the repository) and prints, with the shipped
+default model (or ``--model``):
+
+- ``covid-hu-slices``: real COVID-19 HU slices with expert lung masks and visible
+  ground-glass, no infection mask. Run through the pipeline's own slice path (window,
+  crop to the lungs, resize, paste back) inside the expert lungs: fraction of lung
+  flagged, mean HU of the flagged pixels (ground-glass lies around -750..-300 HU),
+  and how much of the lung in the GGO HU range vs of clearly aerated lung (< -850 HU)
+  is flagged.
+- ``pleural-effusion`` and ``lung-tumor-volumes``: non-COVID patients, run end to end
+  (``relsegcore.segment``). All infection found there is a false positive; reported in
+  mL, split into the part overlapping the effusion / tumour label and the rest, and the
+  fraction of the label flagged (the model must not flag them wholesale).
+
+    python Testing/benchmarks/check_real_data.py [--quick] [--json OUT] [--model NAME|PATH] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from relsegcore import pipeline, zoo
+from relsegcore.device import select_device
+
+DATA = Path(os.environ.get("RELSEG_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+GGO_HU = (-750.0, -300.0)
+AERATED_HU = -850.0
+
+
+def covid_hu_slices(loaded: zoo.LoadedModel, folder: Path) -> list[dict]:
+    rows = []
+    for path in sorted(folder.glob("*.npz")):
+        data = np.load(path)
+        hu, lungs = data["image"].astype(np.int16), data["lung_mask"].astype(np.uint8)
+        infection, _ = pipeline.infection_labels_for(loaded, hu[None], lungs[None])
+        flagged, lung = infection[0] > 0, lungs > 0
+        ggo = lung & (hu >= GGO_HU[0]) & (hu <= GGO_HU[1])
+        aerated = lung & (hu < AERATED_HU)
+        rows.append({
+            "slice": path.stem,
+            "lung_fraction_flagged": float(flagged.sum() / lung.sum()),
+            "flagged_mean_hu": float(hu[flagged].mean()) if flagged.any() else math.nan,
+            "ggo_hu_fraction_flagged": float((flagged & ggo).sum() / max(ggo.sum(), 1)),
+            "aerated_fraction_flagged": float((flagged & aerated).sum() / max(aerated.sum(), 1)),
+            "flagged_outside_lungs_px": int((flagged & ~lung).sum()),
+        })
+    return rows
+
+
+def false_positives(model: str, device: str, ct_path: Path, label_path: Path) -> dict:
+    image = sitk.ReadImage(str(ct_path))
+    label = sitk.ReadImage(str(label_path))
+    result = pipeline.segment(image, model=model, device=device)
+    infection = sitk.GetArrayViewFromImage(result.infection) > 0
+    label_mask = _on_grid(label, image) > 0
+    voxel_ml = math.prod(image.GetSpacing()) / 1000
+    return {
+        "case": ct_path.name.split("_")[0] if "LUNG1" in ct_path.name else ct_path.stem.replace("_image", ""),
+        "lungs_ml": round(result.report["lungs"]["total_ml"], 1),
+        "infection_ml": round(float(infection.sum() * voxel_ml), 2),
+        "infection_on_label_ml": round(float((infection & label_mask).sum() * voxel_ml), 2),
+        "infection_elsewhere_ml": round(float((infection & ~label_mask).sum() * voxel_ml), 2),
+        "label_ml": round(float(label_mask.sum() * voxel_ml), 1),
+        "label_fraction_flagged": round(float((infection & label_mask).sum() / max(label_mask.sum(), 1)), 4),
+        "seconds": result.report["timing_s"]["total"],
+    }
+
+
+def _on_grid(label: sitk.Image, image: sitk.Image) -> np.ndarray:
+    """The label voxels on the CT's grid (masks are aligned in physical space, not always on the same grid)."""
+    resampled = sitk.Resample(label, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
+    return sitk.GetArrayFromImage(resampled)
+
+
+def run(model: str, device: str, quick: bool) -> dict:
+    loaded = zoo.load_model(model, select_device(device))
+    results: dict = {"model": {"name": loaded.card.name, "version": loaded.card.version}}
+    results["covid_hu_slices"] = covid_hu_slices(loaded, DATA / "covid-hu-slices")
+    effusion_cts = sorted((DATA / "pleural-effusion").glob("*_ct.nii.gz"))[: 1 if quick else None]
+    results["pleural_effusion"] = [
+        false_positives(model, device, ct, ct.with_name(ct.name.replace("_ct", "_effusion"))) for ct in effusion_cts
+    ]
+    tumour_cts = sorted((DATA / "lung-tumor-volumes").glob("*_image.nrrd"))[: 1 if quick else None]
+    results["lung_tumor"] = [
+        false_positives(model, device, ct, ct.with_name(ct.name.replace("_image", "_label"))) for ct in tumour_cts
+    ]
+    return results
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}")
+    if not rows:
+        print("  (none)")
+        return
+    columns = list(rows[0])
+    print("  " + "  ".join(f"{c:>24}" if i else f"{c:<24}" for i, c in enumerate(columns)))
+    for row in rows:
+        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()]
+        print("  " + "  ".join(f"{c:>24}" if i else f"{c:<24}" for i, c in enumerate(cells)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=zoo.DEFAULT_MODEL)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="one effusion and one tumour volume only")
+    parser.add_argument("--json", type=Path, help="also write the numbers as JSON")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        print(f"real data not found at {DATA}", file=sys.stderr)
+        return 1
+    torch.set_num_threads(os.cpu_count() or 1)
+    results = run(args.model, args.device, args.quick)
+    print(f"model: {results['model']['name']} {results['model']['version']}")
+    print_table(f"COVID-19 HU slices (ground-glass lies within {GGO_HU[0]:g}..{GGO_HU[1]:g} HU)",
+                results["covid_hu_slices"])
+    print_table("Pleural effusion (non-COVID): false-positive infection", results["pleural_effusion"])
+    print_table("Lung tumour (non-COVID): false-positive infection", results["lung_tumor"])
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

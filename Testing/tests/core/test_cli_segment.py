@@ -1,0 +1,223 @@
+"""``relseg segment`` end to end: outputs, progress lines, batch resume, bad inputs without tracebacks."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+from test_inference import save_tiny_model
+
+from relsegcore.cli import main
+from relsegcore.demo import make_demo_ct
+
+OUTPUT_SUFFIXES = (".seg.nrrd", "_lungs.nii.gz", "_infection.nii.gz", "_report.json", "_overview.png")
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def ct_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ct") / "chest.nii.gz"
+    sitk.WriteImage(make_demo_ct(shape=(32, 128, 128), spacing=(2.8, 2.8, 8.0)).image, str(path))
+    return path
+
+
+def segment(*args: str | Path, model: Path) -> int:
+    return main(["segment", *map(str, args), "--model", str(model), "--device", "cpu", "--progress", "none"])
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*")) if folder.exists() else []
+
+
+def test_one_ct_file_writes_every_output_and_prints_the_numbers(ct_file, model_path, tmp_path, capsys):
+    assert segment(ct_file, "--out", tmp_path / "out", model=model_path) == 0
+    assert files_in(tmp_path / "out") == sorted(f"chest{suffix}" for suffix in OUTPUT_SUFFIXES)
+    printed = capsys.readouterr().out
+    assert str(tmp_path / "out" / "chest.seg.nrrd") in printed
+    assert re.search(r"Lungs: +left \d+ mL, right \d+ mL, total \d+ mL", printed)
+    assert re.search(r"Infection: [\d.]+ mL, [\d.]+ % of lung volume", printed)
+    assert "tiny-test-model 0.0.1 on cpu" in printed
+
+
+def test_progress_lines_for_the_slicer_module(ct_file, model_path, tmp_path, capsys):
+    code = main(["segment", str(ct_file), "--out", str(tmp_path), "--model", str(model_path), "--device", "cpu",
+                 "--progress", "lines"])
+    assert code == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("PROGRESS")]
+    assert all(re.fullmatch(r"PROGRESS [01]\.\d{4} \S.*", line) for line in lines), lines
+    fractions = [float(line.split()[1]) for line in lines]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    stages = list(dict.fromkeys(line.split(maxsplit=2)[2] for line in lines))
+    assert stages == ["Reading", "Lungs", "Infection", "Report"]
+
+
+def test_demo_prints_synthetic_dice(model_path, tmp_path, capsys):
+    assert main(["segment", "--demo", "--out", str(tmp_path), "--model", str(model_path), "--device", "cpu",
+                 "--progress", "none"]) == 0
+    printed = capsys.readouterr().out
+    assert "Synthetic demo (known masks, not clinical data)" in printed
+    lung_dice = float(re.search(r"lung Dice +([\d.]+)", printed).group(1))
+    assert lung_dice > 0.95  # the lung segmenter is not a random model: it must find the demo's lungs
+    assert re.search(r"infection Dice +[\d.]+", printed)
+    assert files_in(tmp_path) == sorted(f"demo{suffix}" for suffix in OUTPUT_SUFFIXES)
+
+
+def write_bad_inputs(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Each bad input and a phrase its one-line error must contain."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cases: dict[str, tuple[Path, str]] = {}
+
+    corrupt = folder / "corrupt.nii.gz"
+    corrupt.write_bytes(os.urandom(2000))
+    cases["corrupt file"] = (corrupt, "damaged")
+
+    good = make_demo_ct(shape=(16, 64, 64), spacing=(5.6, 5.6, 16.0)).image
+    truncated = folder / "truncated.nrrd"
+    sitk.WriteImage(good, str(truncated), useCompression=False)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    cases["truncated file"] = (truncated, "damaged")
+
+    png = folder / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(png)
+    cases["RGB PNG"] = (png, "Unsupported file type")
+
+    rgb = folder / "rgb.mha"
+    sitk.WriteImage(sitk.Compose([sitk.Cast(good, sitk.sitkInt16)] * 3), str(rgb))
+    cases["RGB volume"] = (rgb, "values per voxel")
+
+    flat = folder / "slice.nrrd"
+    sitk.WriteImage(good[:, :, 8], str(flat))
+    cases["2D image"] = (flat, "2D")
+
+    series4d = folder / "series4d.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries([good, good]), str(series4d))
+    cases["4D series"] = (series4d, "4D")
+
+    with_nan = sitk.Cast(good, sitk.sitkFloat32)
+    with_nan[5, 5, 5] = float("nan")
+    nan_file = folder / "nan.mha"
+    sitk.WriteImage(with_nan, str(nan_file))
+    cases["NaN voxels"] = (nan_file, "NaN")
+
+    mr_like = sitk.GetImageFromArray(np.random.default_rng(1).integers(0, 900, (16, 64, 64)).astype(np.int16))
+    mr_file = folder / "mr.nrrd"
+    sitk.WriteImage(mr_like, str(mr_file))
+    cases["MR-like intensities"] = (mr_file, "no air")
+
+    absurd = sitk.Image(good)
+    absurd.SetSpacing((0.7, 0.7, 250.0))
+    absurd_file = folder / "spacing.nrrd"
+    sitk.WriteImage(absurd, str(absurd_file))
+    cases["absurd spacing"] = (absurd_file, "spacing")
+
+    empty = folder / "empty_folder"
+    empty.mkdir()
+    cases["empty folder"] = (empty, "empty")
+
+    cases["missing file"] = (folder / "nowhere.nii.gz", "not found")
+    return cases
+
+
+BAD_INPUTS = ["corrupt file", "truncated file", "RGB PNG", "RGB volume", "2D image", "4D series", "NaN voxels",
+              "MR-like intensities", "absurd spacing", "empty folder", "missing file"]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    return write_bad_inputs(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.mark.parametrize("kind", BAD_INPUTS)
+def test_bad_input_gives_one_line_exit_2_and_no_files(kind, bad_inputs, model_path, tmp_path, capsys):
+    path, phrase = bad_inputs[kind]
+    out = tmp_path / "out"
+    assert segment(path, "--out", out, model=model_path) == 2
+    stderr = capsys.readouterr().err.strip()
+    assert stderr.startswith("relseg: error: ") and len(stderr.splitlines()) == 1, stderr
+    assert phrase.lower() in stderr.lower(), stderr
+    assert files_in(out) == []
+
+
+def test_unknown_model_and_missing_input_are_one_line_errors(ct_file, tmp_path, capsys):
+    assert main(["segment", str(ct_file), "--out", str(tmp_path), "--model", "no-such-model",
+                 "--progress", "none"]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+    assert main(["segment", "--out", str(tmp_path)]) == 2
+    assert "Give either an INPUT or --demo" in capsys.readouterr().err
+    assert files_in(tmp_path) == []
+
+
+def test_the_installed_command_prints_no_traceback(bad_inputs, model_path, tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "relsegcore.cli", "segment", str(bad_inputs["corrupt file"][0]), "--out",
+         str(tmp_path / "out"), "--model", str(model_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 2
+    assert "Traceback" not in completed.stderr and completed.stderr.startswith("relseg: error: ")
+    assert not (tmp_path / "out").exists()
+
+
+def read_summary(out: Path) -> dict[str, dict[str, str]]:
+    with open(out / "summary.csv", newline="", encoding="utf-8") as handle:
+        return {row["name"]: row for row in csv.DictReader(handle)}
+
+
+def test_batch_folder_skips_a_bad_case_and_resumes(ct_file, model_path, bad_inputs, tmp_path, capsys):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz"):
+        (cases / name).write_bytes(ct_file.read_bytes())
+    (cases / "broken.nii.gz").write_bytes(bad_inputs["corrupt file"][0].read_bytes())
+    out = tmp_path / "out"
+
+    assert segment(cases, "--out", out, model=model_path) == 1  # a failed case makes the batch exit 1
+    summary = read_summary(out)
+    assert {name: row["status"] for name, row in summary.items()} == {"a": "done", "b": "done", "broken": "failed"}
+    assert "damaged" in summary["broken"]["error"]
+    assert float(summary["a"]["lungs.total_ml"]) > 0 and summary["a"]["model.name"] == "tiny-test-model"
+    assert not any(name.startswith("broken") for name in files_in(out))
+    assert "2 of 3 cases segmented" in capsys.readouterr().out
+
+    report_time = (out / "a_report.json").stat().st_mtime_ns
+    assert segment(cases, "--out", out, model=model_path) == 1
+    summary = read_summary(out)
+    assert {name: row["status"] for name, row in summary.items()} == {"a": "skipped", "b": "skipped",
+                                                                       "broken": "failed"}
+    assert (out / "a_report.json").stat().st_mtime_ns == report_time
+    assert summary["a"]["lungs.total_ml"]  # skipped cases keep their numbers in the summary
+
+    other_model = save_tiny_model(tmp_path / "other", name="tiny-other", seed=5)
+    (out / "b_overview.png").unlink()  # an incomplete case is redone, as is every case of another model
+    assert segment(cases, "--out", out, model=other_model) == 1
+    assert {name: row["status"] for name, row in read_summary(out).items()} == {"a": "done", "b": "done",
+                                                                                 "broken": "failed"}
+
+
+def test_batch_csv_list_with_names_in_two_worker_processes(ct_file, model_path, tmp_path, capsys):
+    listing = tmp_path / "cases.csv"
+    listing.write_text(f"path,name\n{ct_file},first\n{ct_file.name},second\n", encoding="utf-8")
+    (tmp_path / ct_file.name).write_bytes(ct_file.read_bytes())  # relative paths are read beside the CSV
+    out = tmp_path / "out"
+    assert segment(listing, "--out", out, "--workers", "2", model=model_path) == 0
+    assert {name: row["status"] for name, row in read_summary(out).items()} == {"first": "done", "second": "done"}
+    assert (out / "first.seg.nrrd").is_file() and (out / "second_report.json").is_file()
+
+
+def test_csv_without_path_column_is_refused(tmp_path, model_path, capsys):
+    listing = tmp_path / "cases.csv"
+    listing.write_text("file\nx.nii.gz\n", encoding="utf-8")
+    assert segment(listing, "--out", tmp_path / "out", model=model_path) == 2
+    assert "'path' column" in capsys.readouterr().err

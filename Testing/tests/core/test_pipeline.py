@@ -1,0 +1,208 @@
+"""pipeline: CT in -> lungs, infection, report, on the input's exact geometry; files all or nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from test_inference import save_tiny_model
+
+import relsegcore
+from relsegcore import imageio, pipeline
+from relsegcore.demo import make_demo_ct
+from relsegcore.errors import Cancelled, InputError
+from relsegcore.fileutil import sha256_of
+from relsegcore.progress import Progress
+
+SMALL_SHAPE, SMALL_SPACING = (32, 128, 128), (2.8, 2.8, 8.0)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return make_demo_ct(shape=SMALL_SHAPE, spacing=SMALL_SPACING)
+
+
+@pytest.fixture(scope="module")
+def lps_result(demo, model_path) -> pipeline.SegmentationResult:
+    return pipeline.segment(demo.image, model=model_path, device="cpu")
+
+
+def array(image: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(image)
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize() and a.GetOrigin() == b.GetOrigin() and a.GetSpacing() == b.GetSpacing()
+            and a.GetDirection() == b.GetDirection())
+
+
+def reoriented(image: sitk.Image, kind: str) -> sitk.Image:
+    """The same CT stored another way: RAS (x, y flipped), left-handed (z flipped), or on oblique axes."""
+    voxels = array(image)
+    nx, ny, nz = image.GetSize()
+    if kind == "RAS":
+        voxels, corner, signs = voxels[:, ::-1, ::-1], (nx - 1, ny - 1, 0), (-1, -1, 1)
+    elif kind == "left-handed":
+        voxels, corner, signs = voxels[::-1], (0, 0, nz - 1), (1, 1, -1)
+    else:
+        voxels, corner, signs = voxels, (0, 0, 0), (1, 1, 1)
+    result = sitk.GetImageFromArray(np.ascontiguousarray(voxels))
+    result.SetSpacing(image.GetSpacing())
+    result.SetOrigin(image.TransformIndexToPhysicalPoint(corner))
+    if kind == "oblique":  # 15 degrees about z: still closest to LPS, so canonical voxels are unchanged
+        c, s = math.cos(math.radians(15)), math.sin(math.radians(15))
+        result.SetDirection((c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
+    else:
+        result.SetDirection((signs[0], 0.0, 0.0, 0.0, signs[1], 0.0, 0.0, 0.0, signs[2]))
+    return result
+
+
+def test_lps_result_has_lungs_and_infection_only_inside_them(demo, lps_result):
+    lungs, infection = array(lps_result.lungs), array(lps_result.infection)
+    assert same_geometry(lps_result.lungs, demo.image) and same_geometry(lps_result.infection, demo.image)
+    assert set(np.unique(lungs)) == {0, 1, 2}
+    assert lps_result.lungs.GetPixelID() == sitk.sitkUInt8 and lps_result.infection.GetPixelID() == sitk.sitkUInt8
+    assert not np.any((infection > 0) & (lungs == 0))
+    assert lps_result.class_names == ["infection"]
+    # Left lung (label 1) is on the patient's left: larger x in LPS.
+    assert np.argwhere(lungs == 1)[:, 2].mean() > np.argwhere(lungs == 2)[:, 2].mean()
+
+
+@pytest.mark.parametrize("kind", ["RAS", "left-handed", "oblique"])
+def test_results_are_written_back_on_the_exact_input_geometry(demo, model_path, lps_result, kind):
+    image = reoriented(demo.image, kind)
+    result = pipeline.segment(image, model=model_path, device="cpu")
+    for labels in (result.lungs, result.infection):
+        assert same_geometry(labels, image)
+    # The same anatomy gives the same labels, voxel for voxel, once back on the canonical grid.
+    np.testing.assert_array_equal(array(imageio.to_canonical(result.lungs)), array(lps_result.lungs))
+    np.testing.assert_array_equal(array(imageio.to_canonical(result.infection)), array(lps_result.infection))
+    assert result.report["lungs"]["left_ml"] == pytest.approx(lps_result.report["lungs"]["left_ml"])
+
+
+def test_report_names_model_device_and_timing(lps_result, model_path):
+    report = lps_result.report
+    assert report["model"]["name"] == "tiny-test-model" and report["model"]["version"] == "0.0.1"
+    assert report["model"]["sha256"] == sha256_of(model_path)
+    assert report["device"] == "cpu" and report["tta"] is False
+    assert {"lungs", "infection", "network", "total"} <= report["timing_s"].keys()
+    assert report["timing_s"]["network"] <= report["timing_s"]["infection"] <= report["timing_s"]["total"]
+    assert report["lungs"]["total_ml"] == pytest.approx(
+        np.count_nonzero(array(lps_result.lungs)) * math.prod(SMALL_SPACING) / 1000)
+    assert 0 <= report["percent_opacity"]["overall"] <= 100
+
+
+def test_known_lungs_are_used_as_given(demo, model_path):
+    result = pipeline.segment(demo.image, model=model_path, device="cpu", lungs=demo.lungs)
+    np.testing.assert_array_equal(array(result.lungs), array(demo.lungs))
+    assert not np.any((array(result.infection) > 0) & (array(demo.lungs) == 0))
+
+
+def test_three_class_model_tta_and_3d_model(demo, tmp_path):
+    three_class = save_tiny_model(tmp_path / "a", num_classes=3, name="tiny-three-class")
+    result = pipeline.segment(demo.image, model=three_class, device="cpu", tta=True)
+    assert result.class_names == ["ground-glass", "consolidation"]
+    assert array(result.infection).max() <= 2 and result.report["tta"] is True
+    assert result.report["percent_high_opacity"] is not None
+
+    volumetric = save_tiny_model(tmp_path / "b", dims=3, name="tiny-3d", patch_size=(16, 64, 64))
+    result = pipeline.segment(demo.image, model=volumetric, device="cpu")
+    infection = array(result.infection)
+    assert same_geometry(result.infection, demo.image)
+    assert not np.any((infection > 0) & (array(result.lungs) == 0))
+
+
+def test_progress_goes_through_the_stages_in_order(demo, model_path):
+    seen: list[tuple[float, str]] = []
+    pipeline.segment(demo.image, model=model_path, device="cpu",
+                     progress=Progress(callback=lambda f, s: seen.append((f, s))))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    stages = list(dict.fromkeys(s for _, s in seen))
+    assert stages == ["Lungs", "Infection", "Report"]
+
+
+def test_segment_file_writes_all_outputs_named_after_the_input(demo, model_path, tmp_path):
+    source = tmp_path / "in" / "patient 7.nii.gz"
+    source.parent.mkdir()
+    sitk.WriteImage(demo.image, str(source))
+    paths = pipeline.segment_file(source, tmp_path / "out", model=model_path, device="cpu")
+    assert sorted(p.name for p in paths.values()) == sorted(
+        f"patient_7{suffix}" for suffix in (".seg.nrrd", "_lungs.nii.gz", "_infection.nii.gz", "_report.json",
+                                            "_overview.png"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths.values())
+    written = sitk.ReadImage(str(paths["lungs"]))
+    expected = pipeline.segment(sitk.ReadImage(str(source)), model_path, "cpu").lungs  # as read back from NIfTI
+    np.testing.assert_array_equal(array(written), array(expected))
+
+
+def test_cancel_raises_and_leaves_no_output_files(demo, model_path, tmp_path):
+    source = tmp_path / "ct.nrrd"
+    sitk.WriteImage(demo.image, str(source))
+    stages: list[str] = []
+    progress = Progress(callback=lambda f, s: stages.append(s), should_cancel=lambda: "Infection" in stages)
+    with pytest.raises(Cancelled):
+        pipeline.segment_file(source, tmp_path / "out", model=model_path, device="cpu", progress=progress)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_ct_without_lungs_is_refused(model_path):
+    hu = np.full((12, 64, 64), -1000, np.int16)
+    hu[:, 8:56, 8:56] = 40  # a block of soft tissue in air: a CT, but no lungs
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((3.0, 3.0, 5.0))
+    with pytest.raises(InputError, match="No lungs"):
+        pipeline.segment(image, model=model_path, device="cpu")
+
+
+@pytest.mark.parametrize(("path", "name"), [("a/ct.nii.gz", "ct"), ("b/Case 01.nrrd", "Case_01"),
+                                            ("c/DICOM_SERIES", "DICOM_SERIES"), ("d/scan.v2.mha", "scan.v2")])
+def test_case_names(path, name):
+    assert pipeline.case_name(path) == name
+
+
+def test_package_level_api(demo, model_path):
+    lungs = relsegcore.segment_lungs(demo.image)
+    assert same_geometry(lungs, demo.image) and set(np.unique(array(lungs))) == {0, 1, 2}
+    assert relsegcore.segment is pipeline.segment and relsegcore.SegmentationResult is pipeline.SegmentationResult
+
+
+@pytest.fixture(scope="module")
+def shipped_model() -> str:
+    from relsegcore import zoo
+    from relsegcore.errors import ModelError
+
+    try:
+        return str(zoo.find_model(zoo.DEFAULT_MODEL).path.with_suffix(".json"))
+    except ModelError:
+        pytest.skip("the shipped default model is not installed")
+
+
+def test_real_data_infection_lands_on_ground_glass_not_on_effusion_or_tumour(shipped_model, shared_data, repo_root,
+                                                                             tmp_path):
+    """Real CT (../shared/data) with the shipped model: Testing/benchmarks/check_real_data.py --quick."""
+    numbers_path = tmp_path / "numbers.json"
+    subprocess.run([sys.executable, str(repo_root / "Testing" / "benchmarks" / "check_real_data.py"), "--quick",
+                    "--model", shipped_model, "--json", str(numbers_path)],
+                   check=True, timeout=300, env={**os.environ, "RELSEG_SHARED_DATA": str(shared_data)})
+    numbers = json.loads(numbers_path.read_text())
+    slices = numbers["covid_hu_slices"]
+    assert max(row["lung_fraction_flagged"] for row in slices) > 0.01
+    flagged_hu = [row["flagged_mean_hu"] for row in slices if row["lung_fraction_flagged"] > 0.001]
+    assert -750 <= float(np.mean(flagged_hu)) <= -300  # the flagged pixels are ground-glass, not clear lung or vessel
+    assert np.mean([r["ggo_hu_fraction_flagged"] for r in slices]) > 3 * np.mean(
+        [r["aerated_fraction_flagged"] for r in slices])
+    for row in numbers["pleural_effusion"] + numbers["lung_tumor"]:
+        assert row["label_fraction_flagged"] < 0.5, row  # never flagged wholesale as COVID infection
