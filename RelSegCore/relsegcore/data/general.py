@@ -1,0 +1,87 @@
+"""The non-COVID lung lesion sets that pre-train the general encoder, and ``--data KIND:PATH``.
+
+Every set goes through the ordinary readers; a recipe entry only chooses reader options.
+Choices: LIDC crops are ~30 mm around a nodule, so they are placed at the lung-crop scale
+(``context="lesion"``) and at most 3 evenly spread slices are kept per nodule (neighbouring
+slices 1-2.5 mm apart are near copies; all 7,729 would take 1 GB). Pleural effusion and the
+lung tumour volumes are whole chests, cropped to the lungs like the COVID slices. The MSD
+patches are already windowed and placed at their 2 mm scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InputError
+from .readers import SliceSet, read_decathlon, read_image_folder, read_patches_npz, read_volume_pairs
+
+DATA_KINDS = ("pairs", "folder", "decathlon", "npz")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One set under the data root: reader ``kind``, relative ``paths`` and reader options."""
+
+    kind: str
+    paths: tuple[str, ...]
+    options: dict = field(default_factory=dict)
+
+
+GENERAL_DATASETS: dict[str, DatasetSpec] = {
+    "lidc": DatasetSpec("pairs", ("lidc-nodules",), {"context": "lesion", "max_slices_per_volume": 3}),
+    "pleural-effusion": DatasetSpec("pairs", ("pleural-effusion",), {"context": "lungs"}),
+    "lung-tumor": DatasetSpec("pairs", ("lung-tumor-volumes",), {"context": "lungs"}),
+    "msd-patches": DatasetSpec("npz", ("msd-lung-tumor-patches/val_patches.npz",
+                                       "msd-lung-tumor-patches/test_patches.npz"), {"spacing_mm": 2.0}),
+}
+
+
+def read_general_sets(
+    data_root: str | os.PathLike, names: tuple[str, ...] = tuple(GENERAL_DATASETS), size: int = 256,
+    cache_dir: str | os.PathLike | None = None, limit: int | None = None,
+) -> SliceSet:
+    """The named recipe sets under ``data_root`` as one ``SliceSet`` (each set's ``source`` is its name)."""
+    unknown = [name for name in names if name not in GENERAL_DATASETS]
+    if unknown:
+        raise InputError(f"unknown general data set {unknown[0]!r}; choose from {', '.join(GENERAL_DATASETS)}")
+    parts = []
+    for name in names:
+        spec = GENERAL_DATASETS[name]
+        for relative in spec.paths:
+            path = Path(data_root) / relative
+            part = read_kind(spec.kind, path, size=size, cache_dir=cache_dir, limit=limit, **spec.options)
+            parts.append(dataclasses.replace(part, source=name))
+    return SliceSet.concat(parts)
+
+
+def parse_data_spec(spec: str) -> tuple[str, Path]:
+    """``"KIND:PATH"`` -> ``(kind, Path)``, kind one of ``DATA_KINDS``."""
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in DATA_KINDS or not path:
+        raise InputError(f"--data {spec!r} must be KIND:PATH with KIND one of {', '.join(DATA_KINDS)}")
+    return kind, Path(path).expanduser()
+
+
+def read_dataset_spec(spec: str, size: int = 256, cache_dir: str | os.PathLike | None = None) -> SliceSet:
+    """Read a user's ``--data KIND:PATH`` set: ``pairs:DIR``, ``folder:DIR``, ``decathlon:DIR``, ``npz:FILE``."""
+    kind, path = parse_data_spec(spec)
+    if not path.exists():
+        raise InputError(f"--data {spec!r}: {path} does not exist")
+    return read_kind(kind, path, size=size, cache_dir=cache_dir)
+
+
+def read_kind(kind: str, path: Path, size: int = 256, cache_dir: str | os.PathLike | None = None,
+              limit: int | None = None, **options) -> SliceSet:
+    """Dispatch to the reader of ``kind`` (folders of pictures and npz files are quick and not cached)."""
+    if kind == "pairs":
+        return read_volume_pairs(path, size=size, cache_dir=cache_dir, limit=limit, **options)
+    if kind == "decathlon":
+        return read_decathlon(path, size=size, cache_dir=cache_dir, limit=limit, **options)
+    if kind == "folder":
+        return read_image_folder(path, size=size, limit=limit, **options)
+    if kind == "npz":
+        return read_patches_npz(path, size=size, limit=limit, **options)
+    raise InputError(f"unknown data kind {kind!r}; choose from {', '.join(DATA_KINDS)}")
