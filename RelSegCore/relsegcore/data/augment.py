@@ -142,7 +142,11 @@ def _recolour(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
     images = images.clamp(0, 1) ** per_sample(params.gamma)
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
     images = (images - mean) * per_sample(params.contrast) + mean + per_sample(params.brightness)
-    images = images + per_sample(params.blur) * (_gaussian_blur(images) - images)
+    blurred = torch.nonzero(params.blur > 0).flatten()
+    if len(blurred):  # only the few samples drawn for blurring pay for it
+        chosen = images[blurred]
+        weight = params.blur[blurred].to(images.dtype).view(-1, 1, 1, 1)
+        images = images.index_copy(0, blurred, chosen + weight * (_gaussian_blur(chosen) - chosen))
     noise_generator = torch.Generator(device=images.device)
     noise_generator.manual_seed(params.noise_seed)
     noise = torch.randn(images.shape, generator=noise_generator, device=images.device, dtype=images.dtype)
@@ -150,9 +154,10 @@ def _recolour(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
 
 
 def _gaussian_blur(images: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
-    offsets = torch.arange(-2, 3, device=images.device, dtype=images.dtype)
-    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
+    """5-tap separable Gaussian as shifted sums (much faster than a one-channel conv2d on the CPU)."""
+    taps = [math.exp(-(offset**2) / (2 * sigma**2)) for offset in range(-2, 3)]
+    taps = [tap / sum(taps) for tap in taps]
+    height, width = images.shape[-2:]
     padded = F.pad(images, (2, 2, 2, 2), mode="reflect")
-    rows = F.conv2d(padded, kernel.view(1, 1, 1, 5))
-    return F.conv2d(rows, kernel.view(1, 1, 5, 1))
+    rows = sum(tap * padded[..., :, i:i + width] for i, tap in enumerate(taps))
+    return sum(tap * rows[..., i:i + height, :] for i, tap in enumerate(taps))

@@ -17,7 +17,9 @@ Two crops:
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -196,7 +198,7 @@ def read_volume_pairs(
     only_lesion_slices: bool = True, context: str = "auto", field_mm: float = LESION_FIELD_MM,
     window: tuple[float, float] = DEFAULT_WINDOW, max_slices_per_volume: int | None = None,
     limit: int | None = None, cache_dir: str | os.PathLike | None = None,
-    lung_segmenter: LungSegmenter | None = None,
+    lung_segmenter: LungSegmenter | None = None, pattern: str = "*",
 ) -> SliceSet:
     """Axial slices of NIfTI/NRRD/MHA volumes and their masks, matched by name.
 
@@ -205,9 +207,11 @@ def read_volume_pairs(
     with neither given, the usual folder pairs (image/mask, imagesTr/labelsTr, ...) and suffix
     pairs (_ct/_effusion, _image/_label, ...) are tried. ``label_map`` maps mask values to
     classes (others -> 0); by default every non-zero value is class 1. ``context``: ``"lungs"``,
-    ``"lesion"`` or ``"auto"`` (by the slice's physical width). ``limit`` reads the first volumes only.
+    ``"lesion"`` or ``"auto"`` (by the slice's physical width). ``pattern`` (a glob on the image file
+    name) and ``limit`` (the first volumes only) select volumes.
     """
-    pairs = find_volume_pairs(images_dir, masks_dir, image_suffix, mask_suffix)[:limit]
+    pairs = [pair for pair in find_volume_pairs(images_dir, masks_dir, image_suffix, mask_suffix)
+             if fnmatch.fnmatch(pair[1].name, pattern)][:limit]
     options = VolumeOptions(size, label_map, only_lesion_slices, context, field_mm, tuple(window),
                             max_slices_per_volume)
     return read_pairs(pairs, options, source=Path(images_dir).name, cache_dir=cache_dir,
@@ -274,10 +278,22 @@ def read_pairs(
         result = SliceSet.concat([empty, *sets])
         return SliceSet(result.images, result.masks, result.names, source)
 
+    segmenter = lung_segmenter or default_lung_segmenter()
     files = [path for _, image, mask in pairs for path in (image, mask)]
-    segmenter = getattr(lung_segmenter, "__qualname__", None)
-    return cached(cache_dir, {"reader": "volumes", "source": source, "segmenter": segmenter, **options.describe()},
-                  files, build)
+    files += _source_files(volume_slices, model_image, segmenter)  # a code change invalidates the cache too
+    description = {"reader": "volumes", "source": source, "segmenter": getattr(segmenter, "__qualname__", None),
+                   **options.describe()}
+    return cached(cache_dir, description, files, build)
+
+
+def _source_files(*functions: Callable) -> list[Path]:
+    paths = []
+    for function in functions:
+        try:
+            paths.append(Path(inspect.getsourcefile(function)))
+        except TypeError:  # built-in or callable object without a source file
+            continue
+    return paths
 
 
 def volume_slices(

@@ -115,6 +115,7 @@ def test_volume_pairs_with_suffixes_in_one_folder_place_lesion_crops_at_lung_sca
     everything = read_volume_pairs(tmp_path, size=64, image_suffix="_image", mask_suffix="_label",
                                    only_lesion_slices=False, max_slices_per_volume=3)
     assert [name.split(":")[1] for name in everything.names[:3]] == ["z0", "z2", "z5"]
+    assert {name.split(":")[0] for name in read_volume_pairs(tmp_path, size=64, pattern="B_*").names} == {"B"}
 
 
 def test_volume_pairs_in_image_and_mask_folders_and_label_map(tmp_path: Path) -> None:
