@@ -1,0 +1,385 @@
+"""Fine-tuning a model on the radiologist's corrections, measured and versioned.
+
+The new version starts from the parent model's weights; the general encoder (non-COVID
+knowledge) stays frozen while the target encoder and decoder train briefly at a low learning
+rate, with the relation loss as in stage 2. Edited slices are drawn more often than unedited
+ones, which are replayed so the model keeps what it already got right.
+
+Guard against forgetting: part of the corrected cases (by case, deterministic by seed) or
+given held-out slices are kept out of training and scored before and after. A version that
+is worse there is still written (its card says so, with the numbers) but never becomes the
+default model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import intensity
+from .device import select_device
+from .errors import InputError, ModelError
+from .models import NetworkConfig
+from .progress import Progress
+from .training import RelationConfig, TrainConfig, images_to_tensor, predict_labels, train
+from .zoo import ModelCard, build_network, find_model, load_state_dict_verified, save_model
+
+DEFAULT_ITERATIONS = 60  # 16 slices on 2 CPU cores: about 2 minutes (see RelSegCore/README.md)
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_LEARNING_RATE = 5e-4  # a quarter of stage 2's: adjust the model, do not retrain it
+EDITED_WEIGHT = 3.0  # an edited slice is drawn this many times as often as an unedited one
+HOLDOUT_FRACTION = 0.25
+_FT_SUFFIX = re.compile(r"\+ft(\d+)$")
+
+
+@dataclass
+class FinetuneSlices:
+    """Slices in the model's input appearance, each with its case and whether the user edited it."""
+
+    images: np.ndarray  # uint8 (N, S, S)
+    masks: np.ndarray  # uint8 (N, S, S) class indices
+    edited: np.ndarray  # bool (N,)
+    cases: list[str]  # case identifier of each slice
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        count = len(self.images)
+        if self.images.shape != self.masks.shape or self.images.ndim != 3:
+            raise InputError(f"images {self.images.shape} and masks {self.masks.shape} must be one (N, H, W) shape")
+        if len(self.edited) != count or len(self.cases) != count:
+            raise InputError(f"need one edited flag and one case per slice: {count} slices, "
+                             f"{len(self.edited)} flags, {len(self.cases)} cases")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, indices: np.ndarray) -> FinetuneSlices:
+        return FinetuneSlices(self.images[indices], self.masks[indices], self.edited[indices],
+                              [self.cases[i] for i in indices], self.source)
+
+
+@dataclass
+class FinetuneResult:
+    path: Path  # the new model's weights (its card beside them)
+    card: ModelCard
+    dice_before: float  # mean per-case Dice on the held-out slices, parent model
+    dice_after: float  # the same, fine-tuned model
+    accepted: bool  # not worse on the held-out slices
+    message: str  # one paragraph for the user, with the numbers
+    is_default: bool = False
+    history: list[dict] = field(default_factory=list)  # training log rows (loss per stretch of iterations)
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def slices_from_folder(images_dir: str | os.PathLike, masks_dir: str | os.PathLike, size: int,
+                       multiclass: bool = False) -> FinetuneSlices:
+    """A 2D image folder (COVID-SemiSeg layout): every slice is its own case and counts as edited."""
+    from .data.readers import read_image_folder
+
+    images_dir, masks_dir = Path(images_dir), Path(masks_dir)
+    if images_dir.parent != masks_dir.parent:
+        raise InputError("the images and masks folders must be siblings (ROOT/images and ROOT/masks)")
+    data = read_image_folder(images_dir.parent, size=size, image_dir=images_dir.name, mask_dir=masks_dir.name,
+                             multiclass=multiclass)
+    return FinetuneSlices(data.images, data.masks, np.ones(len(data), bool), list(data.names), str(images_dir))
+
+
+def slices_from_store(store_dir: str | os.PathLike, size: int, window: Sequence[float] | None = None,
+                      case_ids: Iterable[str] | None = None) -> FinetuneSlices:
+    """Every axial slice with lung of every stored case, prepared exactly as ``pipeline.segment`` prepares it.
+
+    HU slices are windowed and cropped to the lungs (``intensity.to_model_input`` with the
+    lungs of ``lungs.segment_lungs_array``); 8-bit slices are already in the model's appearance.
+    """
+    from .corrections import CorrectionStore
+
+    if not Path(store_dir).is_dir():
+        raise InputError(f"the correction store {store_dir} does not exist")
+    images, masks, edited, cases = [], [], [], []
+    for case in CorrectionStore(store_dir).training_slices(case_ids):
+        for z, (image, mask) in _case_inputs(case.images, case.masks, case.spacing, size, window):
+            images.append(image)
+            masks.append(mask)
+            edited.append(bool(case.edited[z]))
+            cases.append(case.case_id)
+    if not images:
+        raise InputError(f"the correction store {store_dir} holds no slice with lung to learn from")
+    return FinetuneSlices(np.stack(images), np.stack(masks), np.array(edited), cases, str(store_dir))
+
+
+def _case_inputs(volume: np.ndarray, labels: np.ndarray, spacing, size: int, window):
+    """(z, (image, mask)) for each slice with lung; masks are cropped with the image's box."""
+    if volume.dtype == np.uint8:
+        lungs = np.ones(volume.shape, np.uint8)  # already windowed and cropped slices
+    else:
+        from .lungs import segment_lungs_array
+
+        lungs = segment_lungs_array(volume, spacing)
+    for z in np.flatnonzero(lungs.reshape(len(lungs), -1).any(axis=1)):
+        image, box = intensity.to_model_input(volume[z], lungs[z], size, window)
+        yield int(z), (image, intensity.crop_resize(labels[z], box, size, order=0))
+
+
+def holdout_split(cases: Sequence[str], fraction: float = HOLDOUT_FRACTION,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) slice indices, whole cases on one side; deterministic by seed."""
+    unique = sorted(set(cases))
+    if len(unique) < 2:
+        raise InputError("fine-tuning needs corrections of at least 2 cases to hold one out for the "
+                         "before/after check, or separate held-out slices")
+    if not 0 < fraction < 1:
+        raise InputError(f"the held-out fraction must lie between 0 and 1, not {fraction}")
+    count = min(len(unique) - 1, max(1, round(fraction * len(unique))))
+    held = {unique[i] for i in np.random.default_rng(seed).permutation(len(unique))[:count]}
+    is_held = np.array([case in held for case in cases])
+    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def holdout_dice(network: torch.nn.Module, data: FinetuneSlices, device: torch.device) -> float:
+    """Mean over cases of each case's Dice of infection (all its slices pooled; both empty = 1)."""
+    network.to(device)
+    predicted = predict_labels(network, images_to_tensor(data.images, device)).cpu().numpy() > 0
+    reference = data.masks > 0
+    scores = []
+    for case in dict.fromkeys(data.cases):
+        rows = np.array([c == case for c in data.cases])
+        overlap = np.count_nonzero(predicted[rows] & reference[rows])
+        total = np.count_nonzero(predicted[rows]) + np.count_nonzero(reference[rows])
+        scores.append(2.0 * overlap / total if total else 1.0)
+    return float(np.mean(scores))
+
+
+# ----------------------------------------------------------------------------- versions
+
+
+def child_version(parent_version: str, number: int | None = None) -> str:
+    """``1.0.0`` -> ``1.0.0+ft1``; ``1.0.0+ft1`` -> ``1.0.0+ft2`` (a local version label)."""
+    match = _FT_SUFFIX.search(parent_version)
+    base = parent_version[: match.start()] if match else parent_version
+    return f"{base}+ft{number if number is not None else (int(match[1]) + 1 if match else 1)}"
+
+
+def registry_name(parent: ModelCard, taken: set[str]) -> tuple[str, str]:
+    """A free ``<root>-ftN`` name and its version ``<base>+ftN`` for a version kept in the registry."""
+    root = re.sub(r"-ft\d+$", "", parent.name)
+    match = _FT_SUFFIX.search(parent.version)
+    number = int(match[1]) + 1 if match else 1
+    while f"{root}-ft{number}" in taken:
+        number += 1
+    return f"{root}-ft{number}", child_version(parent.version, number)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def finetune(
+    model: str | os.PathLike,
+    images: np.ndarray,
+    masks: np.ndarray,
+    edited: np.ndarray | None = None,
+    out: str | os.PathLike | None = None,
+    *,
+    cases: Sequence[str] | None = None,
+    holdout_images: np.ndarray | None = None,
+    holdout_masks: np.ndarray | None = None,
+    holdout_fraction: float = HOLDOUT_FRACTION,
+    registry_home: str | os.PathLike | None = None,
+    make_default: bool = False,
+    device: str = "auto",
+    iterations: int = DEFAULT_ITERATIONS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
+    edited_weight: float = EDITED_WEIGHT,
+    relation: str | None = None,
+    augment_strength: float = 1.0,
+    source: str = "",
+    command: str | None = None,
+    progress: Progress | None = None,
+    seed: int = 0,
+) -> FinetuneResult:
+    """Fine-tune ``model`` on corrected slices and write the new version with its card.
+
+    ``images``/``masks``: uint8 ``(N, H, W)`` slices in the model's input appearance and
+    their corrected labels (resized to the model's input size if needed). ``edited`` marks
+    the slices the user changed (all, when None). ``cases`` gives each slice's case for the
+    held-out split (each slice its own case when None); ``holdout_images``/``holdout_masks``
+    replace that split. ``out`` (``NAME.pt``) writes the model there; without it the model
+    goes into the registry at ``registry_home`` and becomes the default only when
+    ``make_default`` is asked *and* it is not worse on the held-out slices.
+    ``relation``: the relation-loss reading (default ``encoders`` when the model has a
+    general encoder).
+    """
+    started = time.perf_counter()
+    progress = progress or Progress()
+    parent = _find_parent(model, registry_home)
+    size = int(parent.preprocessing.get("input_size", 256))
+    num_classes = len(parent.classes)
+    data = _as_slices(images, masks, edited, cases, size, num_classes, source)
+    if holdout_images is not None:
+        held = _as_slices(holdout_images, holdout_masks, None, None, size, num_classes, "held-out slices")
+        trained = data
+    else:
+        train_idx, held_idx = holdout_split(data.cases, holdout_fraction, seed)
+        trained, held = data.subset(train_idx), data.subset(held_idx)
+    out_path = _checked_out(out)
+    if out_path is not None and parent.path is not None and out_path.resolve() == parent.path.resolve():
+        raise InputError(f"the fine-tuned model would overwrite its parent {parent.path}; choose another --out")
+    config_network = NetworkConfig(**parent.architecture)
+    reading = relation or ("encoders" if config_network.use_general_encoder else "none")
+    if reading == "encoders" and not config_network.use_general_encoder:
+        raise InputError(f"the model {parent.name} has no general encoder for the 'encoders' relation loss")
+    torch_device = select_device(device)
+    network = build_network(parent)
+    try:
+        parent_state = load_state_dict_verified(parent.path, parent.sha256)
+        network.load_state_dict(parent_state)
+    except RuntimeError as error:
+        raise ModelError(f"weights of {parent.name} do not match its architecture: {error}") from None
+
+    progress.update(0.0, "Scoring the current model")
+    dice_before = holdout_dice(network, held, torch_device)
+    with tempfile.TemporaryDirectory(prefix="relseg-finetune-") as work:
+        config = TrainConfig(
+            out_dir=Path(work), network=config_network, iterations=iterations, batch_size=batch_size,
+            learning_rate=learning_rate, warmup_iterations=max(1, iterations // 10), seed=seed,
+            freeze_general=True, relation=RelationConfig(reading=reading), augment_strength=augment_strength,
+            validate_every=max(1, math.ceil(iterations / 6)), checkpoint_every=iterations, device=device,
+        )
+        result = train(config, trained.images, trained.masks, progress=_span(progress, 0.05, 0.95),
+                       resume=False, initial_state=parent_state,
+                       sample_weights=sample_weights(trained.edited, edited_weight))
+    progress.update(0.95, "Scoring the fine-tuned model")
+    dice_after = holdout_dice(result.network, held, torch_device)
+    accepted = dice_after >= dice_before
+
+    command = command or f"relsegcore.finetune.finetune(model={str(model)!r}, iterations={iterations}, seed={seed})"
+    card = _child_card(parent, trained, held, config, result, (dice_before, dice_after), accepted,
+                       {"command": command, "edited_weight": float(edited_weight)})
+    is_default = False
+    if out_path is not None:
+        card.name, card.version = out_path.stem, child_version(parent.version)
+        path = save_model(result.network, card, out_path.parent)
+    else:
+        path, is_default = _register(result.network, card, parent, registry_home, make_default and accepted)
+    message = guard_message(parent, card, dice_before, dice_after, len(held), accepted, make_default, is_default)
+    progress.update(1.0, "Done")
+    return FinetuneResult(path=path, card=card, dice_before=dice_before, dice_after=dice_after, accepted=accepted,
+                          message=message, is_default=is_default, history=result.history,
+                          seconds=time.perf_counter() - started)
+
+
+def sample_weights(edited: np.ndarray, edited_weight: float = EDITED_WEIGHT) -> np.ndarray:
+    """Relative chance of each slice being drawn: edited slices ``edited_weight``, the rest 1 (replay)."""
+    return np.where(np.asarray(edited, bool), float(edited_weight), 1.0)
+
+
+def guard_message(parent: ModelCard, card: ModelCard, before: float, after: float, held_slices: int,
+                  accepted: bool, asked_default: bool, is_default: bool) -> str:
+    """What happened, with the numbers, in words for the radiologist."""
+    scores = (f"held-out Dice {before:.3f} -> {after:.3f} ({after - before:+.3f}) on {held_slices} held-out "
+              f"slice(s)")
+    if not accepted:
+        return (f"{card.name} {card.version} is WORSE than {parent.name} {parent.version}: {scores}. "
+                f"It was saved but NOT made the default; keep using {parent.name}.")
+    default = (" and is now the default model" if is_default else
+               "; it is not the default until you choose it" if not asked_default else "")
+    return f"{card.name} {card.version} is not worse than {parent.name} {parent.version}: {scores}{default}."
+
+
+def _find_parent(model: str | os.PathLike, registry_home) -> ModelCard:
+    """A model path, or a name looked up in the registry at ``registry_home`` (else everywhere ``zoo`` looks)."""
+    if registry_home is None or Path(model).suffix in (".pt", ".json") or Path(model).exists():
+        return find_model(model)
+    from .registry import ModelRegistry
+
+    return ModelRegistry(registry_home).card(str(model))
+
+
+def _span(progress: Progress, start: float, stop: float) -> Progress:
+    """A Progress whose 0..1 maps onto ``start..stop`` of ``progress`` (and cancels with it)."""
+    return Progress(callback=lambda fraction, stage: progress.update(start + (stop - start) * fraction, stage))
+
+
+def _as_slices(images, masks, edited, cases, size: int, num_classes: int, source: str) -> FinetuneSlices:
+    """Checked uint8 slices at the model's input size, masks as the model's class indices."""
+    images, masks = np.asarray(images), np.asarray(masks)
+    if images.ndim != 3 or images.shape != masks.shape or len(images) == 0:
+        raise InputError(f"need non-empty (N, H, W) images and masks of the same shape, got {images.shape} "
+                         f"and {masks.shape}")
+    if images.dtype != np.uint8:
+        raise InputError(f"fine-tuning images must be 8-bit slices in the model's appearance, not {images.dtype}")
+    masks = (masks > 0).astype(np.uint8) if num_classes == 2 else masks.astype(np.uint8)
+    if masks.max() >= num_classes:
+        raise InputError(f"the masks hold label {int(masks.max())} but the model has {num_classes} classes")
+    if images.shape[1:] != (size, size):
+        images, masks = intensity.resize_slices(images, size, 1), intensity.resize_slices(masks, size, 0)
+    flags = np.ones(len(images), bool) if edited is None else np.asarray(edited, bool)
+    names = [f"slice{i}" for i in range(len(images))] if cases is None else [str(c) for c in cases]
+    return FinetuneSlices(images, masks, flags, names, source)
+
+
+def _checked_out(out: str | os.PathLike | None) -> Path | None:
+    if out is None:
+        return None
+    out = Path(out)
+    if out.suffix != ".pt":
+        raise InputError(f"the fine-tuned model's path must end in .pt (NAME.pt), not {out.name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _child_card(parent: ModelCard, trained: FinetuneSlices, held: FinetuneSlices, config: TrainConfig, result,
+                scores: tuple[float, float], accepted: bool, recipe: dict) -> ModelCard:
+    before, after = scores
+    losses = [row["loss"] for row in result.history if "loss" in row]
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("out_dir", "general_encoder")}
+    verdict = "better or equal" if accepted else "WORSE, not made the default"
+    return ModelCard(
+        name=parent.name, version=parent.version,  # replaced by the caller
+        description=f"{parent.name} {parent.version} fine-tuned on {len(trained)} corrected slices "
+                    f"({verdict} on held-out corrections: Dice {before:.3f} -> {after:.3f})",
+        file="", sha256="", architecture=dict(parent.architecture), classes=list(parent.classes),
+        preprocessing=dict(parent.preprocessing),
+        training={
+            "role": "fine-tuned",
+            "parent": {"name": parent.name, "version": parent.version, "sha256": parent.sha256},
+            "corrections": {
+                "source": trained.source, "cases": sorted(set(trained.cases)), "slices": len(trained),
+                "edited_slices": int(np.count_nonzero(trained.edited)),
+                "holdout_cases": sorted(set(held.cases)), "holdout_slices": len(held),
+            },
+            **recipe, "seconds": round(result.seconds, 1),
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+            "config": settings,
+        },
+        metrics={"holdout_dice_before": round(before, 4), "holdout_dice_after": round(after, 4),
+                 "accepted": accepted},
+        parent=parent.name,
+    )
+
+
+def _register(network, card: ModelCard, parent: ModelCard, home, make_default: bool) -> tuple[Path, bool]:
+    """Into the local registry under a free ``-ftN`` name; the default changes only if asked and accepted."""
+    from .registry import ModelRegistry
+
+    registry = ModelRegistry(home)
+    card.name, card.version = registry_name(parent, {entry.name for entry in registry.list()})
+    with tempfile.TemporaryDirectory(prefix="relseg-model-") as staging:
+        entry = registry.register(save_model(network, card, staging), make_default=make_default)
+    card.path = entry.path
+    return entry.path, entry.is_default
