@@ -65,13 +65,17 @@ def save_correction(volume_node, segmentation_node, store_dir: str | Path, case_
     )
 
 
-def start_fine_tuning(model: str, store_dir: str | Path, device: str = "auto"):
-    """Fine-tune ``model`` on the saved corrections in a separate process (``relseg finetune``), with progress."""
+def start_fine_tuning(model: str, store_dir: str | Path, device: str = "auto", iterations: int | None = None):
+    """Fine-tune ``model`` on the saved corrections in a separate process (``relseg finetune``).
+
+    The new version goes into the model registry and becomes the default only when it is not
+    worse on held-out corrections; the command's last output line says which (the panel shows it).
+    """
     from .process import CommandProcess, python_executable
 
     command = [python_executable(), "-m", "relsegcore.cli", "finetune", "--model", model, "--corrections",
-               str(store_dir), "--device", device, "--progress", "lines"]
+               str(store_dir), "--register", "--make-default", "--device", device, "--progress", "lines"]
+    command += ["--iterations", str(iterations)] if iterations else []
     process = CommandProcess(command)
     process.start()
     return process
-

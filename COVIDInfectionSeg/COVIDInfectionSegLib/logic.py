@@ -105,9 +105,9 @@ class InfectionSegmentationLogic:
         """The numbers behind ``quantify`` as a dict in the report's layout."""
         return measure(segmentationNode, inputVolumeNode)
 
-    def save_correction(self, volumeNode, segmentationNode, store_dir):
+    def save_correction(self, volumeNode, segmentationNode, store_dir, case_id: str | None = None):
         """Keep the radiologist's corrected infection (with the model's original) for fine-tuning."""
-        return save_correction(volumeNode, segmentationNode, store_dir)
+        return save_correction(volumeNode, segmentationNode, store_dir, case_id)
 
     def isEdited(self, segmentationNode) -> bool:
         """True when re-segmenting into this node would discard the user's segments or edits."""

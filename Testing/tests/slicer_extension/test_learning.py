@@ -40,3 +40,36 @@ def test_segmentation_not_made_by_the_module_is_refused(lung_ct, tmp_path):
     own = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "manual")
     with pytest.raises(CorrectionError, match="not produced by COVIDInfectionSeg"):
         InfectionSegmentationLogic().save_correction(lung_ct, own, tmp_path / "store")
+
+
+def test_fine_tuning_runs_in_a_separate_process_and_registers_a_new_version(
+    mrml, shared_data, test_model, tmp_path, monkeypatch
+):
+    import slicer
+    from conftest import load_volume
+
+    from COVIDInfectionSegLib import learning, models
+    from COVIDInfectionSegLib.process import SUCCEEDED
+    from relsegcore.registry import ModelRegistry
+
+    monkeypatch.setenv("RELSEG_HOME", str(tmp_path / "home"))
+    parent = ModelRegistry().register(test_model).name
+    volume = load_volume(shared_data / "ct-fixtures" / "totalsegmentator-example" / "example_ct_sm.nii.gz")
+    logic = InfectionSegmentationLogic()
+    segmentation = logic.segment(volume, model=parent, device="cpu", show3D=False)
+    infection_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Infection")
+    edited = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, infection_id, volume)
+    assert edited.any()
+    lungs = slicer.util.arrayFromSegmentBinaryLabelmap(
+        segmentation, segmentation.GetSegmentation().GetSegmentIdBySegmentName("Right lung"), volume)
+    # Two corrected cases: the radiologist erases all infection, then marks the whole right lung.
+    for case_id, corrected in (("case-a", np.zeros_like(edited)), ("case-b", edited | lungs)):
+        slicer.util.updateSegmentBinaryLabelmapFromArray(corrected, segmentation, infection_id, volume)
+        assert logic.save_correction(volume, segmentation, tmp_path / "store", case_id=case_id).edited
+
+    process = learning.start_fine_tuning(parent, tmp_path / "store", device="cpu", iterations=2)
+    assert process.wait(timeout_s=180) == SUCCEEDED, process.error
+    assert process.fraction == 1.0 or process.stage
+    assert process.output_lines and "Dice" in " ".join(process.output_lines)
+    names = [choice.name for choice in models.model_choices()]
+    assert parent in names and len(names) >= 2  # the new version is listed beside its parent
