@@ -1,0 +1,224 @@
+"""``relseg pretrain-general`` (stage 1) and ``relseg train`` (stage 2), with cross-validation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..crossval import summarise_folds, train_val_split, write_summary
+from ..models import NetworkConfig
+from ..training import RELATION_READINGS, RelationConfig, TrainConfig, train
+from . import add_device_argument
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    pretrain = subparsers.add_parser(
+        "pretrain-general",
+        help="stage 1: train the general encoder on non-COVID lung lesions",
+        description="Train a single-encoder network on non-COVID lesion data (nodules, tumours, effusion); "
+                    "its encoder becomes the general encoder of the dual model.",
+    )
+    pretrain.add_argument("--data", action="append", default=[], metavar="KIND:PATH",
+                          help="a dataset: folder:DIR (images/ + masks/), pairs:DIR (volumes + masks), "
+                               "decathlon:DIR, npz:FILE; repeat for several")
+    pretrain.add_argument("--shared-data", type=Path, metavar="DIR",
+                          help="read the recipe's non-COVID sets from this data folder (e.g. ../shared/data)")
+    pretrain.add_argument("--sets", default="lidc,pleural-effusion,lung-tumor,msd-patches",
+                          help="with --shared-data: which sets (default: all four)")
+    pretrain.add_argument("--cache-dir", type=Path, help="cache preprocessed slices here (fast second read)")
+    _add_common(pretrain)
+    pretrain.set_defaults(func=run_pretrain)
+
+    stage2 = subparsers.add_parser(
+        "train", help="stage 2: train the dual-encoder model on COVID-19 slices",
+        description="Train on a 2D image folder (images/*.jpg|png + masks/*.png), optionally with a general "
+                    "encoder and the relation-consistency loss; --cross-validate runs k-fold cross-validation.",
+    )
+    stage2.add_argument("--images", type=Path, required=True, help="folder of training images")
+    stage2.add_argument("--masks", type=Path, required=True, help="folder of masks with matching stems")
+    stage2.add_argument("--multiclass", action="store_true",
+                        help="masks hold 0 background, 1 ground-glass, 2 consolidation")
+    stage2.add_argument("--general-encoder", type=Path, help="stage-1 model (.pt) whose encoder is the general one")
+    stage2.add_argument("--finetune-general", action="store_true",
+                        help="train the general encoder too, at --general-lr-scale times the learning rate")
+    stage2.add_argument("--general-lr-scale", type=float, default=0.1)
+    stage2.add_argument("--init-target-from-general", action="store_true",
+                        help="start the target encoder from the general encoder's weights")
+    stage2.add_argument("--relation", choices=RELATION_READINGS, default="none", help="relation-loss reading")
+    stage2.add_argument("--relation-weight", type=float, default=1.0)
+    stage2.add_argument("--relation-level", type=int, default=-1, help="encoder level compared (-1 = bottleneck)")
+    stage2.add_argument("--fusion-levels", default="all", help="levels whose general features reach the decoder")
+    stage2.add_argument("--folds", type=int, default=5)
+    stage2.add_argument("--fold", type=int, help="train on the other folds and validate on this one")
+    stage2.add_argument("--cross-validate", action="store_true", help="run every fold and summarise")
+    stage2.add_argument("--jobs", type=int, default=1, help="folds run in parallel processes")
+    _add_common(stage2)
+    stage2.set_defaults(func=run_train)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, log.csv, curves.png)")
+    parser.add_argument("--iterations", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=256, help="input size in pixels")
+    parser.add_argument("--base-channels", type=int, default=16)
+    parser.add_argument("--depth", type=int, default=5)
+    parser.add_argument("--deep-supervision", action="store_true")
+    parser.add_argument("--augment", type=float, default=1.0, help="augmentation strength (0 = none)")
+    parser.add_argument("--validate-every", type=int, default=250)
+    parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    parser.add_argument("--export", metavar="NAME", help="also write the final model NAME.pt + NAME.json here")
+    parser.add_argument("--model-dir", type=Path, help="folder for --export (default: the run folder)")
+    parser.add_argument("--description", default="", help="one line for the model card")
+    add_device_argument(parser)
+
+
+def _network(args: argparse.Namespace, num_classes: int, general: bool) -> NetworkConfig:
+    fusion = getattr(args, "fusion_levels", "all")
+    return NetworkConfig(
+        num_classes=num_classes, base_channels=args.base_channels, depth=args.depth,
+        use_general_encoder=general, deep_supervision=args.deep_supervision,
+        fusion_levels=None if fusion == "all" else [int(v) for v in fusion.split(",")],
+    )
+
+
+def _config(args: argparse.Namespace, out: Path, network: NetworkConfig, **extra) -> TrainConfig:
+    return TrainConfig(
+        out_dir=out, network=network, iterations=args.iterations, batch_size=args.batch_size,
+        learning_rate=args.lr, seed=args.seed, augment_strength=args.augment, device=args.device,
+        validate_every=args.validate_every, checkpoint_every=args.validate_every, **extra,
+    )
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from ..data.general import read_dataset_spec, read_general_sets
+    from ..data.readers import SliceSet
+
+    parts = [read_dataset_spec(spec, size=args.size, cache_dir=args.cache_dir) for spec in args.data]
+    if args.shared_data:
+        parts.append(read_general_sets(args.shared_data, names=tuple(args.sets.split(",")), size=args.size,
+                                       cache_dir=args.cache_dir))
+    if not parts:
+        from ..errors import RelSegError
+
+        raise RelSegError("give --data KIND:PATH or --shared-data DIR")
+    data = SliceSet.concat(parts)
+    masks = (data.masks > 0).astype("uint8")  # any lesion vs background
+    print(f"general data: {len(data)} slices from {sorted(set(data.source.split('+')))}")
+    config = _config(args, args.out, _network(args, 2, general=False))
+    result = train(config, data.images, masks, resume=not args.no_resume, show_bar=True)
+    _export(args, result, config, classes=["background", "lesion"],
+            training_data=f"non-COVID lung lesions: {data.source} ({len(data)} slices)", role="general-encoder")
+    return 0
+
+
+def _load_target(args: argparse.Namespace):
+    from ..data.readers import read_image_folder
+
+    root = args.images.parent
+    if args.masks.parent != root:
+        from ..errors import RelSegError
+
+        raise RelSegError("--images and --masks must be sibling folders (ROOT/images, ROOT/<masks>)")
+    return read_image_folder(root, size=args.size, image_dir=args.images.name, mask_dir=args.masks.name,
+                             multiclass=args.multiclass)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.cross_validate:
+        return _cross_validate(args)
+    data = _load_target(args)
+    num_classes = 3 if args.multiclass else 2
+    masks = data.masks if args.multiclass else (data.masks > 0).astype("uint8")
+    general = args.general_encoder is not None
+    config = _config(
+        args, args.out, _network(args, num_classes, general),
+        general_encoder=args.general_encoder, freeze_general=not args.finetune_general,
+        general_lr_scale=args.general_lr_scale, init_target_from_general=args.init_target_from_general,
+        relation=RelationConfig(reading=args.relation, weight=args.relation_weight, level=args.relation_level),
+    )
+    if args.fold is not None:
+        train_idx, val_idx = train_val_split(len(data), args.folds, args.fold, seed=0)
+        result = train(config, data.images[train_idx], masks[train_idx], data.images[val_idx], masks[val_idx],
+                       resume=not args.no_resume, show_bar=True)
+        summary = {"fold": args.fold, "val_dice": result.final_val_dice, "best_val_dice": result.best_val_dice,
+                   "val_cases": [data.names[i] for i in val_idx], "seconds": round(result.seconds, 1)}
+        write_summary(args.out / "fold_result.json", summary)
+        print(json.dumps({k: v for k, v in summary.items() if k != "val_cases"}))
+        return 0
+    result = train(config, data.images, masks, resume=not args.no_resume, show_bar=True)
+    classes = ["background", "ground-glass opacity", "consolidation"][:num_classes]
+    classes = classes if args.multiclass else ["background", "infection"]
+    _export(args, result, config, classes=classes,
+            training_data=f"{args.images} + {args.masks} ({len(data)} slices)", role="infection")
+    return 0
+
+
+def _cross_validate(args: argparse.Namespace) -> int:
+    """Run each fold as its own ``relseg train --fold k`` process (``--jobs`` at a time)."""
+    argv = [a for a in args.argv if a != "--cross-validate"]
+    argv = _drop_option(_drop_option(_drop_option(argv, "--out"), "--jobs"), "--export")
+    commands = []
+    for fold in range(args.folds):
+        fold_out = args.out / f"fold{fold}"
+        commands.append([sys.executable, "-m", "relsegcore.cli", *argv, "--out", str(fold_out), "--fold", str(fold)])
+    # Split the cores between parallel folds so they do not oversubscribe the CPU.
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // max(1, args.jobs))))
+    pending, running, codes = list(commands), [], []
+    while pending or running:
+        while pending and len(running) < max(1, args.jobs):
+            running.append(subprocess.Popen(pending.pop(0), env=env))
+        time.sleep(0.5)
+        codes += [p.returncode for p in running if p.poll() is not None]
+        running = [p for p in running if p.returncode is None]
+    if any(codes):
+        print(f"relseg: error: {sum(1 for c in codes if c)} fold(s) failed", file=sys.stderr)
+        return 1
+    results = [json.loads((args.out / f"fold{k}" / "fold_result.json").read_text()) for k in range(args.folds)]
+    summary = summarise_folds(results)
+    summary["command"] = "relseg " + shlex.join(args.argv)
+    write_summary(args.out / "cv_summary.json", summary)
+    print(f"cross-validation: mean Dice {summary['mean_dice']:.4f} ± {summary['sd_dice']:.4f} over {args.folds} folds")
+    return 0
+
+
+def _drop_option(argv: list[str], name: str) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item == name:
+            skip = True
+            continue
+        if item.startswith(name + "="):
+            continue
+        out.append(item)
+    return out
+
+
+def _export(args, result, config: TrainConfig, classes: list[str], training_data: str, role: str) -> None:
+    if not args.export:
+        return
+    from ..data.intensity import DEFAULT_WINDOW
+    from ..zoo import ModelCard, save_model
+
+    card = ModelCard(
+        name=args.export, version="1.0.0", description=args.description or f"{role} model trained by relseg",
+        file="", sha256="", architecture={}, classes=classes,
+        preprocessing={"input_size": args.size, "window": list(DEFAULT_WINDOW), "crop": "lungs"},
+        training={"role": role, "data": training_data, "command": "relseg " + shlex.join(args.argv),
+                  "iterations": config.iterations, "seconds": round(result.seconds, 1),
+                  "config": config.to_dict()},
+        metrics={"final_val_dice": result.final_val_dice},
+    )
+    path = save_model(result.network, card, args.model_dir or args.out)
+    print(f"model written: {path} (sha256 {card.sha256})")

@@ -1,0 +1,413 @@
+"""Training for both stages of the method.
+
+Stage 1 (``relseg pretrain-general``) trains a single-encoder network on non-COVID lung
+lesions; its encoder becomes the *general encoder*. Stage 2 (``relseg train``) trains the
+dual-encoder network on COVID-19 slices with that general encoder loaded (frozen, or at a
+reduced learning rate) and, optionally, the relation-consistency loss.
+
+The training slices live in memory as one uint8 tensor on the training device and batches
+are augmented there (``data.augment.augment_batch``), so loading never starves the network,
+on two CPU cores or on a GPU. Runs are seeded, resumable from an atomic checkpoint, log a
+CSV and a PNG of the learning curves, use bf16 autocast on CUDA and run data-parallel under
+``torchrun`` (DistributedDataParallel; gloo on CPU, NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .data.augment import augment_batch
+from .device import select_device
+from .fileutil import atomic_path
+from .losses import relation_loss, segmentation_loss
+from .models import DualEncoderUNet, NetworkConfig
+from .progress import Progress
+
+log = logging.getLogger(__name__)
+
+RELATION_READINGS = ("none", "encoders", "ema")
+
+
+@dataclass
+class RelationConfig:
+    """Which feature relations are kept consistent (see losses.relation_loss).
+
+    ``encoders``: relations among the batch's samples in the target encoder's features are
+    pulled towards those in the general encoder's features (knowledge from non-COVID lesions).
+    ``ema``: relations in the dual model are pulled towards those of an exponential-moving-
+    average copy that sees a differently perturbed batch (SRC-MT's reading).
+    """
+
+    reading: str = "none"
+    weight: float = 1.0
+    level: int = -1  # encoder level whose features are compared; -1 = bottleneck
+    ema_decay: float = 0.99
+    ramp_up_fraction: float = 0.2  # weight ramps up (sigmoid) over this fraction of training
+
+    def __post_init__(self) -> None:
+        if self.reading not in RELATION_READINGS:
+            raise ValueError(f"relation reading must be one of {RELATION_READINGS}")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: Path
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    iterations: int = 3000
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_iterations: int = 50
+    seed: int = 0
+    general_encoder: Path | None = None  # stage-1 checkpoint or model whose encoder is the general encoder
+    freeze_general: bool = True
+    general_lr_scale: float = 0.1  # used when the general encoder is not frozen
+    init_target_from_general: bool = False
+    relation: RelationConfig = field(default_factory=RelationConfig)
+    augment_strength: float = 1.0
+    validate_every: int = 250
+    checkpoint_every: int = 250
+    device: str = "auto"
+    amp: bool = True
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
+
+
+@dataclass
+class TrainResult:
+    network: DualEncoderUNet
+    history: list[dict]
+    final_val_dice: float | None
+    best_val_dice: float | None
+    seconds: float
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def distributed_context() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) when not distributed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _init_distributed(device: torch.device) -> None:
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def encoder_state_from(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The encoder weights to use as the general encoder, from a stage-1 model or checkpoint.
+
+    Accepts a model ``.pt`` (state_dict of a network) or a training ``checkpoint.pt``; the
+    stage-1 network's *target* encoder is the encoder it trained.
+    """
+    from .zoo import find_model, load_state_dict_verified
+
+    path = Path(path)
+    if path.suffix == ".pt" and path.with_suffix(".json").is_file():
+        card = find_model(path)
+        state = load_state_dict_verified(card.path, card.sha256)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state)
+    prefix = "target_encoder."
+    encoder = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not encoder:
+        raise ValueError(f"{path} holds no encoder weights")
+    return encoder
+
+
+def learning_rate_at(iteration: int, config: TrainConfig) -> float:
+    """Linear warm-up then cosine decay to zero."""
+    if iteration < config.warmup_iterations:
+        return config.learning_rate * (iteration + 1) / config.warmup_iterations
+    progress = (iteration - config.warmup_iterations) / max(1, config.iterations - config.warmup_iterations)
+    return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def relation_weight_at(iteration: int, config: TrainConfig) -> float:
+    ramp = config.relation.ramp_up_fraction * config.iterations
+    if ramp <= 0:
+        return config.relation.weight
+    phase = min(iteration / ramp, 1.0)
+    return config.relation.weight * math.exp(-5.0 * (1.0 - phase) ** 2)
+
+
+def build_network(config: TrainConfig) -> DualEncoderUNet:
+    network = DualEncoderUNet(config.network)
+    if config.general_encoder is not None:
+        encoder = encoder_state_from(config.general_encoder)
+        if network.general_encoder is None:
+            raise ValueError("a general encoder was given but the network has use_general_encoder=False")
+        network.load_general_encoder(encoder)
+        if config.init_target_from_general:
+            network.target_encoder.load_state_dict(encoder)
+        network.freeze_general_encoder(config.freeze_general)
+    return network
+
+
+def make_optimizer(network: DualEncoderUNet, config: TrainConfig) -> torch.optim.Optimizer:
+    general = [p for n, p in network.named_parameters() if n.startswith("general_encoder.") and p.requires_grad]
+    others = [p for n, p in network.named_parameters() if not n.startswith("general_encoder.") and p.requires_grad]
+    groups = [{"params": others, "lr_scale": 1.0}]
+    if general:
+        groups.append({"params": general, "lr_scale": config.general_lr_scale})
+    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def images_to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (N,H,W) -> uint8 (N,1,H,W) on the device; converted to float per batch."""
+    return torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).to(device)
+
+
+@torch.inference_mode()
+def predict_labels(network: torch.nn.Module, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Argmax labels for uint8 (N,1,H,W) images."""
+    was_training = network.training
+    network.eval()
+    labels = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start:start + batch_size].float() / 255.0
+        with _autocast(batch.device):
+            labels.append(network(batch).argmax(1))
+    network.train(was_training)
+    return torch.cat(labels)
+
+
+def mean_case_dice(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean over slices of each slice's Dice of infection (any foreground class); empty vs empty = 1."""
+    p = (pred > 0).flatten(1).float()
+    t = (target > 0).flatten(1).float()
+    intersection = (p * t).sum(1)
+    denominator = p.sum(1) + t.sum(1)
+    dice = torch.where(denominator > 0, 2 * intersection / denominator.clamp(min=1), torch.ones_like(denominator))
+    return float(dice.mean())
+
+
+def _autocast(device: torch.device):
+    enabled = device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- logs
+
+
+def write_log(out_dir: Path, history: list[dict]) -> None:
+    """CSV of every logged iteration and a PNG of the learning curves, both atomic."""
+    if not history:
+        return
+    columns = sorted({key for row in history for key in row}, key=lambda k: (k != "iteration", k))
+    with atomic_path(out_dir / "log.csv") as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+    plot_curves(out_dir / "curves.png", history)
+
+
+def plot_curves(path: Path, history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    iterations = [row["iteration"] for row in history]
+    for key in ("loss", "segmentation_loss", "relation_loss"):
+        values = [row.get(key) for row in history]
+        if any(v not in (None, "") for v in values):
+            loss_axis.plot(iterations, [np.nan if v in (None, "") else v for v in values], label=key)
+    loss_axis.set_xlabel("iteration")
+    loss_axis.set_yscale("log")
+    loss_axis.legend()
+    validated = [(row["iteration"], row["val_dice"]) for row in history if row.get("val_dice") not in (None, "")]
+    if validated:
+        dice_axis.plot(*zip(*validated, strict=True), marker="o")
+    dice_axis.set_xlabel("iteration")
+    dice_axis.set_ylabel("validation mean Dice")
+    dice_axis.set_ylim(0, 1)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=80)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def train(config: TrainConfig, train_images: np.ndarray, train_masks: np.ndarray,
+          val_images: np.ndarray | None = None, val_masks: np.ndarray | None = None,
+          progress: Progress | None = None, resume: bool = True, show_bar: bool = False,
+          initial_state: dict[str, torch.Tensor] | None = None,
+          sample_weights: np.ndarray | None = None) -> TrainResult:
+    """Train ``config.network`` on uint8 slices (N,H,W) with class-index masks (N,H,W).
+
+    ``initial_state`` starts from an existing model's weights (fine-tuning); the general
+    encoder is then frozen as ``config.freeze_general`` says. ``sample_weights`` (N,) makes
+    some slices more likely in a batch (edited slices when fine-tuning from corrections).
+    Resumes from ``out_dir/checkpoint.pt`` when present and ``resume`` is true.
+    """
+    started = time.perf_counter()
+    rank, world, local_rank = distributed_context()
+    device = select_device(config.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        _init_distributed(device)
+    out_dir = Path(config.out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    network = build_network(config)
+    if initial_state is not None:
+        network.load_state_dict(initial_state)
+        network.freeze_general_encoder(config.freeze_general)
+    network.to(device)
+    optimizer = make_optimizer(network, config)
+    teacher = None
+    if config.relation.reading == "ema":
+        teacher = copy.deepcopy(network).eval()
+        for parameter in teacher.parameters():
+            parameter.requires_grad_(False)
+    history: list[dict] = []
+    start_iteration = 0
+    checkpoint_path = out_dir / "checkpoint.pt"
+    if resume and checkpoint_path.is_file():
+        state = load_checkpoint(checkpoint_path)
+        network.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if teacher is not None and "teacher" in state:
+            teacher.load_state_dict(state["teacher"])
+        start_iteration = int(state["iteration"])
+        history = list(state.get("history", []))
+        log.info("resumed from %s at iteration %d", checkpoint_path, start_iteration)
+    model = network
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            network, device_ids=[device.index] if device.type == "cuda" else None)
+    images = images_to_tensor(train_images, device)
+    masks = torch.from_numpy(np.ascontiguousarray(train_masks)).long().to(device)
+    val = None
+    if val_images is not None and len(val_images):
+        val = (images_to_tensor(val_images, device), torch.from_numpy(np.ascontiguousarray(val_masks)).to(device))
+    weights = None
+    if sample_weights is not None:
+        weights = torch.as_tensor(np.asarray(sample_weights, dtype=np.float64), dtype=torch.float32, device=device)
+    # One generator per rank, re-seeded from the iteration so a resumed run continues the same stream.
+    generator = torch.Generator(device=device)
+    bar = None
+    if show_bar and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.iterations, initial=start_iteration, desc="training", unit="it")
+    network.train()
+    running: dict[str, float] = {}
+    for iteration in range(start_iteration, config.iterations):
+        generator.manual_seed(config.seed * 1_000_003 + iteration * 101 + rank)
+        if weights is None:
+            index = torch.randint(0, images.shape[0], (config.batch_size,), generator=generator, device=device)
+        else:
+            index = torch.multinomial(weights, config.batch_size, replacement=True, generator=generator)
+        batch_images = images[index].float() / 255.0
+        batch_images, batch_masks = augment_batch(batch_images, masks[index], generator=generator,
+                                                  strength=config.augment_strength)
+        lr = learning_rate_at(iteration, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        with _autocast(device):
+            logits, features = model(batch_images, return_features=True)
+            seg = segmentation_loss(logits, batch_masks)
+            rel = _relation_term(config, features, teacher, batch_images, generator)
+        weight = relation_weight_at(iteration, config)
+        loss = seg + weight * rel if rel is not None else seg
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
+        optimizer.step()
+        if teacher is not None:
+            _update_ema(teacher, network, config.relation.ema_decay)
+        for key, value in (("loss", loss), ("segmentation_loss", seg), ("relation_loss", rel)):
+            if value is not None:
+                running[key] = running.get(key, 0.0) + float(value.detach())
+        running["n"] = running.get("n", 0) + 1
+        step = iteration + 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        if step % config.validate_every == 0 or step == config.iterations:
+            row = {"iteration": step, "lr": lr, "seconds": round(time.perf_counter() - started, 1)}
+            row.update({k: v / running["n"] for k, v in running.items() if k != "n"})
+            running = {}
+            if val is not None and rank == 0:
+                row["val_dice"] = mean_case_dice(predict_labels(network, val[0]), val[1])
+            history.append(row)
+            if rank == 0:
+                write_log(out_dir, history)
+                if bar is not None and "val_dice" in row:
+                    bar.write(f"iteration {step}: loss {row['loss']:.4f} val Dice {row['val_dice']:.4f}")
+        if rank == 0 and (step % config.checkpoint_every == 0 or step == config.iterations):
+            state = {"model": network.state_dict(), "optimizer": optimizer.state_dict(),
+                     "iteration": step, "history": history, "config": config.to_dict()}
+            if teacher is not None:
+                state["teacher"] = teacher.state_dict()
+            save_checkpoint(checkpoint_path, state)
+        if progress is not None:  # after the checkpoint, so a cancelled run resumes from here
+            progress.update(step / config.iterations, "training")
+    if bar is not None:
+        bar.close()
+    if world > 1:
+        dist.barrier()
+    vals = [row["val_dice"] for row in history if "val_dice" in row]
+    return TrainResult(network=network, history=history, final_val_dice=vals[-1] if vals else None,
+                       best_val_dice=max(vals) if vals else None, seconds=time.perf_counter() - started)
+
+
+def _relation_term(config: TrainConfig, features: dict, teacher, batch_images, generator):
+    reading = config.relation.reading
+    if reading == "none" or config.relation.weight == 0:
+        return None
+    level = config.relation.level
+    if reading == "encoders":
+        if "general" not in features:
+            raise ValueError("the 'encoders' relation reading needs a general encoder")
+        return relation_loss(features["target"][level], features["general"][level].detach())
+    noise = torch.randn(batch_images.shape, generator=generator, device=batch_images.device) * 0.03
+    with torch.no_grad():
+        _, teacher_features = teacher(batch_images + noise, return_features=True)
+    return relation_loss(features["target"][level], teacher_features["target"][level])
+
+
+@torch.no_grad()
+def _update_ema(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.mul_(decay).add_(s.detach(), alpha=1 - decay)

@@ -1,0 +1,135 @@
+"""Training: the loss falls, runs resume exactly, DDP replicas agree, the CLI exports a model card."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from relsegcore.errors import Cancelled
+from relsegcore.models import NetworkConfig
+from relsegcore.progress import Progress
+from relsegcore.training import RelationConfig, TrainConfig, encoder_state_from, train
+
+TINY = NetworkConfig(base_channels=4, depth=3)
+
+
+def squares(count: int = 12, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Bright squares on noise: a task a tiny network learns in a few dozen steps."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, (count, size, size)).astype(np.uint8)
+    masks = np.zeros((count, size, size), np.uint8)
+    for i in range(count):
+        y, x = rng.integers(2, size - 14, 2)
+        images[i, y:y + 12, x:x + 12] += 150
+        masks[i, y:y + 12, x:x + 12] = 1
+    return images, masks
+
+
+def config(tmp_path: Path, **overrides) -> TrainConfig:
+    values = dict(out_dir=tmp_path, network=TINY, iterations=40, batch_size=4, learning_rate=1e-2,
+                  validate_every=20, checkpoint_every=20, device="cpu", augment_strength=0.0, warmup_iterations=2)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_short_training_lowers_the_loss_and_writes_logs(tmp_path):
+    images, masks = squares()
+    result = train(config(tmp_path, iterations=60), images, masks, images[:4], masks[:4])
+    losses = [row["loss"] for row in result.history]
+    assert losses[-1] < 0.6 * losses[0]
+    assert result.final_val_dice is not None and result.final_val_dice > 0.5
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [int(r["iteration"]) for r in rows] == [20, 40, 60]
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "checkpoint.pt").is_file()
+
+
+def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
+    images, masks = squares()
+    whole = train(config(tmp_path / "whole"), images, masks)
+    stop_halfway = Progress(should_cancel=lambda: (tmp_path / "split" / "checkpoint.pt").is_file())
+    with pytest.raises(Cancelled):
+        train(config(tmp_path / "split"), images, masks, progress=stop_halfway)
+    resumed = train(config(tmp_path / "split"), images, masks)  # picks up the iteration-20 checkpoint
+    assert [r["iteration"] for r in resumed.history] == [20, 40]
+    for key, value in whole.network.state_dict().items():
+        assert torch.allclose(value, resumed.network.state_dict()[key], atol=1e-5), key
+
+
+@pytest.mark.parametrize("reading", ["encoders", "ema"])
+def test_dual_training_with_relation_loss_keeps_general_encoder_fixed(tmp_path, reading):
+    images, masks = squares()
+    stage1 = train(config(tmp_path / "stage1", iterations=20, network=NetworkConfig(
+        base_channels=4, depth=3, use_general_encoder=False)), images, masks)
+    general = encoder_state_from(tmp_path / "stage1" / "checkpoint.pt")
+    assert all(torch.equal(general[k], v) for k, v in stage1.network.target_encoder.state_dict().items())
+    dual = train(config(tmp_path / "dual", iterations=20, general_encoder=tmp_path / "stage1" / "checkpoint.pt",
+                        relation=RelationConfig(reading=reading, weight=1.0, ramp_up_fraction=0.0)),
+                 images, masks)
+    assert all(torch.equal(general[k], v) for k, v in dual.network.general_encoder.state_dict().items())
+    assert all(row["relation_loss"] >= 0 for row in dual.history)
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    sys.path.insert(0, {tests!r})
+    from test_training import TINY, squares
+    from relsegcore.training import TrainConfig, train
+    images, masks = squares(16)
+    cfg = TrainConfig(out_dir={out!r}, network=TINY, iterations=6, batch_size=2, device="cpu",
+                      validate_every=3, checkpoint_every=3, augment_strength=1.0, warmup_iterations=1)
+    result = train(cfg, images, masks)
+    rank = dist.get_rank()
+    torch.save(result.network.state_dict(), {out!r} + f"/rank{{rank}}.pt")
+    dist.destroy_process_group()
+""")
+
+
+def test_ddp_with_two_gloo_processes_keeps_replicas_identical(tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], capture_output=True, text=True, timeout=240, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    initial = train(TrainConfig(out_dir=tmp_path / "init", network=TINY, iterations=0, device="cpu"),
+                    *squares(4)).network.state_dict()
+    assert any(not torch.equal(initial[k], rank0[k]) for k in rank0)  # it trained
+    for key in rank0:
+        assert torch.allclose(rank0[key], rank1[key], atol=1e-6), key  # and the replicas agree
+    assert (tmp_path / "checkpoint.pt").is_file()  # rank 0 alone wrote it
+
+
+def test_train_cli_exports_a_model_card_with_the_command(tmp_path):
+    from PIL import Image
+
+    from relsegcore.cli import main
+    from relsegcore.zoo import find_model
+
+    images, masks = squares(6, size=40)
+    for folder in ("images", "masks"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        Image.fromarray(image).save(tmp_path / "data" / "images" / f"{i}.png")
+        Image.fromarray(mask * 255).save(tmp_path / "data" / "masks" / f"{i}.png")
+    code = main(["train", "--images", str(tmp_path / "data/images"), "--masks", str(tmp_path / "data/masks"),
+                 "--out", str(tmp_path / "run"), "--iterations", "4", "--batch-size", "2", "--size", "32",
+                 "--base-channels", "4", "--depth", "3", "--validate-every", "2", "--device", "cpu",
+                 "--export", "tiny-test"])
+    assert code == 0
+    card = find_model(tmp_path / "run" / "tiny-test.pt")
+    assert card.classes == ["background", "infection"]
+    assert "--export tiny-test" in card.training["command"]
+    saved = json.loads((tmp_path / "run" / "tiny-test.json").read_text())
+    assert len(saved["sha256"]) == 64 and saved["architecture"]["base_channels"] == 4
