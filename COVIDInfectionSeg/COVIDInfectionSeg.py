@@ -86,12 +86,14 @@ class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         """Fill the model and version selectors and show the GPU PyTorch sees (needs the dependencies)."""
         import torch
 
-        self.ui.modelSelector.clear()
-        self.ui.modelVersionSelector.clear()
-        for choice in models.model_choices():
-            for selector in (self.ui.modelSelector, self.ui.modelVersionSelector):
+        choices = models.model_choices()
+        for selector in (self.ui.modelSelector, self.ui.modelVersionSelector):
+            selected = selector.currentData
+            selector.clear()
+            for choice in choices:
                 selector.addItem(choice.label, choice.name)
                 selector.setItemData(selector.count - 1, choice.tooltip, qt.Qt.ToolTipRole)
+            selector.currentIndex = max(selector.findData(selected), 0)  # keep the user's choice
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none found"
         self.ui.deviceSelector.setItemText(1, f"GPU ({gpu})")
 
@@ -101,8 +103,8 @@ class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             slicer.util.errorDisplay("Select a chest CT first.")
             return
         with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
-            Lib.ensure_dependencies(lambda message: slicer.util.confirmOkCancelDisplay(message))
-            self.refreshModels()
+            if Lib.ensure_dependencies(lambda message: slicer.util.confirmOkCancelDisplay(message)):
+                self.refreshModels()  # first use: the selectors can be filled only now
             device = self.ui.deviceSelector.currentData
             tta = self.ui.qualitySelector.currentIndex == 1
             slices = volume.GetImageData().GetDimensions()[2]
