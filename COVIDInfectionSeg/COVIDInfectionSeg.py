@@ -223,12 +223,27 @@ class COVIDInfectionSegTest(ScriptedLoadableModuleTest):
     def runTest(self):
         slicer.mrmlScene.Clear()
         self.test_segment_demo_ct()
+        self.test_background_process_matches()
 
-    def test_segment_demo_ct(self):
+    def demoVolume(self):
         from relsegcore.demo import make_demo_ct
 
         volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "DemoCT")
         Lib.update_volume_from_sitk(volume, make_demo_ct(seed=0).image)
+        return volume
+
+    def test_background_process_matches(self):
+        volume = self.demoVolume()
+        logic = COVIDInfectionSegLogic()
+        process = logic.start_segmentation(volume, device="cpu")
+        self.assertEqual(process.wait(timeout_s=600), "succeeded", process.error)
+        blocking = logic.measure(logic.segment(volume, device="cpu"), volume)
+        background = logic.measure(process.output_segmentation, volume)
+        self.assertAlmostEqual(background["lungs"]["total_ml"], blocking["lungs"]["total_ml"], delta=0.01)
+        self.assertAlmostEqual(background["infection"]["total_ml"], blocking["infection"]["total_ml"], delta=0.01)
+
+    def test_segment_demo_ct(self):
+        volume = self.demoVolume()
         logic = COVIDInfectionSegLogic()
         segmentation = logic.segment(volume, device="cpu")
         names = [segmentation.GetSegmentation().GetNthSegment(i).GetName()
