@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import headless_slicer
-    from conftest import load_volume
+    from headless_slicer import load_volume
 
     from COVIDInfectionSegLib import InfectionSegmentationLogic, stored_report
 

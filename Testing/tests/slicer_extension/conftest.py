@@ -19,6 +19,7 @@ for path in (HERE, REPO / "COVIDInfectionSeg"):
         sys.path.insert(0, str(path))
 
 import headless_slicer  # noqa: E402
+from headless_slicer import load_volume  # noqa: E402
 
 
 @pytest.fixture
@@ -27,17 +28,6 @@ def mrml():
     env = headless_slicer.bootstrap()
     yield env
     headless_slicer.teardown(env)
-
-
-def load_volume(path: Path, name: str = "CT"):
-    """Read a CT file into a scalar volume node through Slicer's own storage node."""
-    import slicer
-
-    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    storage.SetFileName(str(path))
-    assert storage.ReadData(volume), f"Slicer could not read {path}"
-    return volume
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ work as inside Slicer, so the module's Qt-free logic runs unchanged.
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import slicer
 
@@ -56,3 +57,13 @@ def bootstrap() -> types.SimpleNamespace:
 def teardown(env: types.SimpleNamespace) -> None:
     """Clear the scene so that the next test starts empty."""
     env.scene.Clear(True)
+
+
+def load_volume(path: Path, name: str = "CT"):
+    """Read a CT file into a scalar volume node through Slicer's own storage node."""
+    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(volume):
+        raise OSError(f"Slicer could not read {path}")
+    return volume

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-from conftest import load_volume
+from headless_slicer import load_volume
 from test_results import mask, node_ids, segment_names
 
 from COVIDInfectionSegLib import InfectionSegmentationLogic, SegmentationProcess, stored_report

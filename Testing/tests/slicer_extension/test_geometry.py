@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import load_volume
+from headless_slicer import load_volume
 
 from COVIDInfectionSegLib import GeometryError, sitk_image_from_volume, update_volume_from_sitk
 from COVIDInfectionSegLib.geometry import array_on_volume_grid

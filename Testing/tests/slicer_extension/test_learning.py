@@ -46,7 +46,7 @@ def test_fine_tuning_runs_in_a_separate_process_and_registers_a_new_version(
     mrml, shared_data, test_model, tmp_path, monkeypatch
 ):
     import slicer
-    from conftest import load_volume
+    from headless_slicer import load_volume
 
     from COVIDInfectionSegLib import learning, models
     from COVIDInfectionSegLib.process import SUCCEEDED
