@@ -124,7 +124,9 @@ class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def onTimer(self):
         state = self.process.poll()
         self.ui.progressBar.value = int(100 * self.process.fraction)
-        self.ui.stageLabel.text = self.process.stage or "Starting..."
+        remaining = self.process.remaining_seconds()
+        left = f" - about {remaining:.0f} s left" if remaining is not None else ""
+        self.ui.stageLabel.text = (self.process.stage or "Starting...") + left
         if state == "running":
             return
         self.setRunning(False)

@@ -87,6 +87,7 @@ class CommandProcess:
         self._stderr: list[str] = []
         self.output_lines: list[str] = []  # stdout lines other than progress (e.g. a fine-tuning summary)
         self._closed_streams = 0
+        self._started_at: float | None = None
 
     def start(self) -> None:
         popen_group = (
@@ -98,6 +99,7 @@ class CommandProcess:
         )
         for stream, name in ((self._process.stdout, "out"), (self._process.stderr, "err")):
             threading.Thread(target=self._read_lines, args=(stream, name), daemon=True).start()
+        self._started_at = time.monotonic()
         self.state = RUNNING
 
     def _read_lines(self, stream, name: str) -> None:
@@ -168,6 +170,13 @@ class CommandProcess:
                 break
             time.sleep(interval_s)
         return self.state
+
+    def remaining_seconds(self) -> float | None:
+        """Time left, extrapolated from the progress so far (None until there is some progress)."""
+        if self.state != RUNNING or self._started_at is None or self.fraction < 0.05:
+            return None
+        elapsed = time.monotonic() - self._started_at
+        return elapsed * (1.0 - self.fraction) / self.fraction
 
     @property
     def pid(self) -> int | None:
