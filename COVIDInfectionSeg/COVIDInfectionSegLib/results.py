@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import slicer
+import vtk
 from vtk.util import numpy_support
 
 from .terms import apply_definition, definitions_by_label
@@ -125,8 +126,6 @@ def remove_with_display_nodes(node) -> None:
 
 def segment_mask(segmentation_node, segment_id: str, reference_volume) -> np.ndarray:
     """A segment as a (k, j, i) boolean array on the reference volume's grid, leaving no node behind."""
-    import vtk
-
     segment_ids = vtk.vtkStringArray()
     segment_ids.InsertNextValue(segment_id)
     label_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "COVIDInfectionSeg_tmp")
