@@ -105,6 +105,27 @@ def _child_memory(ct_path: str, model: str, device: str) -> None:
     print(json.dumps({"peak_mb": round(vm_hwm_kb / 1024), "seconds": round(seconds, 2)}))
 
 
+def compare_with_network(model: str, loaded: zoo.LoadedModel, args: argparse.Namespace) -> None:
+    """End-to-end time on size x size x slices vs the bare forward over the same slices, in one run."""
+    start = time.perf_counter()
+    image = benchmark_ct(args.slices, args.size)
+    print(f"synthetic CT {args.size}x{args.size}x{args.slices} built in {time.perf_counter() - start:.1f} s")
+
+    network_seconds(loaded, 16)  # warm-up: CUDA context, kernels, CPU thread pool
+    start = time.perf_counter()
+    result = pipeline.segment(image, model=model, device=args.device)
+    end_to_end = time.perf_counter() - start
+    lung_slices = int(np.count_nonzero(sitk.GetArrayViewFromImage(result.lungs).any(axis=(1, 2))))
+    bare_lung = network_seconds(loaded, lung_slices)
+    bare_all = network_seconds(loaded, args.slices)
+    timing = result.report["timing_s"]
+    print(f"end-to-end: {end_to_end:.2f} s  (stages: {json.dumps(timing)})")
+    print(f"bare network over the {lung_slices} slices with lung: {bare_lung:.2f} s -> "
+          f"overhead {100 * (end_to_end / bare_lung - 1):+.0f} %")
+    print(f"bare network over all {args.slices} slices: {bare_all:.2f} s -> "
+          f"end-to-end / all-slices forward = {end_to_end / bare_all:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
@@ -113,6 +134,7 @@ def main() -> None:
     parser.add_argument("--model", help="model name or card path (default: the shipped default, else random)")
     parser.add_argument("--memory-slices", default="100,300,600", help="slice counts for the memory curve")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_memory:
@@ -127,24 +149,8 @@ def main() -> None:
         print(f"model: {loaded.card.name} ({count_parameters(loaded.network) / 1e6:.2f} M parameters), "
               f"device: {describe_device(loaded.device)}, torch threads: {torch.get_num_threads()}")
 
-        start = time.perf_counter()
-        image = benchmark_ct(args.slices, args.size)
-        print(f"synthetic CT {args.size}x{args.size}x{args.slices} built in {time.perf_counter() - start:.1f} s")
-
-        pipeline.segment(benchmark_ct(16, 128), model=model, device=args.device)  # warm-up (CUDA context, kernels)
-        start = time.perf_counter()
-        result = pipeline.segment(image, model=model, device=args.device)
-        end_to_end = time.perf_counter() - start
-        lung_slices = int(np.count_nonzero(sitk.GetArrayViewFromImage(result.lungs).any(axis=(1, 2))))
-        bare_lung = network_seconds(loaded, lung_slices)
-        bare_all = network_seconds(loaded, args.slices)
-        timing = result.report["timing_s"]
-        print(f"end-to-end: {end_to_end:.2f} s  (stages: {json.dumps(timing)})")
-        print(f"bare network over the {lung_slices} slices with lung: {bare_lung:.2f} s -> "
-              f"overhead {100 * (end_to_end / bare_lung - 1):+.0f} %")
-        print(f"bare network over all {args.slices} slices: {bare_all:.2f} s -> "
-              f"end-to-end / all-slices forward = {end_to_end / bare_all:.2f}")
-
+        if not args.skip_timing:
+            compare_with_network(model, loaded, args)
         if args.skip_memory:
             return
         print("peak memory (VmHWM of a fresh process: read CT, segment):")

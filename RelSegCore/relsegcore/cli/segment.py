@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def progress_display(kind: str) -> Iterator[Progress]:
-    """A tqdm bar on stderr, ``PROGRESS`` lines on stdout, or nothing."""
+    """A tqdm bar on stderr (when it is a terminal), ``PROGRESS`` lines on stdout, or nothing."""
     if kind == "lines":
         yield line_progress()
         return
@@ -71,7 +71,7 @@ def progress_display(kind: str) -> Iterator[Progress]:
     from tqdm import tqdm
 
     bar = tqdm(total=1000, file=sys.stderr, bar_format="{desc:<28.28} {percentage:3.0f}%|{bar}| {elapsed}",
-               leave=False)
+               leave=False, disable=None)  # None: no bar when stderr is not a terminal (logs, pipes)
 
     def show(fraction: float, stage: str) -> None:
         bar.set_description_str(stage, refresh=False)
