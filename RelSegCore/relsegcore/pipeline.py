@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from . import imageio, outputs, zoo
 from .data import intensity
@@ -128,15 +129,17 @@ def _infection_2d(loaded, hu, lung_labels, tta, progress) -> tuple[np.ndarray, f
     network_seconds = 0.0
     for chunk in batches(len(slices_with_lung), SLICES_PER_CHUNK):
         z_indices = slices_with_lung[chunk]
-        prepared = [intensity.to_model_input(hu[z], lung_labels[z], size, window) for z in z_indices]
+        with _one_torch_thread():
+            prepared = [intensity.to_model_input(hu[z], lung_labels[z], size, window) for z in z_indices]
         images = np.stack([image for image, _ in prepared])
         fraction = (span_start + (span_end - span_start) * chunk.start / len(slices_with_lung),
                     span_start + (span_end - span_start) * chunk.stop / len(slices_with_lung))
         start = time.perf_counter()
         probabilities = predict_slices(loaded, images, DEFAULT_BATCH_SIZE, tta, progress, fraction)
         network_seconds += time.perf_counter() - start
-        for z, (_, box), slice_probabilities in zip(z_indices, prepared, probabilities, strict=True):
-            labels[z][box] = _argmax_resized(slice_probabilities, _box_shape(box))
+        with _one_torch_thread():
+            for z, (_, box), slice_probabilities in zip(z_indices, prepared, probabilities, strict=True):
+                labels[z][box] = _argmax_resized(slice_probabilities, _box_shape(box))
     labels[lung_labels == 0] = 0
     return labels, network_seconds
 
@@ -155,8 +158,27 @@ def _infection_3d(loaded, hu, lung_labels, tta, progress) -> tuple[np.ndarray, f
     return labels, network_seconds
 
 
+@contextmanager
+def _one_torch_thread():
+    """Run small per-slice torch ops on one thread: at this size, waking a thread pool costs more than the
+    work (measured 36x slower with 2 threads on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _argmax_resized(probabilities: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Labels uint8 at ``shape`` from ``(C, S, S)`` probabilities, resized bilinearly before the argmax."""
+    """Labels uint8 at ``shape`` from ``(C, S, S)`` probabilities, resized bilinearly before the argmax.
+
+    Resizing is linear, so for two classes the sign of the resized difference decides
+    exactly as the argmax of both resized channels would, at half the cost.
+    """
+    if len(probabilities) == 2:
+        margin = intensity.resize_slices(probabilities[1:] - probabilities[:1], shape, order=1)[0]
+        return (margin > 0).astype(np.uint8)
     return intensity.resize_slices(probabilities, shape, order=1).argmax(axis=0).astype(np.uint8)
 
 

@@ -38,15 +38,16 @@ from relsegcore.inference import predict_slices
 from relsegcore.models import DualEncoderUNet, NetworkConfig, count_parameters
 
 CHEST_LENGTH_MM = 300.0  # the z extent of every benchmark CT, whatever its slice count
-IN_PLANE_SPACING_MM = 0.7
+IN_PLANE_SPACING_MM = 0.7  # at 512 x 512
 
 
 def benchmark_ct(slices: int, size: int = 512) -> sitk.Image:
     """A synthetic chest CT of ``size`` x ``size`` x ``slices`` covering the same anatomy at any slice count."""
-    base = make_demo_ct(shape=(100, size, size), spacing=(IN_PLANE_SPACING_MM, IN_PLANE_SPACING_MM, 3.0)).image
+    in_plane = IN_PLANE_SPACING_MM * 512 / size  # the same field of view at any matrix size
+    base = make_demo_ct(shape=(100, size, size), spacing=(in_plane, in_plane, CHEST_LENGTH_MM / 100)).image
     if slices == base.GetSize()[2]:
         return base
-    spacing = (IN_PLANE_SPACING_MM, IN_PLANE_SPACING_MM, CHEST_LENGTH_MM / slices)
+    spacing = (in_plane, in_plane, CHEST_LENGTH_MM / slices)
     reference = sitk.Image(size, size, slices, base.GetPixelID())
     reference.SetSpacing(spacing)
     reference.SetOrigin(base.GetOrigin())
