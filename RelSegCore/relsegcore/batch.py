@@ -62,10 +62,14 @@ def is_batch_input(path: str | os.PathLike) -> bool:
     return any(_is_case_entry(entry) for entry in path.iterdir())
 
 
-def list_cases(source: str | os.PathLike) -> list[Case]:
-    """The cases of a CSV list (column ``path``, optional ``name`` and ``series``) or of a folder."""
+def list_cases(source: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Case]:
+    """The cases of a CSV list (column ``path``, optional ``name`` and ``series``) or of a folder.
+
+    In a folder, ``out_dir`` and the files this package writes are not cases, so that
+    outputs written beside the inputs are not segmented on the next run.
+    """
     source = Path(source)
-    cases = _cases_from_csv(source) if source.is_file() else _cases_from_folder(source)
+    cases = _cases_from_csv(source) if source.is_file() else _cases_from_folder(source, out_dir)
     if not cases:
         raise InputError(f"No cases found in {source}: expected CT files (NIfTI, NRRD, MHA) or DICOM folders.")
     names = [case.name for case in cases]
@@ -76,7 +80,7 @@ def list_cases(source: str | os.PathLike) -> list[Case]:
 
 
 def _is_case_entry(entry: Path) -> bool:
-    if entry.name.startswith("."):
+    if entry.name.startswith(".") or entry.name.endswith(tuple(outputs.OUTPUT_SUFFIXES.values())):
         return False
     if entry.is_dir():
         return True
@@ -84,10 +88,12 @@ def _is_case_entry(entry: Path) -> bool:
     return lowered.endswith(imageio.VOLUME_SUFFIXES) and not lowered.endswith(".dcm")
 
 
-def _cases_from_folder(folder: Path) -> list[Case]:
+def _cases_from_folder(folder: Path, out_dir: str | os.PathLike | None) -> list[Case]:
     from .pipeline import case_name
 
-    return [Case(case_name(entry), entry) for entry in sorted(folder.iterdir()) if _is_case_entry(entry)]
+    skip = Path(out_dir).resolve() if out_dir is not None else None
+    return [Case(case_name(entry), entry) for entry in sorted(folder.iterdir())
+            if _is_case_entry(entry) and entry.resolve() != skip]
 
 
 def _cases_from_csv(csv_path: Path) -> list[Case]:

@@ -99,7 +99,7 @@ def run_single(args: argparse.Namespace, progress: Progress) -> int:
 def run_batch(args: argparse.Namespace, progress: Progress) -> int:
     from ..batch import SUMMARY_NAME, list_cases, run_batch
 
-    outcomes = run_batch(list_cases(args.input), args.out, model=args.model, device=args.device, tta=args.tta,
+    outcomes = run_batch(list_cases(args.input, args.out), args.out, model=args.model, device=args.device, tta=args.tta,
                          workers=args.workers, progress=progress)
     for outcome in outcomes:
         detail = f": {outcome.error}" if outcome.error else ""

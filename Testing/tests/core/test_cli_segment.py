@@ -221,3 +221,13 @@ def test_csv_without_path_column_is_refused(tmp_path, model_path, capsys):
     listing.write_text("file\nx.nii.gz\n", encoding="utf-8")
     assert segment(listing, "--out", tmp_path / "out", model=model_path) == 2
     assert "'path' column" in capsys.readouterr().err
+
+
+def test_outputs_written_beside_the_inputs_are_not_taken_for_cases(ct_file, model_path, tmp_path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "only.nii.gz").write_bytes(ct_file.read_bytes())
+    for out in (cases, cases / "results"):
+        assert segment(cases, "--out", out, model=model_path) == 0
+        assert segment(cases, "--out", out, model=model_path) == 0
+        assert {name: row["status"] for name, row in read_summary(out).items()} == {"only": "skipped"}
