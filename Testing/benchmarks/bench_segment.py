@@ -123,6 +123,9 @@ def compare_with_network(model: str, loaded: zoo.LoadedModel, args: argparse.Nam
     print(f"end-to-end: {end_to_end:.2f} s  (stages: {json.dumps(timing)})")
     print(f"bare network over the {lung_slices} slices with lung: {bare_lung:.2f} s -> "
           f"overhead {100 * (end_to_end / bare_lung - 1):+.0f} %")
+    outside_network = end_to_end - timing["network"]
+    print(f"time outside the network inside the same run: {outside_network:.2f} s = "
+          f"{100 * outside_network / timing['network']:.0f} % of its network time (robust to CPU contention)")
     print(f"bare network over all {args.slices} slices: {bare_all:.2f} s -> "
           f"end-to-end / all-slices forward = {end_to_end / bare_all:.2f}")
 
