@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .data.intensity import resize_slices
+from .data.readers import needs_transpose
 from .errors import InputError
 from .inference import predict_slices
 from .metrics import case_metrics, summarise
@@ -70,23 +72,32 @@ def read_mask(path: Path, multiclass: bool) -> np.ndarray:
 
 
 def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path, tta: bool = False,
-                          progress: Progress | None = None) -> dict:
-    """Per-slice and mean Dice, sensitivity, specificity (NSD/HD95 in pixels: 2D slices carry no spacing)."""
+                          orientation: str = "auto", progress: Progress | None = None) -> dict:
+    """Per-slice and mean Dice, sensitivity, specificity (NSD/HD95 in pixels: 2D slices carry no spacing).
+
+    Slices stored transposed (COVID-SemiSeg's lungs one above the other) are turned upright for
+    the model exactly as ``read_image_folder`` does for training, and the prediction turned back.
+    """
     multiclass = len(loaded.card.classes) > 2
     labels = {name.replace(" ", "_").replace("-", "_"): i for i, name in enumerate(loaded.card.classes) if i}
     pairs = paired_files(images_dir, masks_dir, IMAGE_SUFFIXES)
+    images = [read_gray(image_path) for _, image_path, _ in pairs]
+    transpose = needs_transpose(np.stack([resize_slices(image[None], 64)[0] for image in images]), orientation)
     cases = []
-    for index, (name, image_path, mask_path) in enumerate(pairs):
+    for index, ((name, _, mask_path), image) in enumerate(zip(pairs, images, strict=True)):
         reference = read_mask(mask_path, multiclass)
-        prediction = predict_image(loaded, read_gray(image_path), tta=tta)
-        if prediction.shape != reference.shape:
-            raise InputError(f"{mask_path.name} is {reference.shape[::-1]} but its image is {prediction.shape[::-1]}")
+        if image.shape != reference.shape:
+            raise InputError(f"{mask_path.name} is {reference.shape[::-1]} but its image is {image.shape[::-1]}")
+        prediction = predict_image(loaded, image.T if transpose else image, tta=tta)
+        prediction = prediction.T if transpose else prediction
         metrics = case_metrics(prediction, reference, spacing=None, tolerance_mm=3.0,
                                labels=labels if multiclass else None)
         cases.append({"case": name, **metrics})
         if progress is not None:
             progress.update((index + 1) / len(pairs), "evaluating")
-    return _result(loaded, cases, units="pixels")
+    result = _result(loaded, cases, units="pixels")
+    result["transposed"] = transpose
+    return result
 
 
 def evaluate_volumes(loaded_name: str | os.PathLike, images_dir: Path, masks_dir: Path, device: str = "auto",

@@ -26,11 +26,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     pretrain.add_argument("--data", action="append", default=[], metavar="KIND:PATH",
                           help="a dataset: folder:DIR (images/ + masks/), pairs:DIR (volumes + masks), "
-                               "decathlon:DIR, npz:FILE; repeat for several")
+                               "decathlon:DIR, npz:FILE (patches), slices:FILE (--save-slices); repeat for several")
     pretrain.add_argument("--shared-data", type=Path, metavar="DIR",
                           help="read the recipe's non-COVID sets from this data folder (e.g. ../shared/data)")
     pretrain.add_argument("--sets", default="lidc,pleural-effusion,lung-tumor,msd-patches",
                           help="with --shared-data: which sets (default: all four)")
+    pretrain.add_argument("--save-slices", type=Path, metavar="FILE",
+                          help="also save the prepared slices (.npz) for --data slices:FILE on another machine")
+    pretrain.add_argument("--prepare-only", action="store_true", help="stop after reading (and saving) the data")
     pretrain.add_argument("--cache-dir", type=Path, help="cache preprocessed slices here (fast second read)")
     _add_common(pretrain)
     pretrain.set_defaults(func=run_pretrain)
@@ -113,6 +116,11 @@ def run_pretrain(args: argparse.Namespace) -> int:
     data = SliceSet.concat(parts)
     masks = (data.masks > 0).astype("uint8")  # any lesion vs background
     print(f"general data: {len(data)} slices from {sorted(set(data.source.split('+')))}")
+    if args.save_slices:
+        data.save(args.save_slices)
+        print(f"slices saved: {args.save_slices}")
+    if args.prepare_only:
+        return 0
     config = _config(args, args.out, _network(args, 2, general=False))
     result = train(config, data.images, masks, resume=not args.no_resume, show_bar=True)
     _export(args, result, config, classes=["background", "lesion"],

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import InputError
 from .readers import SliceSet, read_decathlon, read_image_folder, read_patches_npz, read_volume_pairs
 
-DATA_KINDS = ("pairs", "folder", "decathlon", "npz")
+DATA_KINDS = ("pairs", "folder", "decathlon", "npz", "slices")
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,10 @@ def parse_data_spec(spec: str) -> tuple[str, Path]:
 
 
 def read_dataset_spec(spec: str, size: int = 256, cache_dir: str | os.PathLike | None = None) -> SliceSet:
-    """Read a user's ``--data KIND:PATH`` set: ``pairs:DIR``, ``folder:DIR``, ``decathlon:DIR``, ``npz:FILE``."""
+    """Read a user's ``--data KIND:PATH`` set.
+
+    Kinds: ``pairs:DIR``, ``folder:DIR``, ``decathlon:DIR``, ``npz:FILE``, ``slices:FILE``.
+    """
     kind, path = parse_data_spec(spec)
     if not path.exists():
         raise InputError(f"--data {spec!r}: {path} does not exist")
@@ -82,6 +85,8 @@ def read_kind(kind: str, path: Path, size: int = 256, cache_dir: str | os.PathLi
         return read_decathlon(path, size=size, cache_dir=cache_dir, limit=limit, **options)
     if kind == "folder":
         return read_image_folder(path, size=size, limit=limit, **options)
+    if kind == "slices":  # a prepared SliceSet (relseg pretrain-general --save-slices): train anywhere
+        return SliceSet.load(path)
     if kind == "npz":
         return read_patches_npz(path, size=size, limit=limit, **options)
     raise InputError(f"unknown data kind {kind!r}; choose from {', '.join(DATA_KINDS)}")

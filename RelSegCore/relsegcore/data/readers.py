@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 from PIL import Image
 
 from ..errors import InputError
@@ -125,7 +124,7 @@ def read_image_folder(
         pictures.append(resize_slices(image[None], size, order=1)[0])
         labels.append(resize_slices(mask[None], size, order=0)[0])
     stacked_images, stacked_masks = np.stack(pictures), np.stack(labels)
-    if _needs_transpose(stacked_images, orientation):
+    if needs_transpose(stacked_images, orientation):
         stacked_images = np.ascontiguousarray(stacked_images.transpose(0, 2, 1))
         stacked_masks = np.ascontiguousarray(stacked_masks.transpose(0, 2, 1))
     return SliceSet(stacked_images, stacked_masks, [f"{root.name}/{stem}" for stem in stems], root.name)
@@ -153,7 +152,7 @@ def _natural_key(stem: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", stem)]
 
 
-def _needs_transpose(images: np.ndarray, orientation: str) -> bool:
+def needs_transpose(images: np.ndarray, orientation: str) -> bool:
     if orientation not in ("auto", "as-is", "transposed"):
         raise InputError(f"orientation must be 'auto', 'as-is' or 'transposed', not {orientation!r}")
     if orientation != "auto":
@@ -301,6 +300,8 @@ def volume_slices(
     lung_segmenter: LungSegmenter | None = None,
 ) -> SliceSet:
     """The slices of one volume (lesion slices only by default), in canonical orientation."""
+    import SimpleITK as sitk  # only volume readers need it: 2D training runs without SimpleITK
+
     image = _read_canonical(image_path)
     mask_image = _read_canonical(mask_path)
     if mask_image.GetSize() != image.GetSize() or not np.allclose(mask_image.GetOrigin(), image.GetOrigin(), atol=1e-3):
@@ -324,7 +325,9 @@ def volume_slices(
     return SliceSet(images, masks, [f"{case}:z{z}" for z in z_indices], case)
 
 
-def _read_canonical(path: Path) -> sitk.Image:
+def _read_canonical(path: Path):
+    import SimpleITK as sitk
+
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
