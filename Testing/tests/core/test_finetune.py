@@ -266,3 +266,23 @@ def test_cli_registers_by_default_and_rejects_bad_arguments(tmp_path, untrained,
     assert "--images and --masks together" in capsys.readouterr().err
     assert main(["finetune", "--model", str(untrained), "--store", str(tmp_path / "none"), "--device", "cpu"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_from_a_store_as_the_slicer_module_runs_it(tmp_path, untrained, monkeypatch, capsys):
+    monkeypatch.setenv("RELSEG_HOME", str(tmp_path / "home"))
+    store = CorrectionStore(tmp_path / "store")
+    for seed in (0, 1):
+        images, masks = squares(3, seed=seed)
+        ct, corrected = sitk.GetImageFromArray(images), sitk.GetImageFromArray(masks)
+        corrected.CopyInformation(ct)
+        original = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
+        original.CopyInformation(ct)
+        store.save(f"case-{seed}", ct, corrected, original, {"name": "tiny"})
+    code = main(["finetune", "--model", str(untrained), "--corrections", str(store.root), "--device", "cpu",
+                 "--progress", "lines", "--iterations", "3"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("PROGRESS ")]
+    assert code == 0 and "held-out Dice" in lines[-1]  # the Slicer module shows the last line
+    assert "6 slices (6 edited) from 2 case(s)" in lines[0]
+    card = ModelRegistry().card("tiny-ft1")
+    assert card.training["corrections"]["holdout_cases"] in (["case-0"], ["case-1"])
+    assert card.training["command"].startswith("relseg finetune --model ") and "--store" in card.training["command"]
