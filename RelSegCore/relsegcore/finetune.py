@@ -33,7 +33,7 @@ from .progress import Progress
 from .training import RelationConfig, TrainConfig, images_to_tensor, predict_labels, train
 from .zoo import ModelCard, build_network, find_model, load_state_dict_verified, save_model
 
-DEFAULT_ITERATIONS = 60  # 16 slices on 2 CPU cores: about 2 minutes (see RelSegCore/README.md)
+DEFAULT_ITERATIONS = 60  # 16 real 256 px slices, batch 8: 352 CPU-seconds, about 3 min on 2 free cores
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_LEARNING_RATE = 5e-4  # a quarter of stage 2's: adjust the model, do not retrain it
 EDITED_WEIGHT = 3.0  # an edited slice is drawn this many times as often as an unedited one
