@@ -95,8 +95,12 @@ def segment(
     timer.seconds["network"] = round(network_seconds, 3)
     progress.update(STAGE_SPANS["Report"][0], "Report")
     with timer.stage("report"):
-        lungs_image = _on_input_grid(lung_labels, canonical, image)
-        infection_image = _on_input_grid(infection_labels, canonical, image)
+        grid = _Grid.of(canonical)
+        del hu, canonical  # the canonical copy of the CT is not needed any more: free it before the report
+        lungs_image = _on_input_grid(lung_labels, grid, image)
+        del lung_labels
+        infection_image = _on_input_grid(infection_labels, grid, image)
+        del infection_labels
         class_names = list(loaded.card.infection_classes)
         report = outputs.compute_report(lungs_image, infection_image, class_names)
     timer.seconds["total"] = round(time.perf_counter() - started, 3)
@@ -139,8 +143,8 @@ def _infection_2d(loaded, hu, lung_labels, tta, progress) -> tuple[np.ndarray, f
         network_seconds += time.perf_counter() - start
         with _one_torch_thread():
             for z, (_, box), slice_probabilities in zip(z_indices, prepared, probabilities, strict=True):
-                labels[z][box] = _argmax_resized(slice_probabilities, _box_shape(box))
-    labels[lung_labels == 0] = 0
+                inside_lungs = lung_labels[z][box] > 0
+                labels[z][box] = _argmax_resized(slice_probabilities, _box_shape(box)) * inside_lungs
     return labels, network_seconds
 
 
@@ -201,9 +205,25 @@ def _canonical_lungs(lungs: sitk.Image, image: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(imageio.to_canonical(lungs))
 
 
-def _on_input_grid(labels: np.ndarray, canonical: sitk.Image, image: sitk.Image) -> sitk.Image:
+@dataclass(frozen=True)
+class _Grid:
+    """Where a canonical array lies in space, kept without the image's voxels."""
+
+    origin: tuple[float, ...]
+    spacing: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> _Grid:
+        return cls(image.GetOrigin(), image.GetSpacing(), image.GetDirection())
+
+
+def _on_input_grid(labels: np.ndarray, grid: _Grid, image: sitk.Image) -> sitk.Image:
+    """Canonical labels as an image on ``image``'s exact grid."""
     result = sitk.GetImageFromArray(labels)
-    result.CopyInformation(canonical)
+    result.SetOrigin(grid.origin)
+    result.SetSpacing(grid.spacing)
+    result.SetDirection(grid.direction)
     return imageio.from_canonical(result, image)
 
 
