@@ -257,7 +257,11 @@ def segment_file(
     progress.update(0.0, "Reading")
     image = imageio.read_image(path, series)
     result = segment(image, model=model, device=device, tta=tta, progress=progress)
-    result.report.setdefault("input", str(path))
+    result.report["input"] = str(path)
+    chosen = imageio.last_series_choice
+    if chosen is not None:  # say which DICOM series was segmented
+        result.report["dicom_series"] = {"uid": chosen.uid, "description": chosen.description,
+                                         "number": chosen.number, "files": len(chosen.files)}
     return write_result(out_dir, name or case_name(path), image, result)
 
 

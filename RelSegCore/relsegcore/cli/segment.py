@@ -84,14 +84,10 @@ def progress_display(kind: str) -> Iterator[Progress]:
 
 
 def run_single(args: argparse.Namespace, progress: Progress) -> int:
-    from .. import imageio
     from ..pipeline import segment_file
 
     paths = segment_file(args.input, args.out, model=args.model, device=args.device, tta=args.tta,
                          series=args.series, progress=progress)
-    if imageio.last_series_choice is not None:
-        chosen = imageio.last_series_choice
-        print(f"DICOM series: {chosen.uid} ({chosen.description or 'no description'}, {len(chosen.files)} files)")
     print_outputs(paths)
     return 0
 
@@ -147,6 +143,10 @@ def print_outputs(paths: dict[str, Path]) -> None:
     print("Outputs:")
     for path in paths.values():
         print(f"  {path}")
+    series = report.get("dicom_series")
+    if series:
+        print(f"DICOM series: {series['description'] or 'no description'} (number {series['number'] or '?'}, "
+              f"UID {series['uid'] or 'none'}, {series['files']} files)")
     lungs, infection, opacity = report["lungs"], report["infection"], report["percent_opacity"]
     print(f"Lungs:     left {lungs['left_ml']:.0f} mL, right {lungs['right_ml']:.0f} mL, "
           f"total {lungs['total_ml']:.0f} mL")

@@ -231,3 +231,31 @@ def test_outputs_written_beside_the_inputs_are_not_taken_for_cases(ct_file, mode
         assert segment(cases, "--out", out, model=model_path) == 0
         assert segment(cases, "--out", out, model=model_path) == 0
         assert {name: row["status"] for name, row in read_summary(out).items()} == {"only": "skipped"}
+
+
+def write_dicom_series(image: sitk.Image, folder: Path) -> None:
+    """``image`` as a DICOM CT series, one file per slice, the way a scanner folder looks."""
+    folder.mkdir(parents=True)
+    image = sitk.Cast(image, sitk.sitkInt16)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series_uid = "1.2.826.0.1.3680043.2.1125.1.999"
+    for z in range(image.GetDepth()):
+        plane = image[:, :, z]
+        for tag, value in (("0008|0060", "CT"), ("0020|000e", series_uid), ("0008|103e", "Demo chest"),
+                           ("0020|0011", "3"), ("0020|0013", str(z + 1)), ("0028|1052", "0"), ("0028|1053", "1"),
+                           ("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, z))))),
+                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0018|0050", str(image.GetSpacing()[2]))):
+            plane.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
+        writer.Execute(plane)
+
+
+def test_a_dicom_folder_is_one_case_and_the_series_is_named(ct_file, model_path, tmp_path, capsys):
+    write_dicom_series(sitk.ReadImage(str(ct_file)), tmp_path / "CT_SERIES")
+    assert segment(tmp_path / "CT_SERIES", "--out", tmp_path / "out", model=model_path) == 0
+    printed = capsys.readouterr().out
+    assert "DICOM series: Demo chest (number 3" in printed
+    assert (tmp_path / "out" / "CT_SERIES_lungs.nii.gz").is_file()
+    lungs = sitk.ReadImage(str(tmp_path / "out" / "CT_SERIES_lungs.nii.gz"))
+    assert lungs.GetSize() == sitk.ReadImage(str(ct_file)).GetSize()
