@@ -259,3 +259,11 @@ def test_a_dicom_folder_is_one_case_and_the_series_is_named(ct_file, model_path,
     assert (tmp_path / "out" / "CT_SERIES_lungs.nii.gz").is_file()
     lungs = sitk.ReadImage(str(tmp_path / "out" / "CT_SERIES_lungs.nii.gz"))
     assert lungs.GetSize() == sitk.ReadImage(str(ct_file)).GetSize()
+
+
+def test_a_volume_too_large_for_memory_is_refused_before_any_work(ct_file, model_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RELSEG_MAX_VOXELS", "100000")  # stands in for a machine with little memory
+    assert segment(ct_file, "--out", tmp_path / "out", model=model_path) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("relseg: error: ") and "voxels" in stderr and "Traceback" not in stderr
+    assert files_in(tmp_path / "out") == []
