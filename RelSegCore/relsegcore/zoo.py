@@ -61,7 +61,7 @@ class ModelCard:
     @classmethod
     def from_dict(cls, data: dict, path: Path | None = None) -> ModelCard:
         known = {f.name for f in dataclasses.fields(cls)} - {"path"}
-        missing = {"name", "version", "file", "sha256", "architecture", "classes"} - data.keys()
+        missing = {"name", "version", "description", "file", "sha256", "architecture", "classes"} - data.keys()
         if missing:
             raise ModelError(f"model card is missing {', '.join(sorted(missing))}")
         return cls(**{k: v for k, v in data.items() if k in known}, path=path)
@@ -109,8 +109,14 @@ def list_models() -> list[ModelCard]:
 
 
 def find_model(name_or_path: str | os.PathLike | None = None) -> ModelCard:
-    """A model by name, by card path (``.json``) or by weights path (``.pt`` with its card beside it)."""
-    name_or_path = name_or_path or DEFAULT_MODEL
+    """A model by name, by card path (``.json``) or by weights path (``.pt`` with its card beside it).
+
+    ``None`` means the registry's current default (``relseg models use``), normally ``DEFAULT_MODEL``.
+    """
+    if not name_or_path:
+        from .registry import default_model_name
+
+        name_or_path = default_model_name()
     path = Path(name_or_path)
     if path.suffix in (".json", ".pt") or path.exists():
         card_path = path.with_suffix(".json")

@@ -1,0 +1,83 @@
+"""Model cards: weights are checked against the card's SHA-256 and loaded as weights only."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from relsegcore import zoo
+from relsegcore.errors import ModelError
+from relsegcore.models import DualEncoderUNet, NetworkConfig
+
+
+def tiny_card(name: str = "tiny") -> zoo.ModelCard:
+    return zoo.ModelCard(name=name, version="1.0.0", description="test", file="", sha256="", architecture={},
+                         classes=["background", "infection"])
+
+
+def test_save_then_load_round_trips_weights(tmp_path):
+    network = DualEncoderUNet(NetworkConfig(base_channels=4, depth=3))
+    zoo.save_model(network, tiny_card(), tmp_path)
+    loaded = zoo.load_model(tmp_path / "tiny.pt", torch.device("cpu"))
+    assert loaded.card.architecture["base_channels"] == 4
+    for key, value in network.state_dict().items():
+        assert torch.equal(value, loaded.network.state_dict()[key])
+
+
+def test_tampered_weights_are_refused_before_unpickling(tmp_path):
+    zoo.save_model(DualEncoderUNet(NetworkConfig(base_channels=4, depth=3)), tiny_card(), tmp_path)
+    weights = tmp_path / "tiny.pt"
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    with pytest.raises(ModelError, match="checksum mismatch"):
+        zoo.load_model(weights, torch.device("cpu"))
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_weights_only_refuses_arbitrary_objects_even_with_a_matching_checksum(tmp_path):
+    zoo.save_model(DualEncoderUNet(NetworkConfig(base_channels=4, depth=3)), tiny_card(), tmp_path)
+    weights = tmp_path / "tiny.pt"
+    torch.save({"evil": Payload()}, weights, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    card = json.loads((tmp_path / "tiny.json").read_text())
+    from relsegcore.fileutil import sha256_of
+
+    card["sha256"] = sha256_of(weights)
+    (tmp_path / "tiny.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="cannot load model weights"):
+        zoo.load_model(weights, torch.device("cpu"))
+
+
+def test_card_without_required_fields_is_a_model_error(tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps({"name": "bad"}))
+    with pytest.raises(ModelError, match="missing"):
+        zoo.find_model(tmp_path / "bad.json")
+
+
+def test_unknown_model_names_the_installed_ones(monkeypatch, tmp_path):
+    monkeypatch.setenv("RELSEG_HOME", str(tmp_path))
+    with pytest.raises(ModelError, match="covid-infection-2d"):
+        zoo.find_model("no-such-model")
+
+
+@pytest.mark.parametrize("name", ["covid-infection-2d", "covid-infection-2d-target-only"])
+def test_shipped_models_load_and_state_their_provenance(name, monkeypatch, tmp_path):
+    monkeypatch.setenv("RELSEG_HOME", str(tmp_path))  # no user models shadow the shipped ones
+    card = zoo.find_model(name)
+    assert card.path.stat().st_size <= 25 * 1024 * 1024
+    assert "COVID-SemiSeg" in card.training["data"] and card.training["command"].startswith("relseg train")
+    cv = card.metrics["cross_validation"]
+    assert len(cv["fold_dice"]) == 5 and 0.5 < cv["mean_dice"] < 1
+    assert card.clinical is False
+    loaded = zoo.load_model(name, torch.device("cpu"))
+    assert (loaded.network.general_encoder is not None) == (name == "covid-infection-2d")
+
+
+def test_default_model_is_the_registry_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("RELSEG_HOME", str(tmp_path))
+    assert zoo.find_model(None).name == zoo.DEFAULT_MODEL
