@@ -103,6 +103,14 @@ def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path
 def evaluate_volumes(loaded_name: str | os.PathLike, images_dir: Path, masks_dir: Path, device: str = "auto",
                      tta: bool = False, tolerance_mm: float = 3.0, progress: Progress | None = None) -> dict:
     """Infection metrics on CT volumes through the full ``segment`` pipeline (lungs, crop, model)."""
+    pairs = paired_files(images_dir, masks_dir, VOLUME_SUFFIXES)
+    return evaluate_volume_cases(loaded_name, pairs, device=device, tta=tta, tolerance_mm=tolerance_mm,
+                                 progress=progress)
+
+
+def evaluate_volume_cases(loaded_name: str | os.PathLike, pairs: list[tuple[str, Path, Path]], device: str = "auto",
+                          tta: bool = False, tolerance_mm: float = 3.0, progress: Progress | None = None) -> dict:
+    """``evaluate_volumes`` on chosen ``(case, image, mask)`` files (a benchmark fold's test cases)."""
     import SimpleITK as sitk
 
     from .imageio import read_image
@@ -110,7 +118,6 @@ def evaluate_volumes(loaded_name: str | os.PathLike, images_dir: Path, masks_dir
     from .zoo import find_model
 
     card = find_model(loaded_name)
-    pairs = paired_files(images_dir, masks_dir, VOLUME_SUFFIXES)
     cases = []
     for index, (name, image_path, mask_path) in enumerate(pairs):
         result = segment(read_image(image_path), model=loaded_name, device=device, tta=tta)
