@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..crossval import summarise_folds, train_val_split, write_summary
 from ..models import NetworkConfig
-from ..training import RELATION_READINGS, RelationConfig, TrainConfig, train
+from ..training import RELATION_READINGS, RelationConfig, TrainConfig, distributed_context, train
 from . import add_device_argument
 
 
@@ -159,7 +159,8 @@ def run_train(args: argparse.Namespace) -> int:
                        resume=not args.no_resume, show_bar=True)
         summary = {"fold": args.fold, "val_dice": result.final_val_dice, "best_val_dice": result.best_val_dice,
                    "val_cases": [data.names[i] for i in val_idx], "seconds": round(result.seconds, 1)}
-        write_summary(args.out / "fold_result.json", summary)
+        if distributed_context()[0] == 0:
+            write_summary(args.out / "fold_result.json", summary)
         print(json.dumps({k: v for k, v in summary.items() if k != "val_cases"}))
         return 0
     result = train(config, data.images, masks, resume=not args.no_resume, show_bar=True)
@@ -214,7 +215,7 @@ def _drop_option(argv: list[str], name: str) -> list[str]:
 
 
 def _export(args, result, config: TrainConfig, classes: list[str], training_data: str, role: str) -> None:
-    if not args.export:
+    if not args.export or distributed_context()[0] != 0:  # under torchrun, rank 0 alone writes the model
         return
     from ..data.intensity import DEFAULT_WINDOW
     from ..zoo import ModelCard, save_model
