@@ -1,0 +1,75 @@
+"""relseg evaluate: numbers on masks with known overlap, at the masks' native size."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from relsegcore import zoo
+from relsegcore.cli import main
+from relsegcore.evaluation import evaluate_image_folder
+from relsegcore.models import DualEncoderUNet, NetworkConfig
+
+
+def constant_model(tmp_path, foreground: bool):
+    """A network whose output is the same class everywhere: its Dice on any mask is known exactly."""
+    network = DualEncoderUNet(NetworkConfig(base_channels=4, depth=3, use_general_encoder=False))
+    with torch.no_grad():
+        network.head.weight.zero_()
+        network.head.bias.copy_(torch.tensor([0.0, 5.0] if foreground else [5.0, 0.0]))
+    card = zoo.ModelCard(name="constant", version="1", description="test", file="", sha256="", architecture={},
+                         classes=["background", "infection"], preprocessing={"input_size": 32})
+    zoo.save_model(network, card, tmp_path)
+    return zoo.load_model(tmp_path / "constant.pt", torch.device("cpu"))
+
+
+def write_folder(root, shapes_and_areas):
+    """Vertical-band images (upright: no transposition) with masks of known foreground area."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for index, ((height, width), area_rows) in enumerate(shapes_and_areas):
+        image = np.zeros((height, width), np.uint8)
+        image[:, width // 2 - 3: width // 2 + 3] = 200  # a bright vertical band, like a mediastinum
+        mask = np.zeros((height, width), np.uint8)
+        mask[:area_rows] = 255
+        Image.fromarray(image).save(root / "images" / f"{index}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{index}.png")
+
+
+def test_all_foreground_prediction_gives_the_exact_dice_of_each_mask(tmp_path):
+    cases = [((40, 50), 10), ((30, 30), 15)]  # foreground fractions 1/4 and 1/2
+    write_folder(tmp_path / "data", cases)
+    result = evaluate_image_folder(constant_model(tmp_path, foreground=True), tmp_path / "data" / "images",
+                                   tmp_path / "data" / "masks")
+    expected = [2 * 0.25 / 1.25, 2 * 0.5 / 1.5]  # Dice = 2|M| / (|M| + N)
+    assert [c["dice"] for c in result["per_case"]] == pytest.approx(expected)
+    assert [c["sensitivity"] for c in result["per_case"]] == pytest.approx([1.0, 1.0])
+    assert [c["specificity"] for c in result["per_case"]] == pytest.approx([0.0, 0.0])
+    assert result["mean_dice"] == pytest.approx(np.mean(expected))
+    assert result["transposed"] is False
+
+
+def test_cli_writes_json_with_top_level_mean_dice(tmp_path, capsys):
+    write_folder(tmp_path / "data", [((40, 50), 10), ((30, 30), 0)])
+    constant_model(tmp_path, foreground=False)
+    code = main(["evaluate", "--model", str(tmp_path / "constant.pt"), "--images", str(tmp_path / "data/images"),
+                 "--masks", str(tmp_path / "data/masks"), "--json", str(tmp_path / "out.json"), "--device", "cpu"])
+    assert code == 0
+    result = json.loads((tmp_path / "out.json").read_text())
+    # all background: Dice 0 where there is infection, 1 where both are empty
+    assert [c["dice"] for c in result["per_case"]] == [0.0, 1.0]
+    assert result["mean_dice"] == pytest.approx(0.5)
+    assert "mean Dice 0.5000" in capsys.readouterr().out
+
+
+def test_missing_masks_folder_is_one_clear_error(tmp_path, capsys):
+    write_folder(tmp_path / "data", [((20, 20), 5)])
+    constant_model(tmp_path, foreground=True)
+    code = main(["evaluate", "--model", str(tmp_path / "constant.pt"), "--images", str(tmp_path / "data/images"),
+                 "--masks", str(tmp_path / "nowhere"), "--device", "cpu"])
+    assert code == 2
+    assert "folder not found" in capsys.readouterr().err
