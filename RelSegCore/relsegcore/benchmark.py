@@ -109,12 +109,16 @@ def training_splits(cases: Sequence[str], folds: int, train_cases: int, seed: in
 
 
 def read_splits(path: Path, cases: Sequence[str]) -> list[list[str]]:
-    """Training cases per fold from JSON: ``[[case, ...], ...]`` or ``{"folds": [[...], ...]}``."""
+    """Training cases per fold from JSON: ``[[case, ...], ...]``, ``{"folds": [[...], ...]}`` or nnU-Net's
+    ``splits_final.json`` (``[{"train": [...], "val": [...]}, ...]``; the benchmark's published ``.pkl``
+    splits hold the same lists, pickled, and are not read here because unpickling can run code)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
         raise InputError(f"cannot read the splits file {path}: {error}") from error
     splits = data.get("folds") if isinstance(data, dict) else data
+    if isinstance(splits, list):
+        splits = [split.get("train") if isinstance(split, dict) else split for split in splits]
     if not isinstance(splits, list) or len(splits) < 2 or not all(isinstance(s, list) and s for s in splits):
         raise InputError(f"{path} must hold a list of at least 2 folds, each a list of training case names")
     known = set(cases)

@@ -53,7 +53,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--train-cases", type=int, default=4, help="training cases per fold")
     parser.add_argument("--splits", type=Path, metavar="JSON",
-                        help="each fold's training cases ([[case, ...], ...]) instead of the seeded split")
+                        help="each fold's training cases instead of the seeded split: [[case, ...], ...] or "
+                             "nnU-Net's splits_final.json ([{\"train\": [...], \"val\": [...]}, ...])")
     parser.add_argument("--fold", type=int, help="run only this fold (1-based); the table shows the finished ones")
     parser.add_argument("--iterations", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -16,6 +16,7 @@ import torch
 
 from relsegcore.benchmark import (
     BenchmarkConfig,
+    case_pairs,
     fold_plan,
     format_table,
     lesion_weights,
@@ -91,9 +92,22 @@ def test_fold_plan_never_tests_a_case_where_it_trains_and_reads_published_splits
     assert read_splits(splits, CASES) == [CASES[:2], CASES[2:4]]
     config = BenchmarkConfig(task="task1", images=tmp_path, out_dir=tmp_path, splits=splits)
     assert [[p[0] for p in test] for _, test in fold_plan(config, pairs)] == [CASES[2:], CASES[:2] + CASES[4:]]
+    splits.write_text(json.dumps([{"train": CASES[:2], "val": CASES[2:]}, {"train": CASES[2:4], "val": []}]))
+    assert read_splits(splits, CASES) == [CASES[:2], CASES[2:4]]  # nnU-Net's splits_final.json
     splits.write_text(json.dumps([["coronacases_001"], ["radiopaedia_9"]]))
     with pytest.raises(InputError, match="radiopaedia_9"):
         read_splits(splits, CASES)
+
+
+def test_cases_are_found_in_the_ma_et_al_and_the_decathlon_layouts(dataset, tmp_path):
+    found = case_pairs(dataset / "COVID-19-CT-Seg_20cases", dataset / "Infection_Mask")
+    assert [case for case, _, _ in found] == CASES
+    assert all(mask.parent.name == "Infection_Mask" and mask.name == image.name for _, image, mask in found)
+    for folder in ("imagesTr", "labelsTr"):
+        (tmp_path / folder).mkdir()
+        for name in ("volume-covid19-A-0003", "volume-covid19-A-0011"):
+            sitk.WriteImage(sitk.Image([4, 4, 2], sitk.sitkInt16), str(tmp_path / folder / f"{name}.nii.gz"))
+    assert [case for case, _, _ in case_pairs(tmp_path)] == ["volume-covid19-A-0003", "volume-covid19-A-0011"]
 
 
 def test_lesion_slices_are_drawn_at_least_half_the_time():
