@@ -29,11 +29,12 @@ from .crossval import fold_indices
 from .data.intensity import DEFAULT_WINDOW
 from .data.readers import SliceSet, VolumeOptions, find_volume_pairs, read_pairs
 from .errors import InputError
-from .fileutil import atomic_write_text
+from .fileutil import atomic_path, atomic_write_text
 
 TASKS = ("task1", "task3")
 METHODS = ("dual", "pooled")
 TOLERANCE_MM = 3.0  # NSD tolerance for infection in the benchmark
+BENCHMARK_WINDOW = (-1250.0, 250.0)  # the benchmark's window; its Radiopaedia CTs are stored in it as 0..255
 GENERAL_MODEL_NAME = "general-encoder"
 CasePair = tuple[str, Path, Path]
 
@@ -93,6 +94,33 @@ class BenchmarkConfig:
 def case_pairs(images: Path, masks: Path | None = None) -> list[CasePair]:
     """``(case, image, mask)`` of every CT, masks matched by file name (Ma et al.'s release, Decathlon)."""
     return find_volume_pairs(images, masks)
+
+
+def in_hounsfield_units(pairs: Sequence[CasePair], out_dir: Path) -> list[CasePair]:
+    """The pairs with every CT stored already windowed (voxels within 0..255, no air below zero) replaced
+    by a copy in HU under ``out_dir``, so that lung segmentation and the model's window see real CT values.
+
+    The COVID-19-CT-Seg release stores its Radiopaedia cases windowed to [-1250, 250] HU as 0..255; a CT in
+    HU always has air far below zero, so the test cannot mistake one for the other.
+    """
+    import SimpleITK as sitk
+
+    result = []
+    for case, image_path, mask_path in pairs:
+        target = Path(out_dir) / f"{case}.nii.gz"
+        if not target.is_file():
+            image = sitk.ReadImage(str(image_path))
+            voxels = sitk.GetArrayViewFromImage(image)
+            if voxels.min() < 0 or voxels.max() > 255 or image.GetNumberOfComponentsPerPixel() != 1:
+                result.append((case, image_path, mask_path))
+                continue
+            low, high = BENCHMARK_WINDOW
+            hu = sitk.GetImageFromArray(np.round(voxels / 255.0 * (high - low) + low).astype(np.int16))
+            hu.CopyInformation(image)
+            with atomic_path(target) as tmp:
+                sitk.WriteImage(hu, str(tmp), useCompression=True)
+        result.append((case, target, mask_path))
+    return result
 
 
 def training_splits(cases: Sequence[str], folds: int, train_cases: int, seed: int = 0) -> list[list[str]]:
@@ -288,7 +316,7 @@ def metric_summary(per_case: Sequence[dict], key: str) -> dict:
 def run_benchmark(config: BenchmarkConfig, only_fold: int | None = None, say: Callable[[str], None] = print,
                   show_bar: bool = False) -> dict:
     """Run every fold (or only ``only_fold``, 1-based), then write ``results.json`` and ``table.md``."""
-    pairs = case_pairs(config.images, config.masks)
+    pairs = in_hounsfield_units(case_pairs(config.images, config.masks), Path(config.out_dir) / "hu")
     plan = fold_plan(config, pairs)
     if only_fold is not None and not 1 <= only_fold <= len(plan):
         raise InputError(f"--fold must be between 1 and {len(plan)}, not {only_fold}")

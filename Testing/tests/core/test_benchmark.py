@@ -19,6 +19,7 @@ from relsegcore.benchmark import (
     case_pairs,
     fold_plan,
     format_table,
+    in_hounsfield_units,
     lesion_weights,
     read_splits,
     training_splits,
@@ -28,9 +29,14 @@ from relsegcore.demo import make_demo_ct
 from relsegcore.errors import InputError
 
 SHAPE, SPACING = (24, 96, 96), (3.7, 3.7, 10.0)
-CASES = [f"coronacases_{i:03d}" for i in range(1, 6)]
+CASES = [f"coronacases_{i:03d}" for i in range(1, 5)] + ["radiopaedia_10_85902_3"]  # the last stored windowed
 TINY = ["--iterations", "3", "--batch-size", "4", "--size", "32", "--base-channels", "4", "--depth", "3",
         "--device", "cpu"]
+
+
+def windowed(image: sitk.Image) -> sitk.Image:
+    """The CT as the benchmark stores its Radiopaedia cases: [-1250, 250] HU as 0..255."""
+    return sitk.Cast(sitk.IntensityWindowing(image, -1250.0, 250.0, 0.0, 255.0), sitk.sitkUInt8)
 
 
 def write_cases(images: Path, masks: Path, names: list[str], first_seed: int) -> None:
@@ -38,7 +44,8 @@ def write_cases(images: Path, masks: Path, names: list[str], first_seed: int) ->
     masks.mkdir(parents=True)
     for seed, name in enumerate(names, start=first_seed):
         case = make_demo_ct(seed, shape=SHAPE, spacing=SPACING)
-        sitk.WriteImage(case.image, str(images / f"{name}.nii.gz"))
+        image = windowed(case.image) if name.startswith("radiopaedia") else case.image
+        sitk.WriteImage(image, str(images / f"{name}.nii.gz"))
         sitk.WriteImage(sitk.Cast(case.infection > 0, sitk.sitkUInt8), str(masks / f"{name}.nii.gz"))
 
 
@@ -108,6 +115,23 @@ def test_cases_are_found_in_the_ma_et_al_and_the_decathlon_layouts(dataset, tmp_
         for name in ("volume-covid19-A-0003", "volume-covid19-A-0011"):
             sitk.WriteImage(sitk.Image([4, 4, 2], sitk.sitkInt16), str(tmp_path / folder / f"{name}.nii.gz"))
     assert [case for case, _, _ in case_pairs(tmp_path)] == ["volume-covid19-A-0003", "volume-covid19-A-0011"]
+
+
+def test_ct_stored_windowed_is_brought_back_to_hounsfield_units(dataset, tmp_path):
+    found = case_pairs(dataset / "COVID-19-CT-Seg_20cases", dataset / "Infection_Mask")
+    converted = in_hounsfield_units(found, tmp_path / "hu")
+    assert converted[:4] == found[:4]  # CTs in HU are used where they are
+    case, image_path, mask_path = converted[4]
+    assert image_path == tmp_path / "hu" / f"{case}.nii.gz" and mask_path == found[4][2]
+    image = sitk.ReadImage(str(image_path))
+    original = make_demo_ct(5, shape=SHAPE, spacing=SPACING).image
+    stored = sitk.ReadImage(str(found[4][1]))
+    assert image.GetSpacing() == stored.GetSpacing() and image.GetOrigin() == stored.GetOrigin()
+    assert image.GetDirection() == stored.GetDirection()
+    hu, truth = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(original).astype(float)
+    inside = (truth > -1250) & (truth < 250)
+    assert np.abs(hu[inside] - truth[inside]).max() <= 2 * 1500 / 255  # the 8-bit cast truncates: two levels
+    assert -1030 < hu.min() < -1000  # air is air again
 
 
 def test_lesion_slices_are_drawn_at_least_half_the_time():
