@@ -118,7 +118,10 @@ def render_panel(path: Path, volume_name: str, segmentation_name: str, measureme
     ui = named_children(panel)
     ui["inputVolumeSelector"].addItem(volume_name)
     model = report.get("model", {})
-    ui["modelSelector"].addItem(f"{model.get('name', '?')} {model.get('version', '')} - COVID-19 infection, 2D")
+    from COVIDInfectionSegLib import models
+
+    labels = {choice.name: choice.label for choice in models.model_choices()}
+    ui["modelSelector"].addItem(labels.get(model.get("name"), f"{model.get('name')} {model.get('version')}"))
     for label in ("Auto", "GPU (none found)", "CPU"):
         ui["deviceSelector"].addItem(label)
     ui["outputSegmentationSelector"].addItem(segmentation_name)
@@ -134,7 +137,7 @@ def render_panel(path: Path, volume_name: str, segmentation_name: str, measureme
     ui["modelInfoLabel"].setText(f"Model {model.get('name')} {model.get('version')} (sha256 {sha}...)")
     ui["correctionsDirEdit"].setText("~/.config/NA-MIC/COVIDInfectionSeg/Corrections")
     collapse_sections(panel)
-    panel.resize(440, 640)
+    panel.resize(440, 560)
     panel.show()
     QtWidgets.QApplication.processEvents()
     panel.grab().save(str(path))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MODULE_DIR = Path(__file__).resolve().parents[1]
+SUMMARY_CHARS = 48  # one line of the model card's description in the selector
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ def model_choices() -> list[ModelChoice]:
     choices = []
     for entry in ModelRegistry().list():
         summary = (entry.description or "").strip().splitlines()[0] if entry.description else ""
+        summary = summary if len(summary) <= SUMMARY_CHARS else summary[: SUMMARY_CHARS - 3].rstrip() + "..."
         label = f"{entry.name} {entry.version}" + (f" - {summary}" if summary else "")
         origin = f"fine-tuned from {entry.parent}" if entry.parent else entry.origin
         choices.append(ModelChoice(entry.name, label + (" (default)" if entry.is_default else ""),

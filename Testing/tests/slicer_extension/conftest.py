@@ -38,17 +38,13 @@ def lung_ct(mrml, shared_data):
 
 @pytest.fixture(scope="session")
 def test_model(tmp_path_factory) -> Path:
-    """The shipped model when present, else a tiny randomly initialised one saved like a shipped model.
+    """A tiny randomly initialised model saved like a shipped one (card, SHA-256): fast on 2 CPU cores.
 
-    The pipeline, card checks and weights loading are all real either way; only the weights differ.
+    The pipeline, card checks and weights loading are all real; only the weights are random.
     """
-    from relsegcore import zoo
-
-    shipped = zoo.CHECKOUT_MODELS_DIR / f"{zoo.DEFAULT_MODEL}.json"
-    if shipped.is_file():
-        return shipped
     import torch
 
+    from relsegcore import zoo
     from relsegcore.models import DualEncoderUNet, NetworkConfig
 
     torch.manual_seed(0)
@@ -57,3 +53,12 @@ def test_model(tmp_path_factory) -> Path:
                          sha256="", architecture={}, classes=["background", "infection"],
                          preprocessing={"input_size": 32, "window": [-1250, 250]})
     return zoo.save_model(DualEncoderUNet(config), card, tmp_path_factory.mktemp("model")).with_suffix(".json")
+
+
+@pytest.fixture(scope="session")
+def shipped_model(test_model) -> Path:
+    """The shipped default model (Resources/Models) when the checkout has it, else the tiny one."""
+    from relsegcore import zoo
+
+    shipped = zoo.CHECKOUT_MODELS_DIR / f"{zoo.DEFAULT_MODEL}.json"
+    return shipped if shipped.is_file() else test_model

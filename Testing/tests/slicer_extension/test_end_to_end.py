@@ -95,12 +95,13 @@ def test_oblique_ct_result_stays_on_the_volume_grid(mrml, shared_data, test_mode
     assert_consistent_result(segmentation, volume, logic)
 
 
-def test_separate_process_gives_the_same_segmentation_as_the_blocking_path(mrml, shared_data, test_model):
+def test_separate_process_gives_the_same_segmentation_as_the_blocking_path(mrml, shared_data, shipped_model):
+    """With the shipped model's real weights, through the real ``relsegcore.cli segment`` subprocess."""
     volume = load_volume(shared_data / SMALL_CT, "small")
     logic = InfectionSegmentationLogic()
-    blocking = logic.segment(volume, model=str(test_model), device="cpu", show3D=False)
+    blocking = logic.segment(volume, model=str(shipped_model), device="cpu", show3D=False)
     before = node_ids()
-    process = SegmentationProcess(volume, model=str(test_model), device="cpu")
+    process = SegmentationProcess(volume, model=str(shipped_model), device="cpu")
     process.start()
     assert process.wait(timeout_s=120) == SUCCEEDED, process.error
     assert node_ids() - before  # a new segmentation node, only now
