@@ -71,14 +71,7 @@ def fetch_models_index(url: str, timeout: float = 30) -> list[dict]:
 
     Relative ``url`` and ``card_url`` entries are resolved against the index's own URL.
     """
-    _checked_scheme(url)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            entries = json.loads(response.read().decode("utf-8"))
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
-        raise ModelError(f"cannot read the models index {url}: {_reason(error)}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelError(f"the models index {url} is not valid JSON: {error}") from None
+    entries = _fetch_json(url, "the models index", timeout)
     if not isinstance(entries, list):
         raise ModelError(f"the models index {url} is not a JSON list of models")
     return [_checked_entry(entry, url) for entry in entries]
@@ -202,15 +195,20 @@ def _verify_and_install(part: Path, target: Path, sha256: str) -> None:
         os.replace(part, tmp)
 
 
-def _fetch_card(card_url: str, timeout: float) -> dict:
-    _checked_scheme(card_url)
+def _fetch_json(url: str, what: str, timeout: float):
+    """The JSON document at ``url``; a ModelError naming ``what`` when unreachable or not JSON."""
+    _checked_scheme(url)
     try:
-        with urllib.request.urlopen(card_url, timeout=timeout) as response:
-            card = json.loads(response.read().decode("utf-8"))
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return json.loads(response.read().decode("utf-8"))
     except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
-        raise ModelError(f"cannot download the model card {card_url}: {_reason(error)}") from None
+        raise ModelError(f"cannot read {what} {url}: {_reason(error)}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelError(f"the model card {card_url} is not valid JSON: {error}") from None
+        raise ModelError(f"{what} {url} is not valid JSON: {error}") from None
+
+
+def _fetch_card(card_url: str, timeout: float) -> dict:
+    card = _fetch_json(card_url, "the model card", timeout)
     if not isinstance(card, dict):
         raise ModelError(f"the model card {card_url} is not a JSON object")
     return card

@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from PIL import Image
+from synthetic_slices import squares
 
 from relsegcore import finetune as ft
 from relsegcore import training
@@ -26,18 +27,6 @@ from relsegcore.zoo import ModelCard, load_model, save_model
 SIZE = 32
 TINY = NetworkConfig(base_channels=4, depth=3)
 FAST = dict(device="cpu", iterations=30, batch_size=4, learning_rate=1e-2, augment_strength=0.0)
-
-
-def squares(count: int = 12, size: int = SIZE, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Bright squares on dark noise: a task a tiny network learns in a few dozen steps."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 60, (count, size, size)).astype(np.uint8)
-    masks = np.zeros((count, size, size), np.uint8)
-    for i in range(count):
-        y, x = rng.integers(2, size - 14, 2)
-        images[i, y:y + 12, x:x + 12] += 150
-        masks[i, y:y + 12, x:x + 12] = 1
-    return images, masks
 
 
 def write_model(network: torch.nn.Module, directory: Path, name: str, version: str = "1.0.0") -> Path:

@@ -10,9 +10,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from synthetic_slices import squares
 
 from relsegcore.errors import Cancelled
 from relsegcore.models import NetworkConfig
@@ -20,18 +20,6 @@ from relsegcore.progress import Progress
 from relsegcore.training import RelationConfig, TrainConfig, encoder_state_from, train
 
 TINY = NetworkConfig(base_channels=4, depth=3)
-
-
-def squares(count: int = 12, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Bright squares on noise: a task a tiny network learns in a few dozen steps."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 60, (count, size, size)).astype(np.uint8)
-    masks = np.zeros((count, size, size), np.uint8)
-    for i in range(count):
-        y, x = rng.integers(2, size - 14, 2)
-        images[i, y:y + 12, x:x + 12] += 150
-        masks[i, y:y + 12, x:x + 12] = 1
-    return images, masks
 
 
 def config(tmp_path: Path, **overrides) -> TrainConfig:
@@ -82,7 +70,8 @@ def test_dual_training_with_relation_loss_keeps_general_encoder_fixed(tmp_path, 
 DDP_SCRIPT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     sys.path.insert(0, {tests!r})
-    from test_training import TINY, squares
+    from synthetic_slices import squares
+    from test_training import TINY
     from relsegcore.training import TrainConfig, train
     images, masks = squares(16)
     cfg = TrainConfig(out_dir={out!r}, network=TINY, iterations=6, batch_size=2, device="cpu",
