@@ -131,7 +131,7 @@ def case_is_finished(out_dir: Path, name: str, model_sha256: str) -> bool:
 def run_batch(
     cases: list[Case],
     out_dir: str | os.PathLike,
-    model: str | os.PathLike = zoo.DEFAULT_MODEL,
+    model: str | os.PathLike | None = None,
     device: str = "auto",
     tta: bool = False,
     workers: int = 1,

@@ -62,7 +62,7 @@ class _Timer:
 
 def segment(
     image: sitk.Image,
-    model: str | os.PathLike = zoo.DEFAULT_MODEL,
+    model: str | os.PathLike | None = None,
     device: str = "auto",
     tta: bool = False,
     progress: Progress | None = None,
@@ -70,6 +70,7 @@ def segment(
 ) -> SegmentationResult:
     """Lungs (1 left, 2 right), infection and report for a CT in HU.
 
+    ``model`` is a model name or path; ``None`` is the registry's default (``relseg models use``).
     ``lungs`` may give known lung labels on ``image``'s grid (skipping lung segmentation).
     ``progress`` receives the stages "Lungs", "Infection", "Report" and may cancel between
     chunks of slices (``errors.Cancelled``).
@@ -245,7 +246,7 @@ def case_name(path: str | os.PathLike) -> str:
 def segment_file(
     path: str | os.PathLike,
     out_dir: str | os.PathLike,
-    model: str | os.PathLike = zoo.DEFAULT_MODEL,
+    model: str | os.PathLike | None = None,
     device: str = "auto",
     tta: bool = False,
     series: str | None = None,

@@ -12,8 +12,6 @@ from ..errors import InputError
 from ..progress import Progress, line_progress
 from . import add_device_argument
 
-DEFAULT_MODEL = "covid-infection-2d"  # zoo.DEFAULT_MODEL, repeated so that --help does not import torch
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -29,8 +27,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("input", nargs="?", type=Path, metavar="INPUT", help="CT file, DICOM folder, folder or CSV")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the output files")
-    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME|PATH",
-                        help=f"model name or model card/weights path (default: {DEFAULT_MODEL})")
+    parser.add_argument("--model", default=None, metavar="NAME|PATH",
+                        help="model name or model card/weights path (default: the registry's default, "
+                             "covid-infection-2d unless changed with 'relseg models use')")
     add_device_argument(parser)
     parser.add_argument("--tta", action="store_true", help="average with left-right flipped predictions (2x time)")
     parser.add_argument("--series", metavar="UID", help="DICOM series to read (UID, description or number)")

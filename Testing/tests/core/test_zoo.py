@@ -81,3 +81,14 @@ def test_shipped_models_load_and_state_their_provenance(name, monkeypatch, tmp_p
 def test_default_model_is_the_registry_default(monkeypatch, tmp_path):
     monkeypatch.setenv("RELSEG_HOME", str(tmp_path))
     assert zoo.find_model(None).name == zoo.DEFAULT_MODEL
+
+
+def test_relseg_models_use_changes_the_model_segment_runs_and_rollback_restores_it(monkeypatch, tmp_path):
+    from relsegcore.registry import ModelRegistry
+
+    monkeypatch.setenv("RELSEG_HOME", str(tmp_path))
+    registry = ModelRegistry()
+    registry.use("covid-infection-2d-target-only")
+    assert zoo.find_model(None).name == "covid-infection-2d-target-only"
+    registry.rollback()
+    assert zoo.find_model(None).name == "covid-infection-2d"
