@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from relsegcore.benchmark import (
     BenchmarkConfig,
@@ -49,13 +48,7 @@ def write_cases(images: Path, masks: Path, names: list[str], first_seed: int) ->
         sitk.WriteImage(sitk.Cast(case.infection > 0, sitk.sitkUInt8), str(masks / f"{name}.nii.gz"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny networks run 50x faster on one thread than on two contended ones (a shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
