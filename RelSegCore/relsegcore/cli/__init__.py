@@ -52,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     except RelSegError as error:
         print(f"relseg: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        from ..device import is_cuda_oom
+
+        if not is_cuda_oom(error):
+            raise
+        print("relseg: error: the GPU ran out of memory; lower --batch-size or run with --device cpu",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("relseg: interrupted", file=sys.stderr)
         return 130

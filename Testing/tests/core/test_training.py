@@ -122,3 +122,17 @@ def test_train_cli_exports_a_model_card_with_the_command(tmp_path):
     assert "--export tiny-test" in card.training["command"]
     saved = json.loads((tmp_path / "run" / "tiny-test.json").read_text())
     assert len(saved["sha256"]) == 64 and saved["architecture"]["base_channels"] == 4
+
+
+def test_cuda_out_of_memory_during_training_is_one_clear_message(monkeypatch, capsys, tmp_path):
+    import relsegcore.cli.train as train_command
+    from relsegcore.cli import main
+
+    def out_of_memory(args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_command, "run_train", out_of_memory)
+    code = main(["train", "--images", str(tmp_path), "--masks", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "relseg: error: the GPU ran out of memory; lower --batch-size or run with --device cpu"
