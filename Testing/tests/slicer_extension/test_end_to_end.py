@@ -12,27 +12,12 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 from headless_slicer import load_volume
-from test_results import mask, node_ids, segment_names
+from test_results import assert_on_volume_grid, mask, node_ids, segment_names
 
 from COVIDInfectionSegLib import InfectionSegmentationLogic, SegmentationProcess, stored_report
 from COVIDInfectionSegLib.process import SUCCEEDED
 
 SMALL_CT = "ct-fixtures/totalsegmentator-example/example_ct_sm.nii.gz"
-
-
-def assert_on_volume_grid(segmentation, volume) -> None:
-    import slicer
-    import vtk
-
-    geometry = slicer.vtkOrientedImageData()
-    reference = segmentation.GetSegmentation().GetConversionParameter("Reference image geometry")
-    assert slicer.vtkSegmentationConverter.DeserializeImageGeometry(reference, geometry, False)
-    seg_matrix, volume_matrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
-    geometry.GetImageToWorldMatrix(seg_matrix)
-    volume.GetIJKToRASMatrix(volume_matrix)
-    elements = lambda m: [m.GetElement(r, c) for r in range(4) for c in range(4)]  # noqa: E731
-    np.testing.assert_allclose(elements(seg_matrix), elements(volume_matrix), atol=1e-5)
-    assert geometry.GetExtent() == volume.GetImageData().GetExtent()
 
 
 def assert_consistent_result(segmentation, volume, logic) -> dict:

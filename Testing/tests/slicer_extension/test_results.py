@@ -45,6 +45,22 @@ def mask(segmentation_node, name, volume) -> np.ndarray:
     return slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume) > 0  # Slicer's own
 
 
+def assert_on_volume_grid(segmentation, volume, atol: float = 1e-5) -> None:
+    """The segmentation's reference geometry is the volume's IJK-to-RAS grid and extent."""
+    import slicer
+    import vtk
+
+    geometry = slicer.vtkOrientedImageData()
+    reference = segmentation.GetSegmentation().GetConversionParameter("Reference image geometry")
+    assert slicer.vtkSegmentationConverter.DeserializeImageGeometry(reference, geometry, False)
+    seg_matrix, volume_matrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    geometry.GetImageToWorldMatrix(seg_matrix)
+    volume.GetIJKToRASMatrix(volume_matrix)
+    elements = lambda m: [m.GetElement(r, c) for r in range(4) for c in range(4)]  # noqa: E731
+    np.testing.assert_allclose(elements(seg_matrix), elements(volume_matrix), atol=atol)
+    assert geometry.GetExtent() == volume.GetImageData().GetExtent()
+
+
 def test_result_lands_on_the_ct_grid_with_names_colours_and_terminology(lung_ct):
     import slicer
 
@@ -73,19 +89,8 @@ def test_result_lands_on_the_ct_grid_with_names_colours_and_terminology(lung_ct)
 
 
 def test_reference_geometry_matches_the_volume(lung_ct):
-    import slicer
-    import vtk
-
     segmentation = InfectionSegmentationLogic().show_result(lung_ct, synthetic_result(lung_ct), show3D=False)
-    geometry = slicer.vtkOrientedImageData()
-    reference = segmentation.GetSegmentation().GetConversionParameter("Reference image geometry")
-    assert slicer.vtkSegmentationConverter.DeserializeImageGeometry(reference, geometry, False)
-    seg_matrix, ct_matrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
-    geometry.GetImageToWorldMatrix(seg_matrix)
-    lung_ct.GetIJKToRASMatrix(ct_matrix)
-    np.testing.assert_allclose([seg_matrix.GetElement(r, c) for r in range(4) for c in range(4)],
-                               [ct_matrix.GetElement(r, c) for r in range(4) for c in range(4)], atol=1e-6)
-    assert geometry.GetExtent() == lung_ct.GetImageData().GetExtent()
+    assert_on_volume_grid(segmentation, lung_ct, atol=1e-6)
 
 
 def test_three_class_result_and_3d_display(lung_ct):
