@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .data.intensity import resize_slices
-from .data.readers import needs_transpose
+from .data.readers import needs_transpose, read_mask_picture
 from .errors import InputError
 from .inference import predict_slices
 from .metrics import case_metrics, summarise
@@ -66,11 +66,6 @@ def read_gray(path: Path) -> np.ndarray:
         return np.asarray(image.convert("L"))
 
 
-def read_mask(path: Path, multiclass: bool) -> np.ndarray:
-    mask = read_gray(path)
-    return mask.astype(np.uint8) if multiclass else (mask > 127).astype(np.uint8)
-
-
 def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path, tta: bool = False,
                           orientation: str = "auto", progress: Progress | None = None) -> dict:
     """Per-slice and mean Dice, sensitivity, specificity (NSD/HD95 in pixels: 2D slices carry no spacing).
@@ -85,7 +80,7 @@ def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path
     transpose = needs_transpose(np.stack([resize_slices(image[None], 64)[0] for image in images]), orientation)
     cases = []
     for index, ((name, _, mask_path), image) in enumerate(zip(pairs, images, strict=True)):
-        reference = read_mask(mask_path, multiclass)
+        reference = read_mask_picture(mask_path, multiclass)
         if image.shape != reference.shape:
             raise InputError(f"{mask_path.name} is {reference.shape[::-1]} but its image is {image.shape[::-1]}")
         prediction = predict_image(loaded, image.T if transpose else image, tta=tta)

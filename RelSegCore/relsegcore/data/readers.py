@@ -118,7 +118,7 @@ def read_image_folder(
     pictures, labels = [], []
     for stem in stems:
         image = np.asarray(Image.open(images[stem]).convert("L"))
-        mask = _mask_picture(masks[stem], multiclass)
+        mask = read_mask_picture(masks[stem], multiclass)
         if image.shape != mask.shape:
             raise InputError(f"image {images[stem].name} is {image.shape} but its mask is {mask.shape}")
         pictures.append(resize_slices(image[None], size, order=1)[0])
@@ -140,7 +140,8 @@ def _pictures(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _mask_picture(path: Path, multiclass: bool) -> np.ndarray:
+def read_mask_picture(path: Path, multiclass: bool) -> np.ndarray:
+    """A mask picture as uint8: class indices as stored, or binary from 0/255 or 0/1 masks."""
     mask = np.asarray(Image.open(path))
     mask = mask[..., 0] if mask.ndim == 3 else mask
     if multiclass:

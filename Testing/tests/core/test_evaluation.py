@@ -73,3 +73,12 @@ def test_missing_masks_folder_is_one_clear_error(tmp_path, capsys):
                  "--masks", str(tmp_path / "nowhere"), "--device", "cpu"])
     assert code == 2
     assert "folder not found" in capsys.readouterr().err
+
+
+def test_masks_stored_as_0_and_1_are_read_like_0_and_255(tmp_path):
+    write_folder(tmp_path / "data", [((40, 50), 10)])
+    mask_path = tmp_path / "data" / "masks" / "0.png"
+    Image.fromarray((np.asarray(Image.open(mask_path)) > 0).astype(np.uint8)).save(mask_path)  # 0/1 values
+    result = evaluate_image_folder(constant_model(tmp_path, foreground=True), tmp_path / "data" / "images",
+                                   tmp_path / "data" / "masks")
+    assert result["per_case"][0]["dice"] == pytest.approx(2 * 0.25 / 1.25)
