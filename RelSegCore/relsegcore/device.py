@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -38,3 +39,13 @@ def describe_device(device: torch.device) -> str:
 
 def is_cuda_oom(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(error)
+
+
+def autocast(device: torch.device, allow_float16: bool = False):
+    """Mixed precision on CUDA: bf16 where the GPU has it; float16 only if allowed (inference:
+    training in float16 would need gradient scaling); full precision on the CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cuda", dtype=torch.float16) if allow_float16 else contextlib.nullcontext()

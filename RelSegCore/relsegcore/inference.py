@@ -9,7 +9,6 @@ network moves to the CPU, with a logged warning, and the job goes on there.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
@@ -18,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .device import is_cuda_oom
+from .device import autocast, is_cuda_oom
 from .progress import Progress
 from .zoo import LoadedModel
 
@@ -150,7 +149,7 @@ class _BatchRunner:
         if batch.dtype == torch.uint8:
             x = x / 255.0
         flip_axis = -1  # left-right in both (N, 1, H, W) and (N, 1, D, H, W)
-        with torch.inference_mode(), _autocast(device):
+        with torch.inference_mode(), autocast(device, allow_float16=True):
             logits = self.loaded.network(x)
             probs = torch.softmax(logits.float(), dim=1)
             if tta:
@@ -165,13 +164,6 @@ class _BatchRunner:
         )
         self.loaded.network.to("cpu")
         self.loaded.device = torch.device("cpu")
-
-
-def _autocast(device: torch.device):
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 def _release_cuda_cache() -> None:

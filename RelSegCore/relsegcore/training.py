@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from .data.augment import augment_batch
-from .device import select_device
+from .device import autocast, select_device
 from .fileutil import atomic_path
 from .losses import relation_loss, segmentation_loss
 from .models import DualEncoderUNet, NetworkConfig
@@ -186,7 +186,7 @@ def predict_labels(network: torch.nn.Module, images: torch.Tensor, batch_size: i
     labels = []
     for start in range(0, images.shape[0], batch_size):
         batch = images[start:start + batch_size].float() / 255.0
-        with _autocast(batch.device):
+        with autocast(batch.device):
             labels.append(network(batch).argmax(1))
     network.train(was_training)
     return torch.cat(labels)
@@ -200,11 +200,6 @@ def mean_case_dice(pred: torch.Tensor, target: torch.Tensor) -> float:
     denominator = p.sum(1) + t.sum(1)
     dice = torch.where(denominator > 0, 2 * intersection / denominator.clamp(min=1), torch.ones_like(denominator))
     return float(dice.mean())
-
-
-def _autocast(device: torch.device):
-    enabled = device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 # ----------------------------------------------------------------------------- checkpoint
@@ -344,7 +339,7 @@ def train(config: TrainConfig, train_images: np.ndarray, train_masks: np.ndarray
         lr = learning_rate_at(iteration, config)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        with _autocast(device):
+        with autocast(device):
             logits, features = model(batch_images, return_features=True)
             seg = segmentation_loss(logits, batch_masks)
             rel = _relation_term(config, features, teacher, batch_images, generator)
