@@ -186,14 +186,24 @@ def _lung_components(
         return sides
     ids = np.arange(1, count + 1)
     volumes = ndimage.sum_labels(np.ones(candidates.shape, np.uint8), components, ids) * voxel_ml
-    largest = volumes.max()
     objects = ndimage.find_objects(components)
-    for component_id, volume, box in zip(ids, volumes, objects, strict=True):
-        if volume < max(0.02 * largest, 0.2 * voxel_ml):
+
+    def is_gas(index: int) -> bool:  # bowel/stomach gas is pure air; lung's lower quartile is not
+        mask = components[objects[index]] == index + 1
+        return bool(np.percentile(hu[objects[index]][mask], 25) < GAS_QUARTILE_HU)
+
+    by_size = np.argsort(volumes)[::-1]
+    lung_like = next((index for index in by_size if not is_gas(index)), None)
+    if lung_like is None:
+        return sides
+    min_volume = max(0.02 * volumes[lung_like], 0.2 * voxel_ml)  # relative to the largest lung, not to gas
+    for index in by_size:
+        if volumes[index] < min_volume:
+            break
+        if is_gas(index):
             continue
-        mask = components[box] == component_id
-        if np.percentile(hu[box][mask], 25) < GAS_QUARTILE_HU:
-            continue
+        box = objects[index]
+        mask = components[box] == index + 1
         xs = np.nonzero(mask)[2] + box[2].start
         left_fraction = float((xs > midline_x).mean())
         if min(left_fraction, 1.0 - left_fraction) > 0.1:

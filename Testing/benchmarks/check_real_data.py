@@ -3,7 +3,9 @@
 Reads ``../shared/data`` (never copied into the repository) and prints, with the shipped
 default model (or ``--model``):
 
-- ``covid-hu-slices``: real COVID-19 HU slices with expert lung masks and visible
+- ``covid-hu-slices`` lungs: Dice per lung of ``segment_lungs`` (one slice, 0.7 mm, no
+  neighbours along z) against the expert lung masks.
+- ``covid-hu-slices`` infection: real COVID-19 HU slices with expert lung masks and visible
   ground-glass, no infection mask. Run through the pipeline's own slice path (window,
   crop to the lungs, resize, paste back) inside the expert lungs: fraction of lung
   flagged, mean HU of the flagged pixels (ground-glass lies around -750..-300 HU),
@@ -32,10 +34,25 @@ import torch
 
 from relsegcore import pipeline, zoo
 from relsegcore.device import select_device
+from relsegcore.lungs import LEFT_LUNG, RIGHT_LUNG, segment_lungs_array
+from relsegcore.metrics import dice
 
 DATA = Path(os.environ.get("RELSEG_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 GGO_HU = (-750.0, -300.0)
 AERATED_HU = -850.0
+COVID_SLICE_SPACING = (0.7, 0.7, 5.0)  # not recorded with the slices; about 0.7 mm in-plane
+
+
+def lung_dice(folder: Path) -> list[dict]:
+    rows = []
+    for path in sorted(folder.glob("*.npz")):
+        data = np.load(path)
+        labels = segment_lungs_array(data["image"][None], COVID_SLICE_SPACING)[0]
+        rows.append({"slice": path.stem, **{
+            f"{name}_lung_dice": float(dice(labels == side, data["lung_mask"] == side))
+            for name, side in (("left", LEFT_LUNG), ("right", RIGHT_LUNG))
+        }, "expert_lung_px": int((data["lung_mask"] > 0).sum())})
+    return rows
 
 
 def covid_hu_slices(loaded: zoo.LoadedModel, folder: Path) -> list[dict]:
@@ -90,6 +107,7 @@ def _label_voxels(path: Path) -> int:
 def run(model: str, device: str, quick: bool) -> dict:
     loaded = zoo.load_model(model, select_device(device))
     results: dict = {"model": {"name": loaded.card.name, "version": loaded.card.version}}
+    results["covid_hu_lungs"] = lung_dice(DATA / "covid-hu-slices")
     results["covid_hu_slices"] = covid_hu_slices(loaded, DATA / "covid-hu-slices")
     effusion_cts = sorted((DATA / "pleural-effusion").glob("*_ct.nii.gz"))[: 1 if quick else None]
     results["pleural_effusion"] = [
@@ -129,6 +147,7 @@ def main() -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     results = run(args.model, args.device, args.quick)
     print(f"model: {results['model']['name']} {results['model']['version']}")
+    print_table("COVID-19 HU slices: lung segmentation vs the expert lung masks", results["covid_hu_lungs"])
     print_table(f"COVID-19 HU slices (ground-glass lies within {GGO_HU[0]:g}..{GGO_HU[1]:g} HU)",
                 results["covid_hu_slices"])
     print_table("Pleural effusion (non-COVID): false-positive infection", results["pleural_effusion"])
