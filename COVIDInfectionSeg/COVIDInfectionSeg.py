@@ -11,7 +11,7 @@ from slicer.ScriptedLoadableModule import *
 from slicer.util import VTKObservationMixin
 
 import COVIDInfectionSegLib as Lib
-from COVIDInfectionSegLib import learning, models, quantify
+from COVIDInfectionSegLib import learning, models, panel, selftest
 
 
 class COVIDInfectionSeg(ScriptedLoadableModule):
@@ -35,7 +35,7 @@ class COVIDInfectionSegParameterNode:
 
 
 class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Panel: wires the .ui to the logic; a timer polls the background segmentation process."""
+    """Panel: wires the .ui to the logic; a timer polls the background process (segmentation or fine-tuning)."""
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -43,108 +43,104 @@ class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = COVIDInfectionSegLogic()
-        self.process = None
+        self.logic, self.process, self.settings = COVIDInfectionSegLogic(), None, qt.QSettings()
+        self._parameterNode, self._parameterNodeGuiTag = None, None
         self.timer = qt.QTimer()
         self.timer.setInterval(250)
         self.timer.timeout.connect(self.onTimer)
-        self.settings = qt.QSettings()
-        self.ui.modelsIndexUrlEdit.text = self.settings.value("COVIDInfectionSeg/ModelsIndexURL", "")
-        self.ui.correctionsDirEdit.currentPath = self.settings.value(
-            "COVIDInfectionSeg/CorrectionsDir", str(models.slicer_settings_home() / "Corrections"))
-        for label, device in (("Auto", "auto"), ("GPU", "cuda"), ("CPU", "cpu")):
+        self.ui.modelsIndexUrlEdit.text = self.setting("ModelsIndexURL", "")
+        self.ui.correctionsDirEdit.currentPath = self.setting("CorrectionsDir",
+                                                              str(models.slicer_settings_home() / "Corrections"))
+        for label, device in panel.DEVICE_CHOICES:
             self.ui.deviceSelector.addItem(label, device)
-        self.ui.segmentButton.clicked.connect(self.onSegment)
-        self.ui.cancelButton.clicked.connect(self.onCancel)
-        self.ui.updateResultsButton.clicked.connect(self.showResults)
-        self.ui.downloadModelsButton.clicked.connect(self.onDownloadModels)
-        self.ui.saveCorrectionButton.clicked.connect(self.onSaveCorrection)
-        self.ui.fineTuneButton.clicked.connect(self.onFineTune)
-        self.ui.useVersionButton.clicked.connect(self.onUseVersion)
-        self.ui.rollBackButton.clicked.connect(self.onRollBack)
-        self.initializeParameterNode()
+        for button, handler in ((self.ui.segmentButton, self.onSegment), (self.ui.cancelButton, self.onCancel),
+                                (self.ui.updateResultsButton, self.showResults),
+                                (self.ui.downloadModelsButton, self.onDownloadModels),
+                                (self.ui.saveCorrectionButton, self.onSaveCorrection),
+                                (self.ui.fineTuneButton, self.onFineTune),
+                                (self.ui.useVersionButton, self.onUseVersion),
+                                (self.ui.rollBackButton, self.onRollBack)):
+            button.clicked.connect(handler)
+        self.enter()
 
-    def initializeParameterNode(self):
-        self.setParameterNode(COVIDInfectionSegParameterNode(self.logic.getParameterNode()))
-        if not self._parameterNode.inputVolume:
-            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-
-    def setParameterNode(self, parameterNode):
-        self._parameterNode = parameterNode
-        self._parameterNode.connectGui(self.ui)
+    def setting(self, key, default, value=None):
+        if value is not None:
+            self.settings.setValue(panel.SETTINGS_PREFIX + key, value)
+        return self.settings.value(panel.SETTINGS_PREFIX + key, default)
 
     def enter(self):
-        self.initializeParameterNode()
+        self.exit()
+        self._parameterNode = self.logic.getParameterNode()
+        self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
         if self.ui.modelSelector.count == 0 and not Lib.missing_packages():
             self.refreshModels()
 
+    def exit(self):
+        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
     def cleanup(self):
         self.onCancel()
+        self.exit()
         self.removeObservers()
 
     def refreshModels(self):
-        """Fill the model and version selectors and show the GPU PyTorch sees (needs the dependencies)."""
-        import torch
-
-        choices = models.model_choices()
+        """Fill the model and version selectors (installed models, default first) and name the GPU."""
         for selector in (self.ui.modelSelector, self.ui.modelVersionSelector):
             selected = selector.currentData
             selector.clear()
-            for choice in choices:
+            for choice in models.model_choices():
                 selector.addItem(choice.label, choice.name)
                 selector.setItemData(selector.count - 1, choice.tooltip, qt.Qt.ToolTipRole)
             selector.currentIndex = max(selector.findData(selected), 0)  # keep the user's choice
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none found"
-        self.ui.deviceSelector.setItemText(1, f"GPU ({gpu})")
+        self.ui.deviceSelector.setItemText(1, panel.gpu_label())
 
     def onSegment(self):
-        volume = self._parameterNode.inputVolume
+        volume, output = self._parameterNode.inputVolume, self._parameterNode.outputSegmentation
         if volume is None:
-            slicer.util.errorDisplay("Select a chest CT first.")
-            return
+            return slicer.util.errorDisplay("Select a chest CT first.")
         with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
-            if Lib.ensure_dependencies(lambda message: slicer.util.confirmOkCancelDisplay(message)):
+            if Lib.ensure_dependencies(slicer.util.confirmOkCancelDisplay):
                 self.refreshModels()  # first use: the selectors can be filled only now
-            device = self.ui.deviceSelector.currentData
-            tta = self.ui.qualitySelector.currentIndex == 1
-            slices = volume.GetImageData().GetDimensions()[2]
-            warning = Lib.long_run_warning(slices, self.logic.resolveDevice(device), tta)
+            device, tta = self.ui.deviceSelector.currentData, self.ui.qualitySelector.currentIndex == 1
+            warning = Lib.long_run_warning(volume.GetImageData().GetDimensions()[2],
+                                           self.logic.resolveDevice(device), tta)
             if warning and not slicer.util.confirmOkCancelDisplay(warning):
                 return
-            output = self._parameterNode.outputSegmentation
-            overwrite = False
-            if output is not None and self.logic.isEdited(output):
-                if not slicer.util.confirmYesNoDisplay(f"{output.GetName()} was edited. Overwrite the edits?"):
-                    return
-                overwrite = True
-            self.process = self.logic.start_segmentation(volume, output, self.ui.modelSelector.currentData,
-                                                         device, tta, overwrite)
-            self.setRunning(True)
+            overwrite = output is not None and self.logic.isEdited(output)
+            if overwrite and not slicer.util.confirmYesNoDisplay(f"{output.GetName()} was edited. Overwrite?"):
+                return
+            self.startProcess(self.logic.start_segmentation(volume, output, self.ui.modelSelector.currentData,
+                                                            device, tta, overwrite))
+
+    def startProcess(self, process):
+        self.process = process
+        self.setRunning(True)
 
     def onTimer(self):
         state = self.process.poll()
         self.ui.progressBar.value = int(100 * self.process.fraction)
-        remaining = self.process.remaining_seconds()
-        left = f" - about {remaining:.0f} s left" if remaining is not None else ""
-        self.ui.stageLabel.text = (self.process.stage or "Starting...") + left
+        self.ui.stageLabel.text = panel.finished_text(self.process)
         if state == "running":
             return
         self.setRunning(False)
         if state == "succeeded" and isinstance(self.process, Lib.SegmentationProcess):
             self._parameterNode.outputSegmentation = self.process.output_segmentation
             self.showResults()
-        elif state == "succeeded":  # fine-tuning: its summary (Dice before/after) is the last output line
+        elif state == "succeeded":
             self.refreshModels()
-            self.ui.correctionsLabel.text = (self.process.output_lines or ["Fine-tuning finished."])[-1]
+            self.ui.correctionsLabel.text = self.ui.stageLabel.text
         elif state == "failed":
-            self.ui.stageLabel.text = "Failed."
-            slicer.util.errorDisplay(f"Segmentation failed: {self.process.error}")
+            slicer.util.errorDisplay(self.ui.stageLabel.text)
 
     def onCancel(self):
         if self.process is not None and self.process.state == "running":
             self.process.cancel()
             self.setRunning(False)
-            self.ui.stageLabel.text = "Cancelled; the scene was not changed."
+            self.ui.stageLabel.text = panel.finished_text(self.process)
 
     def setRunning(self, running):
         self.ui.segmentButton.enabled = not running
@@ -157,21 +153,16 @@ class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if segmentation is None or volume is None:
             return
         with slicer.util.tryWithErrorDisplay("Could not measure the segmentation."):
-            measurement = self.logic.measure(segmentation, volume)
-            for row, values in enumerate(quantify.table_rows(measurement)):
-                for column, value in enumerate(values[1:]):
-                    self.ui.resultsTable.setItem(row, column, qt.QTableWidgetItem(f"{value:.1f}"))
+            for row, cells in enumerate(panel.result_cells(self.logic.measure(segmentation, volume))):
+                for column, text in enumerate(cells):
+                    self.ui.resultsTable.setItem(row, column, qt.QTableWidgetItem(text))
             self.logic.quantify(segmentation, volume)
-            report = Lib.stored_report(segmentation) or {}
-            model = report.get("model", {})
-            where = report.get("device", "?")
-            self.ui.modelInfoLabel.text = f"Model {model.get('name', '?')} {model.get('version', '')} on {where}"
+            self.ui.modelInfoLabel.text = panel.model_info_text(Lib.stored_report(segmentation))
 
     def onDownloadModels(self):
-        url = self.ui.modelsIndexUrlEdit.text.strip()
-        self.settings.setValue("COVIDInfectionSeg/ModelsIndexURL", url)
+        url = self.setting("ModelsIndexURL", "", self.ui.modelsIndexUrlEdit.text.strip())
         with slicer.util.tryWithErrorDisplay("Model download failed.", waitCursor=True):
-            Lib.ensure_dependencies(lambda message: slicer.util.confirmOkCancelDisplay(message))
+            Lib.ensure_dependencies(slicer.util.confirmOkCancelDisplay)
             for entry in models.models_in_index(url):
                 self.ui.stageLabel.text = f"Downloading {entry['name']} {entry['version']}..."
                 slicer.app.processEvents()
@@ -180,21 +171,19 @@ class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.stageLabel.text = "Models are up to date."
 
     def onSaveCorrection(self):
-        store = self.ui.correctionsDirEdit.currentPath
-        self.settings.setValue("COVIDInfectionSeg/CorrectionsDir", store)
+        store = self.setting("CorrectionsDir", "", self.ui.correctionsDirEdit.currentPath)
         with slicer.util.tryWithErrorDisplay("Could not save the correction.", waitCursor=True):
-            parameters = self._parameterNode
-            record = self.logic.save_correction(parameters.inputVolume, parameters.outputSegmentation, store)
+            record = self.logic.save_correction(self._parameterNode.inputVolume,
+                                                self._parameterNode.outputSegmentation, store)
             if not record.edited:
                 slicer.util.warningDisplay("Nothing was edited: the correction equals the model's result.")
             self.ui.correctionsLabel.text = f"Saved {record.case_id} in {store}."
 
     def onFineTune(self):
         with slicer.util.tryWithErrorDisplay("Could not start fine-tuning.", waitCursor=True):
-            self.process = learning.start_fine_tuning(
-                self.ui.modelSelector.currentData, self.ui.correctionsDirEdit.currentPath,
-                self.ui.deviceSelector.currentData)
-            self.setRunning(True)
+            self.startProcess(learning.start_fine_tuning(self.ui.modelSelector.currentData,
+                                                         self.ui.correctionsDirEdit.currentPath,
+                                                         self.ui.deviceSelector.currentData))
 
     def onUseVersion(self):
         with slicer.util.tryWithErrorDisplay("Could not change the default model.", waitCursor=True):
@@ -203,9 +192,8 @@ class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def onRollBack(self):
         with slicer.util.tryWithErrorDisplay("Could not roll back.", waitCursor=True):
-            previous = models.roll_back()
+            self.ui.correctionsLabel.text = f"Default model is {models.roll_back()} again."
             self.refreshModels()
-            self.ui.correctionsLabel.text = f"Default model is {previous} again."
 
 
 class COVIDInfectionSegLogic(Lib.InfectionSegmentationLogic, ScriptedLoadableModuleLogic):
@@ -220,40 +208,11 @@ class COVIDInfectionSegLogic(Lib.InfectionSegmentationLogic, ScriptedLoadableMod
 
 
 class COVIDInfectionSegTest(ScriptedLoadableModuleTest):
-    """Runs the blocking logic on the synthetic demo CT inside a real Slicer."""
+    """Inside a real Slicer: the same Qt-free steps (``COVIDInfectionSegLib.selftest``) that pytest runs
+    against slicer-core, with the installed default model on the synthetic demo CT."""
 
     def runTest(self):
-        slicer.mrmlScene.Clear()
-        self.test_segment_demo_ct()
-        self.test_background_process_matches()
-
-    def demoVolume(self):
-        from relsegcore.demo import make_demo_ct
-
-        volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "DemoCT")
-        Lib.update_volume_from_sitk(volume, make_demo_ct(seed=0).image)
-        return volume
-
-    def test_background_process_matches(self):
-        volume = self.demoVolume()
-        logic = COVIDInfectionSegLogic()
-        process = logic.start_segmentation(volume, device="cpu")
-        self.assertEqual(process.wait(timeout_s=600), "succeeded", process.error)
-        blocking = logic.measure(logic.segment(volume, device="cpu"), volume)
-        background = logic.measure(process.output_segmentation, volume)
-        self.assertAlmostEqual(background["lungs"]["total_ml"], blocking["lungs"]["total_ml"], delta=0.01)
-        self.assertAlmostEqual(background["infection"]["total_ml"], blocking["infection"]["total_ml"], delta=0.01)
-
-    def test_segment_demo_ct(self):
-        volume = self.demoVolume()
-        logic = COVIDInfectionSegLogic()
-        segmentation = logic.segment(volume, device="cpu")
-        names = [segmentation.GetSegmentation().GetNthSegment(i).GetName()
-                 for i in range(segmentation.GetSegmentation().GetNumberOfSegments())]
-        self.assertEqual(names[:2], ["Left lung", "Right lung"])
-        report = Lib.stored_report(segmentation)
-        measured = logic.measure(segmentation, volume)
-        self.assertAlmostEqual(measured["lungs"]["total_ml"], report["lungs"]["total_ml"], delta=0.5)
-        table = logic.quantify(segmentation, volume)
-        self.assertEqual(table.GetNumberOfRows(), 3)
+        for step in selftest.STEPS:
+            slicer.mrmlScene.Clear()
+            step(COVIDInfectionSegLogic())
         self.delayDisplay("COVIDInfectionSeg self-test passed")

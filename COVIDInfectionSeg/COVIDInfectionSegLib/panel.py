@@ -1,0 +1,53 @@
+"""What the panel shows, as plain strings: the widget only copies them into Qt widgets.
+
+Kept out of the module file so that the wording is tested without Qt and the widget stays
+a thin wiring layer.
+"""
+
+from __future__ import annotations
+
+from .process import CANCELLED, FAILED, SUCCEEDED, CommandProcess, SegmentationProcess
+from .quantify import table_rows
+
+DEVICE_CHOICES = (("Auto", "auto"), ("GPU", "cuda"), ("CPU", "cpu"))
+SETTINGS_PREFIX = "COVIDInfectionSeg/"
+
+
+def gpu_label() -> str:
+    """The device selector's GPU entry, naming the card PyTorch sees (needs torch installed)."""
+    import torch
+
+    return f"GPU ({torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none found'})"
+
+
+def progress_text(process: CommandProcess) -> str:
+    """The stage line under the progress bar, with the time left once it can be estimated."""
+    remaining = process.remaining_seconds()
+    left = f" - about {remaining:.0f} s left" if remaining is not None else ""
+    return (process.stage or "Starting...") + left
+
+
+def finished_text(process: CommandProcess) -> str:
+    """The line shown when a background run ends (fine-tuning prints its Dice before/after last)."""
+    if process.state == SUCCEEDED and isinstance(process, SegmentationProcess):
+        return "Done."
+    if process.state == SUCCEEDED:
+        return (process.output_lines or ["Fine-tuning finished."])[-1]
+    if process.state == CANCELLED:
+        return "Cancelled; the scene was not changed."
+    if process.state == FAILED:
+        return f"Failed: {process.error}"
+    return progress_text(process)
+
+
+def result_cells(measurement: dict) -> list[list[str]]:
+    """The results box: per lung and both, lung volume (mL), infection volume (mL), opacity (%)."""
+    return [[f"{value:.1f}" for value in row[1:]] for row in table_rows(measurement)]
+
+
+def model_info_text(report: dict | None) -> str:
+    """Which model made the result, and where it ran (from the report stored on the segmentation)."""
+    report = report or {}
+    model = report.get("model", {})
+    return f"Model {model.get('name', '?')} {model.get('version', '')} on {report.get('device', '?')}".replace(
+        "  ", " ")
