@@ -47,7 +47,7 @@ def relseg(*args: str) -> list[str]:
 def run_all(commands: list[list[str]], jobs: int, log_dir: Path) -> None:
     """Run commands, ``jobs`` at a time, each logging to its own file; fail if any fails."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))  # cores shared out
     pending = list(enumerate(commands))
     running: list[tuple[int, subprocess.Popen]] = []
     failed = []
