@@ -96,15 +96,14 @@ def main() -> int:
     folds = [int(k) for k in args.folds.split(",")]
     names = args.only.split(",") if args.only else list(CONFIGS)
 
-    for name in names:  # one configuration at a time, so a stopped search leaves whole rows
-        sets, _ = CONFIGS[name]
-        general = args.general
-        if sets is not None:
-            general, command = stage1_command(args, sets)
-            if not general.is_file():
-                run_all([command], 1, args.out / "logs" / slug(sets))
-        pending = [train_command(args, name, general, k) for k in folds if fold_dice(args, name, k) is None]
-        run_all(pending, args.jobs, args.out / "logs" / slug(name))
+    generals = {name: args.general if CONFIGS[name][0] is None else stage1_command(args, CONFIGS[name][0])[0]
+                for name in names}
+    stage1 = {sets: stage1_command(args, sets)[1] for sets in {CONFIGS[name][0] for name in names} - {None}
+              if not stage1_command(args, sets)[0].is_file()}
+    run_all(list(stage1.values()), args.jobs, args.out / "logs" / "stage1")
+    pending = [train_command(args, name, generals[name], k) for name in names for k in folds
+               if fold_dice(args, name, k) is None]
+    run_all(pending, args.jobs, args.out / "logs" / "stage2")  # all at once: a GPU runs many side by side
 
     rows, table = {}, ["| configuration | " + " | ".join(f"fold {k}" for k in folds) + " | mean |",
                        "|---" * (len(folds) + 2) + "|"]
