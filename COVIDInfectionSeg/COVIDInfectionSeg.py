@@ -164,11 +164,14 @@ class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         with slicer.util.tryWithErrorDisplay("Model download failed.", waitCursor=True):
             Lib.ensure_dependencies(slicer.util.confirmOkCancelDisplay)
             for entry in models.models_in_index(url):
-                self.ui.stageLabel.text = f"Downloading {entry['name']} {entry['version']}..."
-                slicer.app.processEvents()
-                models.download_model_entry(entry)
+                models.download_model_entry(entry, progress=self.showProgress)
             self.refreshModels()
             self.ui.stageLabel.text = "Models are up to date."
+
+    def showProgress(self, fraction, stage):
+        self.ui.progressBar.value = int(100 * fraction)
+        self.ui.stageLabel.text = stage
+        slicer.app.processEvents()
 
     def onSaveCorrection(self):
         store = self.setting("CorrectionsDir", "", self.ui.correctionsDirEdit.currentPath)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,11 +84,15 @@ def models_in_index(index_url: str) -> list[dict]:
     return download.fetch_models_index(index_url)
 
 
-def download_model_entry(entry: dict, progress=None):
-    """Download (resuming, verifying SHA-256, reusing the cache) one index entry into the registry."""
+def download_model_entry(entry: dict, progress: Callable[[float, str], None] | None = None):
+    """Download (resuming, verifying SHA-256, reusing the cache) one index entry into the registry.
+
+    ``progress(fraction, stage)`` is called as bytes arrive (the panel's progress bar).
+    """
+    from relsegcore.progress import Progress
     from relsegcore.registry import ModelRegistry
 
-    return ModelRegistry().install(entry, progress=progress)
+    return ModelRegistry().install(entry, progress=Progress(callback=progress) if progress else None)
 
 
 def use_model(name: str):

@@ -57,7 +57,9 @@ def test_download_from_index_then_select_use_and_roll_back(relseg_home, index_se
     models.use_model(first)
     entries = models.models_in_index(index_server)
     assert [entry["name"] for entry in entries] == ["covid-infection-2d-site"]
-    models.download_model_entry(entries[0])
+    seen = []
+    models.download_model_entry(entries[0], progress=lambda fraction, stage: seen.append((fraction, stage)))
+    assert seen and seen[-1][0] == 1.0 and seen[-1][1].startswith("Downloading")
     assert (relseg_home / "models" / "covid-infection-2d-site.pt").is_file()
     choice = next(c for c in models.model_choices() if c.name == "covid-infection-2d-site")
     assert choice.label == "covid-infection-2d-site 2.0.0 - Fine-tuned at the site."
