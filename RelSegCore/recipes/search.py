@@ -101,7 +101,8 @@ def main() -> int:
     stage1 = {sets: stage1_command(args, sets)[1] for sets in {CONFIGS[name][0] for name in names} - {None}
               if not stage1_command(args, sets)[0].is_file()}
     run_all(list(stage1.values()), args.jobs, args.out / "logs" / "stage1")
-    pending = [train_command(args, name, generals[name], k) for name in names for k in folds
+    # Fold by fold, so that a stopped search leaves every configuration compared on the same folds.
+    pending = [train_command(args, name, generals[name], k) for k in folds for name in names
                if fold_dice(args, name, k) is None]
     run_all(pending, args.jobs, args.out / "logs" / "stage2")  # all at once: a GPU runs many side by side
 
