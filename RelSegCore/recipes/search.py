@@ -92,27 +92,31 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at a time")
+    parser.add_argument("--report-only", action="store_true", help="only write the table of the finished runs")
     args = parser.parse_args()
     folds = [int(k) for k in args.folds.split(",")]
     names = args.only.split(",") if args.only else list(CONFIGS)
 
     generals = {name: args.general if CONFIGS[name][0] is None else stage1_command(args, CONFIGS[name][0])[0]
                 for name in names}
-    stage1 = {sets: stage1_command(args, sets)[1] for sets in {CONFIGS[name][0] for name in names} - {None}
-              if not stage1_command(args, sets)[0].is_file()}
-    run_all(list(stage1.values()), args.jobs, args.out / "logs" / "stage1")
-    # Fold by fold, so that a stopped search leaves every configuration compared on the same folds.
-    pending = [train_command(args, name, generals[name], k) for k in folds for name in names
-               if fold_dice(args, name, k) is None]
-    run_all(pending, args.jobs, args.out / "logs" / "stage2")  # all at once: a GPU runs many side by side
+    if not args.report_only:
+        stage1 = [stage1_command(args, sets)[1] for sets in {CONFIGS[name][0] for name in names} - {None}
+                  if not stage1_command(args, sets)[0].is_file()]
+        run_all(stage1, args.jobs, args.out / "logs" / "stage1")
+        # Fold by fold, so that a stopped search leaves every configuration compared on the same folds.
+        pending = [train_command(args, name, generals[name], k) for k in folds for name in names
+                   if fold_dice(args, name, k) is None]
+        run_all(pending, args.jobs, args.out / "logs" / "stage2")  # all at once: a GPU runs many side by side
 
     rows, table = {}, ["| configuration | " + " | ".join(f"fold {k}" for k in folds) + " | mean |",
                        "|---" * (len(folds) + 2) + "|"]
     for name in names:
         dice = [fold_dice(args, name, k) for k in folds]
-        rows[name] = {"fold_dice": dice, "mean_dice": statistics.fmean(dice),
+        done = [d for d in dice if d is not None]
+        rows[name] = {"fold_dice": dice, "mean_dice": statistics.fmean(done) if done else None,
                       "command": "relseg " + " ".join(train_command(args, name, Path("GENERAL.pt"), folds[0])[3:])}
-        table.append(f"| {name} | " + " | ".join(f"{d:.4f}" for d in dice) + f" | {rows[name]['mean_dice']:.4f} |")
+        cells = ["-" if d is None else f"{d:.4f}" for d in [*dice, rows[name]["mean_dice"]]]
+        table.append(f"| {name} | " + " | ".join(cells) + " |")
     (args.out / "search.md").write_text("\n".join(table) + "\n")
     (args.out / "search.json").write_text(json.dumps(
         {"iterations": args.iterations, "batch_size": args.batch_size, "device": args.device, "folds": folds,
