@@ -7,7 +7,10 @@
 # Results go to $OUT (logs, search.md/json, fold results, learning curve).
 #
 # The device machine has no ../shared and no PyPI. Prepare what it needs on the session machine
-# (ignored by git), then call the device tool with carry [".whl", ".gpu", "work-dirs/recipe/general"]:
+# (ignored by git), then call the device tool with carry [".whl", ".gpu",
+# "work-dirs/recipe/general/covid-general-encoder.pt", "work-dirs/recipe/general/covid-general-encoder.json"]
+# (checkout 23 MB + 29 + 2 + 8 MB: under the 64 MiB a device run carries) and command
+# "bash Testing/benchmarks/gpu_session.sh" with timeout_s 570:
 #   bash Testing/benchmarks/gpu_session.sh --prepare
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -17,7 +20,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
     ls .whl/*.whl >/dev/null 2>&1 || pip download --no-deps -d .whl SimpleITK  # see README: repack under 32 MB
     cp -r ../shared/data/covid-semiseg .gpu/data/
     test -f work-dirs/recipe/general/covid-general-encoder.pt || echo "missing work-dirs/recipe/general (stage 1)"
-    du -sh .whl .gpu work-dirs/recipe/general
+    du -sh .whl .gpu work-dirs/recipe/general/covid-general-encoder.pt
     exit 0
 fi
 
