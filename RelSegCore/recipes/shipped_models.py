@@ -35,6 +35,9 @@ CONFIGS = {
     "dual-frozen+relation-encoders": ["--general-encoder", "{general}", "--relation", "encoders",
                                       "--relation-weight", "10"],
     "dual-frozen+relation-ema": ["--general-encoder", "{general}", "--relation", "ema", "--relation-weight", "10"],
+    # The best dual variant of the CPU search (RelSegCore/README.md): general features at the bottleneck only.
+    "dual-frozen+relation-encoders+bottleneck": ["--general-encoder", "{general}", "--relation", "encoders",
+                                                 "--relation-weight", "10", "--fusion-levels", "4"],
 }
 SHIPPED_TARGET_ONLY = "covid-infection-2d-target-only"
 SHIPPED_DEFAULT = "covid-infection-2d"
