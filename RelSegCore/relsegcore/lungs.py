@@ -14,6 +14,8 @@ anterior, increasing x towards the patient's left, z increasing superiorly.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
@@ -188,6 +190,7 @@ def _lung_components(
     volumes = ndimage.sum_labels(np.ones(candidates.shape, np.uint8), components, ids) * voxel_ml
     objects = ndimage.find_objects(components)
 
+    @functools.cache  # the largest components are asked twice: when finding the largest lung, then in the loop
     def is_gas(index: int) -> bool:  # bowel/stomach gas is pure air; lung's lower quartile is not
         mask = components[objects[index]] == index + 1
         return bool(np.percentile(hu[objects[index]][mask], 25) < GAS_QUARTILE_HU)
