@@ -123,7 +123,7 @@ class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def onTimer(self):
         state = self.process.poll()
         self.ui.progressBar.value = int(100 * self.process.fraction)
-        self.ui.stageLabel.text = panel.finished_text(self.process)
+        self.ui.stageLabel.text = panel.status_text(self.process)
         if state == "running":
             return
         self.setRunning(False)
@@ -140,7 +140,7 @@ class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if self.process is not None and self.process.state == "running":
             self.process.cancel()
             self.setRunning(False)
-            self.ui.stageLabel.text = panel.finished_text(self.process)
+            self.ui.stageLabel.text = panel.status_text(self.process)
 
     def setRunning(self, running):
         self.ui.segmentButton.enabled = not running

@@ -27,8 +27,9 @@ def progress_text(process: CommandProcess) -> str:
     return (process.stage or "Starting...") + left
 
 
-def finished_text(process: CommandProcess) -> str:
-    """The line shown when a background run ends (fine-tuning prints its Dice before/after last)."""
+def status_text(process: CommandProcess) -> str:
+    """The stage line for the process's state: progress while running, then the outcome
+    (fine-tuning prints its Dice before/after as its last output line)."""
     if process.state == SUCCEEDED and isinstance(process, SegmentationProcess):
         return "Done."
     if process.state == SUCCEEDED:

@@ -24,10 +24,6 @@ def _expect(condition: bool, message: str) -> None:
         raise AssertionError(message)
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
-
-
 def demo_volume(name: str = "DemoCT"):
     """The synthetic demo CT (seed 0) as a scalar volume node, and its known lung labels (1 left, 2 right)."""
     from relsegcore.demo import make_demo_ct
@@ -47,6 +43,8 @@ def _segment_mask(segmentation, name: str, volume) -> np.ndarray:
 def check_segment_demo_ct(logic, model: str | None = None, device: str = "cpu") -> None:
     """Blocking ``segment``: segment names, lungs against the known masks, infection inside the lungs,
     the table node equal to the pipeline's report."""
+    from relsegcore.metrics import dice as dice_of
+
     volume, known_lungs = demo_volume()
     segmentation = logic.segment(volume, model=model, device=device)
     segments = segmentation.GetSegmentation()
@@ -55,7 +53,7 @@ def check_segment_demo_ct(logic, model: str | None = None, device: str = "cpu") 
     lungs = np.zeros(known_lungs.shape, bool)
     for side, name in ((1, "Left lung"), (2, "Right lung")):
         found = _segment_mask(segmentation, name, volume)
-        dice = _dice(found, known_lungs == side)
+        dice = dice_of(found, known_lungs == side)
         _expect(dice >= LUNG_DICE_MIN, f"{name} Dice {dice:.3f} against the demo's known lung < {LUNG_DICE_MIN}")
         lungs |= found
     for name in names[2:]:

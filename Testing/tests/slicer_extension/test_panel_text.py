@@ -24,19 +24,19 @@ def test_progress_line_shows_stage_then_time_left():
         assert text.startswith("Infection model - about ") and text.endswith(" s left")
     finally:
         process.cancel()
-    assert panel.finished_text(process) == "Cancelled; the scene was not changed."
+    assert panel.status_text(process) == "Cancelled; the scene was not changed."
 
 
 def test_fine_tuning_summary_is_its_last_output_line():
     process = run("print('PROGRESS 0.5 Training'); print('held-out Dice 0.648 -> 0.690; now the default')")
     assert process.wait(timeout_s=60) == "succeeded"
-    assert panel.finished_text(process) == "held-out Dice 0.648 -> 0.690; now the default"
+    assert panel.status_text(process) == "held-out Dice 0.648 -> 0.690; now the default"
 
 
 def test_failure_names_the_error_line():
     process = run("import sys; print('relseg: error: the input is not a CT', file=sys.stderr); sys.exit(2)")
     assert process.wait(timeout_s=60) == "failed"
-    assert panel.finished_text(process) == "Failed: relseg: error: the input is not a CT"
+    assert panel.status_text(process) == "Failed: relseg: error: the input is not a CT"
 
 
 def test_result_cells_and_model_line():
