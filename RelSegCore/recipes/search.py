@@ -29,28 +29,24 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shipped_models import relseg, run_all  # noqa: E402  (a sibling script, not a package)
+from shipped_models import CONFIGS as RECIPE_CONFIGS  # noqa: E402  (a sibling script, not a package)
+from shipped_models import relseg, run_all  # noqa: E402
 
-RELATION_W10 = ["--relation", "encoders", "--relation-weight", "10"]
+SHIPPED_DUAL = RECIPE_CONFIGS["dual-frozen+relation-encoders"]  # general encoder frozen, relation `encoders` w 10
 # name -> (stage-1 sets or None for --general / no general encoder, extra ``relseg train`` arguments)
 CONFIGS: dict[str, tuple[str | None, list[str]]] = {
-    "target-only": (None, []),
-    "dual+relation-w10 (shipped recipe)": (None, ["--general-encoder", "{general}", *RELATION_W10]),
-    "fusion: bottleneck only": (None, ["--general-encoder", "{general}", *RELATION_W10, "--fusion-levels", "4"]),
-    "fusion: three deepest levels": (None, ["--general-encoder", "{general}", *RELATION_W10,
-                                            "--fusion-levels", "2,3,4"]),
-    "general encoder fine-tuned (lr x0.1)": (None, ["--general-encoder", "{general}", *RELATION_W10,
-                                                    "--finetune-general", "--general-lr-scale", "0.1"]),
-    "target encoder started from general": (None, ["--general-encoder", "{general}", *RELATION_W10,
-                                                   "--init-target-from-general"]),
+    "target-only": (None, RECIPE_CONFIGS["target-only"]),
+    "dual+relation-w10 (shipped recipe)": (None, SHIPPED_DUAL),
+    "fusion: bottleneck only": (None, RECIPE_CONFIGS["dual-frozen+relation-encoders+bottleneck"]),
+    "fusion: three deepest levels": (None, [*SHIPPED_DUAL, "--fusion-levels", "2,3,4"]),
+    "general encoder fine-tuned (lr x0.1)": (None, [*SHIPPED_DUAL, "--finetune-general", "--general-lr-scale", "0.1"]),
+    "target encoder started from general": (None, [*SHIPPED_DUAL, "--init-target-from-general"]),
     "relation weight 100": (None, ["--general-encoder", "{general}", "--relation", "encoders",
                                    "--relation-weight", "100"]),
-    "stage 1 here: all sets": ("lidc,pleural-effusion,lung-tumor,msd-patches",
-                               ["--general-encoder", "{general}", *RELATION_W10]),
-    "stage 1 here: LIDC nodules only": ("lidc", ["--general-encoder", "{general}", *RELATION_W10]),
-    "stage 1 here: effusion + tumour volumes": ("pleural-effusion,lung-tumor",
-                                                ["--general-encoder", "{general}", *RELATION_W10]),
-    "stage 1 here: MSD tumour patches only": ("msd-patches", ["--general-encoder", "{general}", *RELATION_W10]),
+    "stage 1 here: all sets": ("lidc,pleural-effusion,lung-tumor,msd-patches", SHIPPED_DUAL),
+    "stage 1 here: LIDC nodules only": ("lidc", SHIPPED_DUAL),
+    "stage 1 here: effusion + tumour volumes": ("pleural-effusion,lung-tumor", SHIPPED_DUAL),
+    "stage 1 here: MSD tumour patches only": ("msd-patches", SHIPPED_DUAL),
 }
 
 
@@ -97,12 +93,11 @@ def main() -> int:
     folds = [int(k) for k in args.folds.split(",")]
     names = args.only.split(",") if args.only else list(CONFIGS)
 
-    generals = {name: args.general if CONFIGS[name][0] is None else stage1_command(args, CONFIGS[name][0])[0]
-                for name in names}
+    stage1 = {sets: stage1_command(args, sets) for sets in {CONFIGS[name][0] for name in names} - {None}}
+    generals = {name: args.general if CONFIGS[name][0] is None else stage1[CONFIGS[name][0]][0] for name in names}
     if not args.report_only:
-        stage1 = [stage1_command(args, sets)[1] for sets in {CONFIGS[name][0] for name in names} - {None}
-                  if not stage1_command(args, sets)[0].is_file()]
-        run_all(stage1, args.jobs, args.out / "logs" / "stage1")
+        run_all([command for model, command in stage1.values() if not model.is_file()], args.jobs,
+                args.out / "logs" / "stage1")
         # Fold by fold, so that a stopped search leaves every configuration compared on the same folds.
         pending = [train_command(args, name, generals[name], k) for k in folds for name in names
                    if fold_dice(args, name, k) is None]
