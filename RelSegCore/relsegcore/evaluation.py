@@ -14,40 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from .data.intensity import resize_slices
-from .data.readers import needs_transpose, read_mask_picture
+from .data.readers import find_picture_pairs, find_volume_pairs, needs_transpose, read_gray_picture, read_mask_picture
 from .errors import InputError
 from .inference import predict_slices
 from .metrics import case_metrics, summarise
 from .progress import Progress
 from .zoo import LoadedModel
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (*VOLUME_SUFFIXES, *IMAGE_SUFFIXES):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
-def paired_files(images_dir: Path, masks_dir: Path, suffixes: tuple[str, ...]) -> list[tuple[str, Path, Path]]:
-    """(case name, image, mask) for every image whose stem has a mask; error if none pair up."""
-    images_dir, masks_dir = Path(images_dir), Path(masks_dir)
-    for folder in (images_dir, masks_dir):
-        if not folder.is_dir():
-            raise InputError(f"folder not found: {folder}")
-    masks = {_stem(p): p for p in masks_dir.iterdir() if p.name.lower().endswith(suffixes)}
-    pairs = [(_stem(p), p, masks[_stem(p)]) for p in sorted(images_dir.iterdir())
-             if p.name.lower().endswith(suffixes) and _stem(p) in masks]
-    if not pairs:
-        raise InputError(f"no image in {images_dir} has a mask with the same name in {masks_dir}")
-    return pairs
 
 
 def predict_image(loaded: LoadedModel, image: np.ndarray, tta: bool = False) -> np.ndarray:
@@ -61,11 +35,6 @@ def predict_image(loaded: LoadedModel, image: np.ndarray, tta: bool = False) -> 
     return native.argmax(1)[0].numpy().astype(np.uint8)
 
 
-def read_gray(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("L"))
-
-
 def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path, tta: bool = False,
                           orientation: str = "auto", progress: Progress | None = None) -> dict:
     """Per-slice and mean Dice, sensitivity, specificity (NSD/HD95 in pixels: 2D slices carry no spacing).
@@ -75,8 +44,8 @@ def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path
     """
     multiclass = len(loaded.card.classes) > 2
     labels = {name.replace(" ", "_").replace("-", "_"): i for i, name in enumerate(loaded.card.classes) if i}
-    pairs = paired_files(images_dir, masks_dir, IMAGE_SUFFIXES)
-    images = [read_gray(image_path) for _, image_path, _ in pairs]
+    pairs = find_picture_pairs(images_dir, masks_dir)
+    images = [read_gray_picture(image_path) for _, image_path, _ in pairs]
     transpose = needs_transpose(np.stack([resize_slices(image[None], 64)[0] for image in images]), orientation)
     cases = []
     for index, ((name, _, mask_path), image) in enumerate(zip(pairs, images, strict=True)):
@@ -98,7 +67,7 @@ def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path
 def evaluate_volumes(loaded_name: str | os.PathLike, images_dir: Path, masks_dir: Path, device: str = "auto",
                      tta: bool = False, tolerance_mm: float = 3.0, progress: Progress | None = None) -> dict:
     """Infection metrics on CT volumes through the full ``segment`` pipeline (lungs, crop, model)."""
-    pairs = paired_files(images_dir, masks_dir, VOLUME_SUFFIXES)
+    pairs = find_volume_pairs(images_dir, masks_dir, "", "")
     return evaluate_volume_cases(loaded_name, pairs, device=device, tta=tta, tolerance_mm=tolerance_mm,
                                  progress=progress)
 

@@ -106,28 +106,40 @@ def read_image_folder(
     slices are; ``"auto"`` decides for the whole folder from where the mediastinum lies.
     """
     root = Path(root)
-    images = _pictures(root / image_dir)
-    masks = _pictures(root / mask_dir)
-    if not images:
-        raise InputError(f"no images (*.png, *.jpg) found in {root / image_dir}")
-    missing = sorted(set(images) - set(masks), key=_natural_key)
-    if missing:
-        raise InputError(f"{len(missing)} image(s) in {root / image_dir} have no mask of the same name in "
-                         f"{root / mask_dir}, for example {missing[0]!r}")
-    stems = sorted(images, key=_natural_key)[:limit]
+    pairs = find_picture_pairs(root / image_dir, root / mask_dir)[:limit]
     pictures, labels = [], []
-    for stem in stems:
-        image = np.asarray(Image.open(images[stem]).convert("L"))
-        mask = read_mask_picture(masks[stem], multiclass)
+    for _, image_path, mask_path in pairs:
+        image = read_gray_picture(image_path)
+        mask = read_mask_picture(mask_path, multiclass)
         if image.shape != mask.shape:
-            raise InputError(f"image {images[stem].name} is {image.shape} but its mask is {mask.shape}")
+            raise InputError(f"image {image_path.name} is {image.shape} but its mask is {mask.shape}")
         pictures.append(resize_slices(image[None], size, order=1)[0])
         labels.append(resize_slices(mask[None], size, order=0)[0])
     stacked_images, stacked_masks = np.stack(pictures), np.stack(labels)
     if needs_transpose(stacked_images, orientation):
         stacked_images = np.ascontiguousarray(stacked_images.transpose(0, 2, 1))
         stacked_masks = np.ascontiguousarray(stacked_masks.transpose(0, 2, 1))
-    return SliceSet(stacked_images, stacked_masks, [f"{root.name}/{stem}" for stem in stems], root.name)
+    return SliceSet(stacked_images, stacked_masks, [f"{root.name}/{stem}" for stem, _, _ in pairs], root.name)
+
+
+def find_picture_pairs(images_dir: str | os.PathLike, masks_dir: str | os.PathLike) -> list[tuple[str, Path, Path]]:
+    """``(stem, image, mask)`` for every picture in ``images_dir``, in natural order; an image without a
+    mask of the same stem is an error (a silently skipped slice would change every mean)."""
+    images_dir, masks_dir = Path(images_dir), Path(masks_dir)
+    images, masks = _pictures(images_dir), _pictures(masks_dir)
+    if not images:
+        raise InputError(f"no images (*.png, *.jpg) found in {images_dir}")
+    missing = sorted(set(images) - set(masks), key=_natural_key)
+    if missing:
+        raise InputError(f"{len(missing)} image(s) in {images_dir} have no mask of the same name in "
+                         f"{masks_dir}, for example {missing[0]!r}")
+    return [(stem, images[stem], masks[stem]) for stem in sorted(images, key=_natural_key)]
+
+
+def read_gray_picture(path: Path) -> np.ndarray:
+    """A picture as 8-bit grey, whatever its mode (RGB screenshots of CT are grey in all channels)."""
+    with Image.open(path) as picture:
+        return np.asarray(picture.convert("L"))
 
 
 def _pictures(folder: Path) -> dict[str, Path]:

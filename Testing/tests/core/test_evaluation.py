@@ -72,7 +72,19 @@ def test_missing_masks_folder_is_one_clear_error(tmp_path, capsys):
     code = main(["evaluate", "--model", str(tmp_path / "constant.pt"), "--images", str(tmp_path / "data/images"),
                  "--masks", str(tmp_path / "nowhere"), "--device", "cpu"])
     assert code == 2
-    assert "folder not found" in capsys.readouterr().err
+    assert f"the folder {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
+def test_an_image_without_a_mask_is_an_error_not_a_skipped_slice(tmp_path, capsys):
+    """Skipping it silently would change the mean Dice without a word."""
+    write_folder(tmp_path / "data", [((20, 20), 5), ((20, 20), 5)])
+    (tmp_path / "data" / "masks" / "1.png").unlink()
+    constant_model(tmp_path, foreground=True)
+    code = main(["evaluate", "--model", str(tmp_path / "constant.pt"), "--images", str(tmp_path / "data/images"),
+                 "--masks", str(tmp_path / "data/masks"), "--device", "cpu"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "1 image(s)" in err and "'1'" in err and "Traceback" not in err
 
 
 def test_masks_stored_as_0_and_1_are_read_like_0_and_255(tmp_path):
@@ -82,3 +94,32 @@ def test_masks_stored_as_0_and_1_are_read_like_0_and_255(tmp_path):
     result = evaluate_image_folder(constant_model(tmp_path, foreground=True), tmp_path / "data" / "images",
                                    tmp_path / "data" / "masks")
     assert result["per_case"][0]["dice"] == pytest.approx(2 * 0.25 / 1.25)
+
+
+def test_cli_scores_volumes_in_mm_through_the_segment_pipeline(tmp_path, capsys):
+    """A model that calls everything infection predicts exactly the lungs (infection is kept inside them),
+    so its Dice against the demo's lesions is the lesions' share of the lungs, computed here independently."""
+    import SimpleITK as sitk
+
+    from relsegcore.demo import make_demo_ct
+    from relsegcore.lungs import segment_lungs
+
+    case = make_demo_ct(seed=1, shape=(40, 192, 192), spacing=(1.8, 1.8, 5.0))
+    (tmp_path / "ct").mkdir()
+    (tmp_path / "labels").mkdir()
+    sitk.WriteImage(case.image, str(tmp_path / "ct" / "case1.nii.gz"))
+    sitk.WriteImage(case.infection, str(tmp_path / "labels" / "case1.nii.gz"))
+    constant_model(tmp_path, foreground=True)
+    code = main(["evaluate", "--model", str(tmp_path / "constant.pt"), "--volumes", "--images", str(tmp_path / "ct"),
+                 "--masks", str(tmp_path / "labels"), "--json", str(tmp_path / "out.json"), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "out.json").read_text())
+    lungs = sitk.GetArrayFromImage(segment_lungs(case.image)) > 0
+    lesions = sitk.GetArrayFromImage(case.infection) > 0
+    expected = 2.0 * (lungs & lesions).sum() / (lungs.sum() + lesions.sum())
+    assert 0.0 < expected < 0.5
+    assert result["units"] == "mm" and result["tolerance_mm"] == 3.0
+    assert [c["case"] for c in result["per_case"]] == ["case1"]
+    assert result["per_case"][0]["dice"] == pytest.approx(expected, abs=1e-6)
+    assert result["per_case"][0]["sensitivity"] == pytest.approx((lungs & lesions).sum() / lesions.sum(), abs=1e-6)
+    assert result["per_case"][0]["hd95"] > 0.0
