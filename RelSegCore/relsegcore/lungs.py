@@ -5,8 +5,8 @@ infected parts included. The method is classic and fast: air inside the body, mi
 trachea and main bronchi, split into left and right, then vessels and dense infection
 brought back by hole filling and by closings (in-plane, and along z for consolidation on the
 pleura) restricted to soft-tissue values. Decisions
-(components, airway, sides) are taken on an in-plane downsampled grid (about 1.4 mm) and
-the masks are brought back to full resolution by linear interpolation of each lung.
+(components, airway, sides) are taken on an in-plane downsampled grid (about 1.4 mm); back at
+full resolution, the rim of each lung is decided again from the full-resolution HU.
 
 Arrays are ``(z, y, x)`` in the canonical orientation of ``imageio.to_canonical``: row 0
 anterior, increasing x towards the patient's left, z increasing superiorly.
@@ -58,7 +58,7 @@ def segment_lungs_array(hu: np.ndarray, spacing_xyz: tuple[float, float, float])
     labels = _lung_labels(small, work_spacing)
     if factor == 1:
         return labels
-    return _upsample_labels(labels, hu.shape, factor)
+    return _upsample_labels(labels, hu, factor)
 
 
 def _lung_labels(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
@@ -88,9 +88,12 @@ def _downsample_inplane(hu: np.ndarray, factor: int) -> np.ndarray:
     return blocks.mean(axis=(2, 4), dtype=np.float32)
 
 
-def _upsample_labels(labels: np.ndarray, shape: tuple[int, ...], factor: int) -> np.ndarray:
-    """Each lung mask interpolated linearly in-plane and cut at 0.5: smooth full-resolution edges."""
-    out = np.zeros(shape, np.uint8)
+def _upsample_labels(labels: np.ndarray, hu: np.ndarray, factor: int) -> np.ndarray:
+    """Each lung mask at full resolution: inside stays inside, outside stays outside, and the rim
+    where the coarse mask is interpolated (between 0 and 1, about one coarse pixel wide) is decided by
+    the full-resolution HU (lung where it is air). Thin lung slivers at the bases and the lung edge
+    then follow the CT, not the 1.4 mm grid; a consolidation on the pleura loses at most that rim."""
+    out = np.zeros(hu.shape, np.uint8)
     for side in (LEFT_LUNG, RIGHT_LUNG):
         mask = labels == side
         if not mask.any():
@@ -104,7 +107,10 @@ def _upsample_labels(labels: np.ndarray, shape: tuple[int, ...], factor: int) ->
             slice(box[2].start * factor, box[2].start * factor + zoomed.shape[2]),
         )
         region = out[target]
-        keep = zoomed[:, : region.shape[1], : region.shape[2]] >= 0.5
+        zoomed = zoomed[:, : region.shape[1], : region.shape[2]]
+        inside = zoomed > 0.99  # interpolated ones (up to rounding)
+        rim = (zoomed > 0.01) & ~inside
+        keep = inside | (rim & (hu[target] < AIR_HU))
         region[keep & (region == 0)] = side
     return out
 
