@@ -31,6 +31,11 @@ from pathlib import Path
 from relsegcore.crossval import fold_indices
 from relsegcore.data.readers import read_image_folder
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "RelSegCore" / "recipes"))
+from shipped_models import CONFIGS  # noqa: E402  (the recipe's own arguments: one definition of "shipped dual")
+
+SHIPPED_DUAL = CONFIGS["dual-frozen+relation-encoders"]  # the configuration of covid-infection-2d 1.0.0
+
 
 def split(data: Path, out: Path) -> dict[str, list[str]]:
     """Link the 50 slices into ``out/{base,finetune,holdout}/{images,masks}`` by fold."""
@@ -77,7 +82,7 @@ def main() -> int:
     base = base_dir / "run" / "base-model.pt"
     if not base.is_file():
         relseg("train", "--images", str(base_dir / "images"), "--masks", str(base_dir / "masks"),
-               "--general-encoder", str(args.general), "--relation", "encoders", "--relation-weight", "10",
+               *[a.replace("{general}", str(args.general)) for a in SHIPPED_DUAL],
                "--iterations", str(args.iterations), "--batch-size", str(args.batch_size), "--device", args.device,
                "--out", str(base_dir / "run"), "--export", "base-model")
     tuned = args.out / "finetuned.pt"
