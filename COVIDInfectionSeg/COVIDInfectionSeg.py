@@ -12,6 +12,7 @@ from slicer.util import VTKObservationMixin
 
 import COVIDInfectionSegLib as Lib
 from COVIDInfectionSegLib import learning, models, panel, selftest
+from COVIDInfectionSegLib.process import FAILED, RUNNING, SUCCEEDED
 
 
 class COVIDInfectionSeg(ScriptedLoadableModule):
@@ -124,20 +125,20 @@ class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         state = self.process.poll()
         self.ui.progressBar.value = int(100 * self.process.fraction)
         self.ui.stageLabel.text = panel.status_text(self.process)
-        if state == "running":
+        if state == RUNNING:
             return
         self.setRunning(False)
-        if state == "succeeded" and isinstance(self.process, Lib.SegmentationProcess):
+        if state == SUCCEEDED and isinstance(self.process, Lib.SegmentationProcess):
             self._parameterNode.outputSegmentation = self.process.output_segmentation
             self.showResults()
-        elif state == "succeeded":
+        elif state == SUCCEEDED:
             self.refreshModels()
             self.ui.correctionsLabel.text = self.ui.stageLabel.text
-        elif state == "failed":
+        elif state == FAILED:
             slicer.util.errorDisplay(self.ui.stageLabel.text)
 
     def onCancel(self):
-        if self.process is not None and self.process.state == "running":
+        if self.process is not None and self.process.state == RUNNING:
             self.process.cancel()
             self.setRunning(False)
             self.ui.stageLabel.text = panel.status_text(self.process)
