@@ -103,15 +103,21 @@ def main() -> int:
                    if fold_dice(args, name, k) is None]
         run_all(pending, args.jobs, args.out / "logs" / "stage2")  # all at once: a GPU runs many side by side
 
-    rows, table = {}, ["| configuration | " + " | ".join(f"fold {k}" for k in folds) + " | mean |",
-                       "|---" * (len(folds) + 2) + "|"]
+    rows, table = {}, ["| configuration | " + " | ".join(f"fold {k}" for k in folds) + " | mean | vs target-only |",
+                       "|---" * (len(folds) + 3) + "|"]
+    baseline = [fold_dice(args, "target-only", k) for k in folds]
     for name in names:
         dice = [fold_dice(args, name, k) for k in folds]
         done = [d for d in dice if d is not None]
+        # Paired by fold: the same 10 validation slices on both sides, so fold difficulty cancels.
+        paired = [d - b for d, b in zip(dice, baseline, strict=True) if d is not None and b is not None]
         rows[name] = {"fold_dice": dice, "mean_dice": statistics.fmean(done) if done else None,
+                      "mean_difference_vs_target_only": statistics.fmean(paired) if paired else None,
                       "command": "relseg " + " ".join(train_command(args, name, Path("GENERAL.pt"), folds[0])[3:])}
         cells = ["-" if d is None else f"{d:.4f}" for d in [*dice, rows[name]["mean_dice"]]]
-        table.append(f"| {name} | " + " | ".join(cells) + " |")
+        difference = "-" if not paired or name == "target-only" else \
+            f"{100 * statistics.fmean(paired):+.2f} points ({len(paired)} fold{'s' * (len(paired) > 1)})"
+        table.append(f"| {name} | " + " | ".join(cells) + f" | {difference} |")
     (args.out / "search.md").write_text("\n".join(table) + "\n")
     (args.out / "search.json").write_text(json.dumps(
         {"iterations": args.iterations, "batch_size": args.batch_size, "device": args.device, "folds": folds,
