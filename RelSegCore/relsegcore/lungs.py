@@ -58,7 +58,7 @@ def segment_lungs_array(hu: np.ndarray, spacing_xyz: tuple[float, float, float])
     labels = _lung_labels(small, work_spacing)
     if factor == 1:
         return labels
-    return _upsample_labels(labels, hu, factor)
+    return _upsample_labels(labels, small >= AIR_HU, hu, factor)
 
 
 def _lung_labels(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
@@ -88,19 +88,23 @@ def _downsample_inplane(hu: np.ndarray, factor: int) -> np.ndarray:
     return blocks.mean(axis=(2, 4), dtype=np.float32)
 
 
-def _upsample_labels(labels: np.ndarray, hu: np.ndarray, factor: int) -> np.ndarray:
-    """Each lung mask at full resolution: inside stays inside, outside stays outside, and the rim
-    where the coarse mask is interpolated (between 0 and 1, about one coarse pixel wide) is decided by
-    the full-resolution HU (lung where it is air). Thin lung slivers at the bases and the lung edge
-    then follow the CT, not the 1.4 mm grid; a consolidation on the pleura loses at most that rim."""
+def _upsample_labels(labels: np.ndarray, dense: np.ndarray, hu: np.ndarray, factor: int) -> np.ndarray:
+    """Each lung mask at full resolution, its rim (about one coarse cell wide) decided again there.
+
+    Where the coarse mask's edge cell is air, a full-resolution pixel of the rim is lung when it is
+    air: thin slivers at the bases and the pleural edge follow the CT, not the 1.4 mm grid. Where
+    the edge cell is dense (consolidation, tumour brought in by the closings), the rim is the
+    interpolated mask cut at 0.5, since HU cannot tell it from the chest wall.
+    """
     out = np.zeros(hu.shape, np.uint8)
     for side in (LEFT_LUNG, RIGHT_LUNG):
         mask = labels == side
         if not mask.any():
             continue
         box = _bounding_box(mask, margin=2)
-        crop = mask[box].astype(np.float32)
-        zoomed = ndimage.zoom(crop, (1, factor, factor), order=1, grid_mode=True, mode="grid-constant")
+        zoomed = ndimage.zoom(mask[box].astype(np.float32), (1, factor, factor), order=1, grid_mode=True,
+                              mode="grid-constant")
+        dense_cells = np.repeat(np.repeat(mask[box] & dense[box], factor, axis=1), factor, axis=2)
         target = (
             box[0],
             slice(box[1].start * factor, box[1].start * factor + zoomed.shape[1]),
@@ -108,9 +112,10 @@ def _upsample_labels(labels: np.ndarray, hu: np.ndarray, factor: int) -> np.ndar
         )
         region = out[target]
         zoomed = zoomed[:, : region.shape[1], : region.shape[2]]
+        dense_cells = dense_cells[:, : region.shape[1], : region.shape[2]]
         inside = zoomed > 0.99  # interpolated ones (up to rounding)
         rim = (zoomed > 0.01) & ~inside
-        keep = inside | (rim & (hu[target] < AIR_HU))
+        keep = inside | (rim & (hu[target] < AIR_HU)) | (rim & dense_cells & (zoomed >= 0.5))
         region[keep & (region == 0)] = side
     return out
 

@@ -48,7 +48,7 @@ def test_lung_base_slice_does_not_take_stomach_gas_for_lung(shared_data):
     assert not (labels > 0)[gas].any()
     assert (labels > 0).sum() < 3 * (data["lung_mask"] > 0).sum()
     # The slivers are kept although the gas bubble is far larger (0.56 before that fix; 0.70 with it;
-    # 0.73 since the rim of each lung follows the full-resolution HU).
+    # 0.74 since the rim of each lung follows the full-resolution HU).
     assert dice(labels == RIGHT_LUNG, data["lung_mask"] == RIGHT_LUNG) >= 0.72
 
 
@@ -64,6 +64,21 @@ def test_lung_rim_follows_the_ct_at_full_resolution_not_the_coarse_grid():
     body_air = air.copy()
     body_air[:, :, :3] = body_air[:, :, -3:] = body_air[:, :3, :] = body_air[:, -3:, :] = False
     assert np.array_equal(labels > 0, body_air)
+
+
+def test_dense_lung_edge_keeps_the_interpolated_rim_that_hu_cannot_decide():
+    """Consolidation on the pleura looks like chest wall in HU: where the coarse edge cell is dense,
+    the rim is the interpolated mask, not cut away by the air test."""
+    from relsegcore.lungs import _upsample_labels
+
+    coarse = np.zeros((1, 10, 10), np.uint8)
+    coarse[0, 3:7, 3:7] = LEFT_LUNG
+    hu = np.full((1, 20, 20), 40.0, np.float32)  # all soft-tissue values at full resolution
+    dense = np.ones((1, 10, 10), bool)
+    kept = _upsample_labels(coarse, dense, hu, factor=2)
+    assert (kept == LEFT_LUNG).sum() == 64  # the 8x8 full-resolution square of the 4x4 coarse cells
+    aerated = _upsample_labels(coarse, ~dense, hu, factor=2)
+    assert (aerated == LEFT_LUNG).sum() < 64  # an air edge cell: the soft-tissue rim is not lung
 
 
 def test_real_volume_lobes_match_totalsegmentator(shared_data):
