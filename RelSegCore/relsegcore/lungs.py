@@ -102,9 +102,10 @@ def _upsample_labels(labels: np.ndarray, dense: np.ndarray, hu: np.ndarray, fact
         if not mask.any():
             continue
         box = _bounding_box(mask, margin=2)
-        zoomed = ndimage.zoom(mask[box].astype(np.float32), (1, factor, factor), order=1, grid_mode=True,
+        crop = mask[box]
+        zoomed = ndimage.zoom(crop.astype(np.float32), (1, factor, factor), order=1, grid_mode=True,
                               mode="grid-constant")
-        dense_cells = np.repeat(np.repeat(mask[box] & dense[box], factor, axis=1), factor, axis=2)
+        dense_cells = np.repeat(np.repeat(crop & dense[box], factor, axis=1), factor, axis=2)
         target = (
             box[0],
             slice(box[1].start * factor, box[1].start * factor + zoomed.shape[1]),

@@ -29,14 +29,12 @@ from relsegcore.training import load_checkpoint
 def fold_model(fold_dir: Path, folder: Path) -> zoo.LoadedModel:
     """The fold's final weights as a model file with a card, loaded the way ``relseg evaluate`` loads one."""
     checkpoint = load_checkpoint(fold_dir / "checkpoint.pt")
-    network_config = NetworkConfig(**checkpoint["config"]["network"])
-    network = DualEncoderUNet(network_config)
+    network = DualEncoderUNet(NetworkConfig(**checkpoint["config"]["network"]))
     network.load_state_dict(checkpoint["model"])
     card = zoo.ModelCard(name="fold", version="0", description=str(fold_dir), file="", sha256="",
-                         architecture=vars(network_config), classes=["background", "infection"],
+                         architecture={}, classes=["background", "infection"],  # save_model fills the architecture
                          preprocessing={"input_size": 256})
-    zoo.save_model(network, card, folder)
-    return zoo.load_model(folder / "fold.pt", torch.device("cpu"))
+    return zoo.load_model(zoo.save_model(network, card, folder), torch.device("cpu"))
 
 
 def validation_folder(fold_dir: Path, data: Path, folder: Path) -> None:
