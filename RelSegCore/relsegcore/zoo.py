@@ -7,8 +7,9 @@ weights is loading code.
 
 Models are looked up, in order, in the user's registry (``$RELSEG_HOME/models``, default
 ``~/.relseg/models``), folders named in ``$RELSEG_MODELS_DIR`` (``os.pathsep``-separated;
-the Slicer module sets it to the extension's ``Resources/Models``), and the source
-checkout's ``Resources/Models``.
+the Slicer module sets it to the extension's ``Resources/Models``), then the shipped models:
+the copy a wheel carries (``relsegcore/shipped_models``, put there by setup.py) or, in a
+source checkout, ``Resources/Models``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from .fileutil import atomic_path, atomic_write_text, sha256_of
 from .models import DualEncoderUNet, NetworkConfig
 
 DEFAULT_MODEL = "covid-infection-2d"
+PACKAGED_MODELS_DIR = Path(__file__).resolve().parent / "shipped_models"
 CHECKOUT_MODELS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Models"
+SHIPPED_MODELS_DIRS = (PACKAGED_MODELS_DIR, CHECKOUT_MODELS_DIR)
 
 
 @dataclass
@@ -81,7 +84,7 @@ def user_home() -> Path:
 def models_dirs() -> list[Path]:
     dirs = [user_home() / "models"]
     dirs += [Path(p) for p in os.environ.get("RELSEG_MODELS_DIR", "").split(os.pathsep) if p]
-    dirs.append(CHECKOUT_MODELS_DIR)
+    dirs += SHIPPED_MODELS_DIRS
     return [d for i, d in enumerate(dirs) if d.is_dir() and d not in dirs[:i]]
 
 

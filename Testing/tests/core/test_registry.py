@@ -27,13 +27,13 @@ def make_model(directory, name, version="1.0", parent=None, seed=0, metrics=None
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
-    """RELSEG_HOME in tmp_path, two shipped models, nothing from the checkout's Resources/Models."""
+    """RELSEG_HOME in tmp_path, two shipped models, none of the real shipped models."""
     shipped = tmp_path / "shipped"
     make_model(shipped, "covid-infection-2d", seed=1, metrics={"folds": {"dice": {"mean": 0.71, "sd": 0.1}}})
     make_model(shipped, "covid-infection-3class", seed=2)
     monkeypatch.setenv("RELSEG_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RELSEG_MODELS_DIR", str(shipped))
-    monkeypatch.setattr(zoo, "CHECKOUT_MODELS_DIR", tmp_path / "no-checkout-models")
+    monkeypatch.setattr(zoo, "SHIPPED_MODELS_DIRS", ())
     return tmp_path / "home"
 
 
