@@ -45,6 +45,7 @@ def source_copy(repo_root, tmp_path_factory) -> Path:
 
 
 def build_wheel(source: Path, out_dir: Path) -> Path:
+    pytest.importorskip("setuptools", minversion="77")  # pyproject's build requirement (SPDX license)
     pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
     subprocess.run([*pip_wheel, "-w", str(out_dir), str(source)], check=True, capture_output=True)
     (wheel,) = out_dir.glob("relsegcore-*.whl")
@@ -74,6 +75,7 @@ def test_wheel_installs_a_relseg_that_loads_its_verified_default_model(source_co
 
 
 def test_sdist_carries_the_models_into_a_wheel_built_away_from_the_checkout(source_copy, shipped_cards, tmp_path):
+    pytest.importorskip("setuptools", minversion="77")
     build_sdist = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
     result = subprocess.run([sys.executable, "-c", build_sdist, str(tmp_path)], cwd=source_copy,
                             check=True, capture_output=True, text=True)
