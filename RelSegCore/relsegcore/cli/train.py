@@ -140,19 +140,23 @@ def _load_target(args: argparse.Namespace):
                              multiclass=args.multiclass)
 
 
+def stage2_config(args: argparse.Namespace) -> TrainConfig:
+    """The training configuration a ``relseg train`` command line stands for (model cards record the line)."""
+    return _config(
+        args, args.out, _network(args, 3 if args.multiclass else 2, general=args.general_encoder is not None),
+        general_encoder=args.general_encoder, freeze_general=not args.finetune_general,
+        general_lr_scale=args.general_lr_scale, init_target_from_general=args.init_target_from_general,
+        relation=RelationConfig(reading=args.relation, weight=args.relation_weight, level=args.relation_level),
+    )
+
+
 def run_train(args: argparse.Namespace) -> int:
     if args.cross_validate:
         return _cross_validate(args)
     data = _load_target(args)
     num_classes = 3 if args.multiclass else 2
     masks = data.masks if args.multiclass else (data.masks > 0).astype("uint8")
-    general = args.general_encoder is not None
-    config = _config(
-        args, args.out, _network(args, num_classes, general),
-        general_encoder=args.general_encoder, freeze_general=not args.finetune_general,
-        general_lr_scale=args.general_lr_scale, init_target_from_general=args.init_target_from_general,
-        relation=RelationConfig(reading=args.relation, weight=args.relation_weight, level=args.relation_level),
-    )
+    config = stage2_config(args)
     if args.fold is not None:
         train_idx, val_idx = train_val_split(len(data), args.folds, args.fold, seed=0)
         result = train(config, data.images[train_idx], masks[train_idx], data.images[val_idx], masks[val_idx],

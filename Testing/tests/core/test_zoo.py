@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shlex
 
 import pytest
 import torch
@@ -76,6 +77,22 @@ def test_shipped_models_load_and_state_their_provenance(name, monkeypatch, tmp_p
     assert card.clinical is False
     loaded = zoo.load_model(name, torch.device("cpu"))
     assert (loaded.network.general_encoder is not None) == (name == "covid-infection-2d")
+
+
+@pytest.mark.parametrize("name", ["covid-infection-2d", "covid-infection-2d-target-only"])
+def test_shipped_model_card_command_still_means_its_recorded_training(name, monkeypatch, tmp_path):
+    """The card's command is how the model is reproduced: today's ``relseg`` must read it as the same
+    configuration the model was trained with (a renamed flag or a changed default would break that)."""
+    from relsegcore.cli import build_parser
+    from relsegcore.cli.train import stage2_config
+
+    monkeypatch.setenv("RELSEG_HOME", str(tmp_path))
+    training = zoo.find_model(name).training
+    args = build_parser().parse_args(shlex.split(training["command"])[1:])
+    assert stage2_config(args).to_dict() == training["config"]
+    for command in (training.get("general_encoder") or {}).values():
+        if isinstance(command, str) and command.startswith("relseg "):
+            assert build_parser().parse_args(shlex.split(command)[1:]).command == "pretrain-general"
 
 
 def test_default_model_is_the_registry_default(monkeypatch, tmp_path):
