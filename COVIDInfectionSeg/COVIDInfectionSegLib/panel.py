@@ -47,8 +47,9 @@ def result_cells(measurement: dict) -> list[list[str]]:
 
 
 def model_info_text(report: dict | None) -> str:
-    """Which model made the result, and where it ran (from the report stored on the segmentation)."""
+    """Which model made the result, where it ran, and the report's warnings (from the report stored on the
+    segmentation)."""
     report = report or {}
     model = report.get("model", {})
-    return f"Model {model.get('name', '?')} {model.get('version', '')} on {report.get('device', '?')}".replace(
-        "  ", " ")
+    text = f"Model {model.get('name', '?')} {model.get('version', '')}".strip() + f" on {report.get('device', '?')}"
+    return "\n".join([text, *(f"Warning: {warning}" for warning in report.get("warnings", []))])

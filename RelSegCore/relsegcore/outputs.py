@@ -201,6 +201,28 @@ def _percent(part_ml: float, whole_ml: float) -> float | None:
     return 100.0 * part_ml / whole_ml if whole_ml > 0 else None
 
 
+WHOLE_LUNGS_MIN_ML = 1500.0  # an adult pair of lungs holds about 3-7 L; far less means chest is missing from the scan
+
+
+def coverage_warnings(lung_ml: dict[str, float]) -> list[str]:
+    """Why the percentages may not describe the patient's whole lungs: a lung not found, or too little lung.
+
+    The volumes are still right for what was found; the warnings say what a reader of the
+    percentages must know (an abdominal scan with the lung bases gives "50 %" of 1 mL).
+    """
+    warnings = [
+        f"No {side} lung was found, so its percentage is not given."
+        for side, other in (("left", "right"), ("right", "left"))
+        if lung_ml[f"{side}_ml"] == 0 and lung_ml[f"{other}_ml"] > 0
+    ]
+    if 0 < lung_ml["total_ml"] < WHOLE_LUNGS_MIN_ML:
+        warnings.append(
+            f"The lungs found total {lung_ml['total_ml']:.0f} mL, far less than a whole adult pair (about 3-7 L): "
+            "the scan may not cover the whole chest, and the percentages describe only the lung it shows."
+        )
+    return warnings
+
+
 def compute_report(lungs: sitk.Image, infection: sitk.Image, class_names: list[str]) -> dict:
     """Lung and infection volumes and the percentage of opacity.
 
@@ -214,6 +236,7 @@ def compute_report(lungs: sitk.Image, infection: sitk.Image, class_names: list[s
         percent_opacity: {left, right, overall}      infected / lung volume * 100
         percent_high_opacity: {left, right, overall} consolidation / lung volume * 100,
                               or None without a consolidation class
+        warnings: [text, ...]                        see ``coverage_warnings`` (empty: none)
 
     Class keys are ``infection``, ``ground_glass``, ``consolidation`` (see terminology).
     A percentage is None when its lung volume is 0. Model and device fields are the caller's.
@@ -250,6 +273,7 @@ def compute_report(lungs: sitk.Image, infection: sitk.Image, class_names: list[s
         "infection": {**infected, "outside_lungs_ml": outside, "classes": classes},
         "percent_opacity": percentages(infected),
         "percent_high_opacity": percentages(classes["consolidation"]) if "consolidation" in classes else None,
+        "warnings": coverage_warnings(lung_ml),
     }
 
 

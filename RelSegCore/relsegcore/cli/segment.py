@@ -144,8 +144,9 @@ def print_outputs(paths: dict[str, Path]) -> None:
         print(f"  {path}")
     series = report.get("dicom_series")
     if series:
-        print(f"DICOM series: {series['description'] or 'no description'} (number {series['number'] or '?'}, "
-              f"UID {series['uid'] or 'none'}, {series['files']} files)")
+        details = [f"{label} {series[key]}" for key, label in (("number", "number"), ("uid", "UID")) if series[key]]
+        details.append(f"{series['files']} files")
+        print(f"DICOM series: {series['description'] or 'no description'} ({', '.join(details)})")
     lungs, infection, opacity = report["lungs"], report["infection"], report["percent_opacity"]
     print(f"Lungs:     left {lungs['left_ml']:.0f} mL, right {lungs['right_ml']:.0f} mL, "
           f"total {lungs['total_ml']:.0f} mL")
@@ -154,6 +155,8 @@ def print_outputs(paths: dict[str, Path]) -> None:
     high = report.get("percent_high_opacity")
     if high:
         print(f"High opacity (consolidation): {_percent(high['overall'])} of lung volume")
+    for warning in report.get("warnings", []):
+        print(f"Warning: {warning}")
     model = report["model"]
     print(f"Model: {model['name']} {model['version']} on {report['device']}, {report['timing_s']['total']:.1f} s")
 

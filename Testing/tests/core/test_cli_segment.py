@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import subprocess
@@ -49,6 +50,21 @@ def test_one_ct_file_writes_every_output_and_prints_the_numbers(ct_file, model_p
     assert re.search(r"Lungs: +left \d+ mL, right \d+ mL, total \d+ mL", printed)
     assert re.search(r"Infection: [\d.]+ mL, [\d.]+ % of lung volume", printed)
     assert "tiny-test-model 0.0.1 on cpu" in printed
+    assert "Warning" not in printed  # a whole synthetic chest: nothing to warn about
+
+
+def test_a_scan_of_the_lung_bases_only_warns_that_the_percentages_are_not_the_whole_lungs(
+        shared_data, model_path, tmp_path, capsys):
+    """A real upper-abdomen DICOM series (1 mL of right lung base): the numbers come with both warnings."""
+    series = shared_data / "ct-fixtures" / "totalsegmentator-example" / "dicom"
+    assert segment(series, "--out", tmp_path, model=model_path) == 0
+    printed = capsys.readouterr().out
+    assert "DICOM series: CT Body 3.0 (20 files)" in printed  # no placeholder for the missing number and UID
+    warnings = [line for line in printed.splitlines() if line.startswith("Warning: ")]
+    assert len(warnings) == 2
+    assert "No left lung was found" in warnings[0] and "may not cover the whole chest" in warnings[1]
+    report = json.loads((tmp_path / "dicom_report.json").read_text())
+    assert report["warnings"] == [line.removeprefix("Warning: ") for line in warnings]
 
 
 def test_progress_lines_for_the_slicer_module(ct_file, model_path, tmp_path, capsys):

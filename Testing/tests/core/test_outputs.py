@@ -161,6 +161,19 @@ def test_binary_report_has_no_high_opacity_and_empty_lungs_give_none(case):
     assert empty["percent_opacity"] == {"left": None, "right": None, "overall": None}
 
 
+def test_coverage_warnings_name_a_missing_lung_and_too_little_lung():
+    def warnings(left_ml: float, right_ml: float) -> list[str]:
+        return outputs.coverage_warnings({"left_ml": left_ml, "right_ml": right_ml, "total_ml": left_ml + right_ml})
+
+    assert warnings(1200.0, 1500.0) == []  # a small adult chest
+    assert warnings(0.0, 0.0) == []  # nothing found at all is an error of its own, not a warning
+    (missing,) = warnings(0.0, 2600.0)  # e.g. after a pneumonectomy
+    assert missing.startswith("No left lung was found")
+    (small,) = warnings(600.0, 700.0)
+    assert "total 1300 mL" in small and "may not cover the whole chest" in small
+    assert len(warnings(2.0, 0.0)) == 2 and "No right lung" in warnings(2.0, 0.0)[0]
+
+
 def test_overview_png_is_a_radiological_montage_with_overlays(written):
     image = np.asarray(Image.open(written["paths"]["overview"]).convert("RGB")).astype(int)
     assert image.shape == (3 * 256, 4 * 256, 3)  # 12 tiles, 4 per row

@@ -50,3 +50,6 @@ def test_result_cells_and_model_line():
     report = {"model": {"name": "covid-infection-2d", "version": "1.0.0"}, "device": "cpu"}
     assert panel.model_info_text(report) == "Model covid-infection-2d 1.0.0 on cpu"
     assert panel.model_info_text(None) == "Model ? on ?"
+    report["warnings"] = ["No left lung was found, so its percentage is not given."]
+    assert panel.model_info_text(report) == ("Model covid-infection-2d 1.0.0 on cpu\n"
+                                             "Warning: No left lung was found, so its percentage is not given.")
