@@ -191,12 +191,13 @@ def general_slices(config: BenchmarkConfig) -> SliceSet:
 
 def lesion_weights(masks: np.ndarray, lesion_fraction: float) -> np.ndarray | None:
     """Per-slice draw weights giving slices with a lesion at least ``lesion_fraction`` of the draws."""
+    from .training import share_weights
+
     has_lesion = masks.reshape(len(masks), -1).any(axis=1)
     count = int(has_lesion.sum())
     if count == 0 or count == len(masks) or count / len(masks) >= lesion_fraction:
         return None
-    weights = np.where(has_lesion, lesion_fraction / count, (1.0 - lesion_fraction) / (len(masks) - count))
-    return weights / weights.sum()
+    return share_weights(has_lesion, lesion_fraction)
 
 
 # ----------------------------------------------------------------------------- training

@@ -259,6 +259,18 @@ def plot_curves(path: Path, history: list[dict]) -> None:
 # ----------------------------------------------------------------------------- training loop
 
 
+def share_weights(member: np.ndarray, share: float) -> np.ndarray:
+    """Per-slice draw weights (summing to 1) under which the ``member`` slices are ``share`` of the draws.
+
+    With no member, or only members, every slice is equally likely.
+    """
+    member = np.asarray(member, bool)
+    count = int(member.sum())
+    if not 0 < count < len(member):
+        return np.full(len(member), 1.0 / len(member))
+    return np.where(member, share / count, (1.0 - share) / (len(member) - count))
+
+
 def train(config: TrainConfig, train_images: np.ndarray, train_masks: np.ndarray,
           val_images: np.ndarray | None = None, val_masks: np.ndarray | None = None,
           progress: Progress | None = None, resume: bool = True, show_bar: bool = False,

@@ -57,6 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stage2.add_argument("--relation-weight", type=float, default=1.0)
     stage2.add_argument("--relation-level", type=int, default=-1, help="encoder level compared (-1 = bottleneck)")
     stage2.add_argument("--fusion-levels", default="all", help="levels whose general features reach the decoder")
+    stage2.add_argument("--negatives", action="append", default=[], metavar="KIND:PATH",
+                        help="non-COVID CT (same kinds as pretrain-general --data) taught as containing no "
+                             "infection: their lesion masks are ignored; repeat for several; never validated on")
+    stage2.add_argument("--negative-fraction", type=float, default=0.25,
+                        help="with --negatives: their share of the slices drawn for each batch")
+    stage2.add_argument("--cache-dir", type=Path, help="cache the preprocessed --negatives slices here")
     stage2.add_argument("--folds", type=int, default=5)
     stage2.add_argument("--fold", type=int, help="train on the other folds and validate on this one")
     stage2.add_argument("--cross-validate", action="store_true", help="run every fold and summarise")
@@ -157,22 +163,62 @@ def run_train(args: argparse.Namespace) -> int:
     num_classes = 3 if args.multiclass else 2
     masks = data.masks if args.multiclass else (data.masks > 0).astype("uint8")
     config = stage2_config(args)
+    negatives = _read_negatives(args)
     if args.fold is not None:
         train_idx, val_idx = train_val_split(len(data), args.folds, args.fold, seed=0)
-        result = train(config, data.images[train_idx], masks[train_idx], data.images[val_idx], masks[val_idx],
-                       resume=not args.no_resume, show_bar=True)
+        images, train_masks, weights = _with_negatives(data.images[train_idx], masks[train_idx], negatives,
+                                                       args.negative_fraction)
+        result = train(config, images, train_masks, data.images[val_idx], masks[val_idx],
+                       resume=not args.no_resume, show_bar=True, sample_weights=weights)
         summary = {"fold": args.fold, "val_dice": result.final_val_dice, "best_val_dice": result.best_val_dice,
                    "val_cases": [data.names[i] for i in val_idx], "seconds": round(result.seconds, 1)}
         if distributed_context()[0] == 0:
             write_summary(args.out / "fold_result.json", summary)
         print(json.dumps({k: v for k, v in summary.items() if k != "val_cases"}))
         return 0
-    result = train(config, data.images, masks, resume=not args.no_resume, show_bar=True)
+    images, train_masks, weights = _with_negatives(data.images, masks, negatives, args.negative_fraction)
+    result = train(config, images, train_masks, resume=not args.no_resume, show_bar=True, sample_weights=weights)
     classes = ["background", "ground-glass opacity", "consolidation"][:num_classes]
     classes = classes if args.multiclass else ["background", "infection"]
-    _export(args, result, config, classes=classes,
-            training_data=f"{args.images} + {args.masks} ({len(data)} slices)", role="infection")
+    training_data = f"{args.images} + {args.masks} ({len(data)} slices)"
+    if negatives is not None:
+        training_data += (f"; negatives (no infection): {', '.join(args.negatives)} ({len(negatives)} slices, "
+                          f"{args.negative_fraction:g} of each batch)")
+    _export(args, result, config, classes=classes, training_data=training_data, role="infection")
     return 0
+
+
+def _read_negatives(args: argparse.Namespace):
+    """The ``--negatives`` slices as one SliceSet (their masks unused), or None without any."""
+    if not args.negatives:
+        return None
+    from ..data.general import read_dataset_spec
+    from ..data.readers import SliceSet
+    from ..errors import RelSegError
+
+    if not 0.0 < args.negative_fraction < 1.0:
+        raise RelSegError(f"--negative-fraction must lie between 0 and 1, not {args.negative_fraction}")
+    negatives = SliceSet.concat([read_dataset_spec(spec, size=args.size, cache_dir=args.cache_dir)
+                                 for spec in args.negatives])
+    if not len(negatives):
+        raise RelSegError(f"--negatives {' '.join(args.negatives)}: no slices found")
+    print(f"negatives: {len(negatives)} slices, {args.negative_fraction:g} of each batch")
+    return negatives
+
+
+def _with_negatives(images, masks, negatives, fraction: float):
+    """Training slices with the negatives appended (all-background masks) and the draw weights that give
+    the negatives ``fraction`` of each batch; unchanged slices and no weights without negatives."""
+    if negatives is None:
+        return images, masks, None
+    import numpy as np
+
+    from ..training import share_weights
+
+    all_images = np.concatenate([images, negatives.images])
+    all_masks = np.concatenate([masks, np.zeros_like(negatives.images, dtype=masks.dtype)])
+    is_negative = np.arange(len(all_images)) >= len(images)
+    return all_images, all_masks, share_weights(is_negative, fraction)
 
 
 def _cross_validate(args: argparse.Namespace) -> int:

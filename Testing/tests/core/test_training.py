@@ -100,18 +100,22 @@ def test_ddp_with_two_gloo_processes_keeps_replicas_identical(tmp_path):
     assert (tmp_path / "checkpoint.pt").is_file()  # rank 0 alone wrote it
 
 
-def test_train_cli_exports_a_model_card_with_the_command(tmp_path):
+def write_picture_folder(folder: Path, images, masks) -> Path:
     from PIL import Image
 
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True)
+    for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        Image.fromarray(image).save(folder / "images" / f"{i}.png")
+        Image.fromarray(mask * 255).save(folder / "masks" / f"{i}.png")
+    return folder
+
+
+def test_train_cli_exports_a_model_card_with_the_command(tmp_path):
     from relsegcore.cli import main
     from relsegcore.zoo import find_model
 
-    images, masks = squares(6, size=40)
-    for folder in ("images", "masks"):
-        (tmp_path / "data" / folder).mkdir(parents=True)
-    for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
-        Image.fromarray(image).save(tmp_path / "data" / "images" / f"{i}.png")
-        Image.fromarray(mask * 255).save(tmp_path / "data" / "masks" / f"{i}.png")
+    write_picture_folder(tmp_path / "data", *squares(6, size=40))
     code = main(["train", "--images", str(tmp_path / "data/images"), "--masks", str(tmp_path / "data/masks"),
                  "--out", str(tmp_path / "run"), "--iterations", "4", "--batch-size", "2", "--size", "32",
                  "--base-channels", "4", "--depth", "3", "--validate-every", "2", "--device", "cpu",
@@ -122,6 +126,48 @@ def test_train_cli_exports_a_model_card_with_the_command(tmp_path):
     assert "--export tiny-test" in card.training["command"]
     saved = json.loads((tmp_path / "run" / "tiny-test.json").read_text())
     assert len(saved["sha256"]) == 64 and saved["architecture"]["base_channels"] == 4
+
+
+def test_share_weights_give_the_members_their_share_of_the_draws():
+    from relsegcore.training import share_weights
+
+    weights = share_weights([True, False, False, False, True], 0.25)
+    assert weights.sum() == pytest.approx(1.0)
+    assert weights[[0, 4]].sum() == pytest.approx(0.25) and weights[0] == weights[4]
+    assert share_weights([False, False], 0.25).tolist() == [0.5, 0.5]
+
+
+def test_negatives_are_learnt_as_no_infection_at_their_share_of_each_batch(tmp_path):
+    """The same squares given again as --negatives (their masks ignored), 90 % of every batch: the model
+    must learn that squares are mostly not infection, and validation (positives only) must show it."""
+    from relsegcore.cli import main
+
+    images, masks = squares(12, size=32)
+    data = write_picture_folder(tmp_path / "data", images, masks)
+    write_picture_folder(tmp_path / "negatives", images, masks)  # lesion masks that must be ignored
+    common = ["train", "--images", str(data / "images"), "--masks", str(data / "masks"), "--iterations", "120",
+              "--batch-size", "4", "--size", "32", "--base-channels", "4", "--depth", "3", "--lr", "1e-2",
+              "--augment", "0", "--validate-every", "60", "--device", "cpu", "--fold", "0", "--folds", "3"]
+
+    def validation_dice(out: Path, *extra: str) -> float:
+        assert main([*common, "--out", str(out), *extra]) == 0
+        return json.loads((out / "fold_result.json").read_text())["val_dice"]
+
+    plain = validation_dice(tmp_path / "plain")
+    with_negatives = validation_dice(tmp_path / "negatives-run", "--negatives", f"folder:{tmp_path / 'negatives'}",
+                                     "--negative-fraction", "0.9")
+    assert plain > 0.5
+    assert with_negatives < 0.5 * plain
+
+    from relsegcore.zoo import find_model
+
+    exported = [*common[:common.index("--iterations")], "--iterations", "2", "--size", "32", "--base-channels", "4",
+                "--depth", "3", "--device", "cpu", "--out", str(tmp_path / "final"), "--export", "with-negatives",
+                "--negatives", f"folder:{tmp_path / 'negatives'}"]
+    assert main(exported) == 0
+    card = find_model(tmp_path / "final" / "with-negatives.pt")
+    assert "negatives (no infection): folder:" in card.training["data"]
+    assert "(12 slices, 0.25 of each batch)" in card.training["data"]
 
 
 def test_cuda_out_of_memory_during_training_is_one_clear_message(monkeypatch, capsys, tmp_path):
