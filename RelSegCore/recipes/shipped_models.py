@@ -9,7 +9,10 @@ independent ones in parallel (on a GPU, many small trainings share the card):
    dual (general frozen), dual + relation loss (each reading), all with the same budget;
 3. the shipped models, trained on all 50 slices: ``covid-infection-2d-target-only`` and
    ``covid-infection-2d`` (the dual configuration that cross-validated best);
-4. ``ablation.md`` / ``ablation.json`` with mean ± sd Dice per configuration.
+4. ``ablation.md`` / ``ablation.json`` with mean ± sd Dice per configuration;
+5. with ``--shared-data``, each shipped card also states the model's behaviour on real CT
+   (``Testing/benchmarks/check_real_data.py --card``: ground-glass flagged on real COVID-19
+   HU slices, false positives on non-COVID patients).
 
 Usage (from the repository root)::
 
@@ -195,6 +198,12 @@ def main() -> int:
                    cv_commands(args, "target-only", args.general_model, iterations))
     add_cv_to_card(args, SHIPPED_DEFAULT, best, summaries[best],
                    cv_commands(args, best, args.general_model, iterations))
+    if args.shared_data:  # the cards also state how each model behaves on real CT (check_real_data.py --card)
+        check = Path(__file__).resolve().parents[2] / "Testing" / "benchmarks" / "check_real_data.py"
+        for export in (SHIPPED_TARGET_ONLY, SHIPPED_DEFAULT):
+            subprocess.run([sys.executable, str(check), "--model", str(args.models_dir / f"{export}.json"),
+                            "--device", args.device, "--card"], check=True,
+                           env=dict(os.environ, RELSEG_SHARED_DATA=str(args.shared_data.resolve())))
 
     table = ["| configuration | mean Dice | sd | folds |", "|---|---|---|---|"]
     for name, summary in summaries.items():

@@ -16,7 +16,10 @@ default model (or ``--model``):
   mL, split into the part overlapping the effusion / tumour label and the rest, and the
   fraction of the label flagged (the model must not flag them wholesale).
 
-    python Testing/benchmarks/check_real_data.py [--quick] [--json OUT] [--model NAME|PATH] [--device cpu]
+    python Testing/benchmarks/check_real_data.py [--quick] [--json OUT] [--model NAME|PATH] [--device cpu] [--card]
+
+``--card`` also states the figures in the model's card (``metrics.real_data``, with this
+command); the weights and their SHA-256 are not touched.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -122,6 +126,39 @@ def run(model: str, device: str, quick: bool) -> dict:
     return results
 
 
+def card_summary(results: dict, command: str) -> dict:
+    """What a model card states of these checks: per case, the figures a reader of the card needs."""
+    def per_case(rows: list[dict], key: str) -> dict:
+        return {row["case"]: row[key] for row in rows}
+
+    non_covid = results["pleural_effusion"] + results["lung_tumor"]
+    return {
+        "command": command,
+        "data": "../shared/data: covid-hu-slices (4 real COVID-19 HU slices, expert lung masks), pleural-effusion "
+                "(10 non-COVID lung-cancer patients with effusion masks), lung-tumor-volumes (2, tumour masks)",
+        "covid_hu_slices_ggo_range_lung_flagged": {row["slice"]: round(row["ggo_hu_fraction_flagged"], 3)
+                                                   for row in results["covid_hu_slices"]},
+        "covid_hu_slices_aerated_lung_flagged": {row["slice"]: round(row["aerated_fraction_flagged"], 4)
+                                                 for row in results["covid_hu_slices"]},
+        "non_covid_false_positive_ml": per_case(non_covid, "infection_ml"),
+        "non_covid_false_positive_percent_of_lungs": {
+            row["case"]: round(100 * row["infection_ml"] / row["lungs_ml"], 1) for row in non_covid},
+        "effusion_fraction_flagged": per_case(results["pleural_effusion"], "label_fraction_flagged"),
+        "tumour_fraction_flagged": per_case(results["lung_tumor"], "label_fraction_flagged"),
+    }
+
+
+def write_to_card(model: str, summary: dict) -> Path:
+    """``summary`` as the card's ``metrics.real_data``, written atomically beside the unchanged weights."""
+    from relsegcore.fileutil import atomic_write_text
+
+    card_path = zoo.find_model(model).path.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    card["metrics"]["real_data"] = summary
+    atomic_write_text(card_path, json.dumps(card, indent=2) + "\n")
+    return card_path
+
+
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
     if not rows:
@@ -140,7 +177,10 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="the first effusion volume and the larger tumour only")
     parser.add_argument("--json", type=Path, help="also write the numbers as JSON")
+    parser.add_argument("--card", action="store_true", help="also state the figures in the model's card")
     args = parser.parse_args()
+    if args.card and args.quick:
+        parser.error("--card needs the full checks, not --quick")
     if not DATA.is_dir():
         print(f"real data not found at {DATA}", file=sys.stderr)
         return 1
@@ -154,6 +194,10 @@ def main() -> int:
     print_table("Lung tumour (non-COVID): false-positive infection", results["lung_tumor"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.card:
+        command = "python Testing/benchmarks/check_real_data.py " + shlex.join(
+            ["--model", results["model"]["name"], "--device", args.device, "--card"])
+        print(f"card: {write_to_card(args.model, card_summary(results, command))}")
     return 0
 
 

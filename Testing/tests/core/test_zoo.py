@@ -77,6 +77,12 @@ def test_shipped_models_load_and_state_their_provenance(name, monkeypatch, tmp_p
     assert card.clinical is False
     loaded = zoo.load_model(name, torch.device("cpu"))
     assert (loaded.network.general_encoder is not None) == (name == "covid-infection-2d")
+    # How it behaves on real CT, with the command that measured it (check_real_data.py --card).
+    real = card.metrics["real_data"]
+    assert "check_real_data.py --model" in real["command"] and real["command"].endswith("--card")
+    assert len(real["covid_hu_slices_ggo_range_lung_flagged"]) == 4
+    assert len(real["non_covid_false_positive_ml"]) == 12  # 10 effusion patients, 2 tumour volumes
+    assert set(real["non_covid_false_positive_percent_of_lungs"]) == set(real["non_covid_false_positive_ml"])
 
 
 @pytest.mark.parametrize("name", ["covid-infection-2d", "covid-infection-2d-target-only"])
