@@ -19,8 +19,11 @@ Negatives: the first half of the pleural-effusion patients and both lung-tumour 
         --shared-data ../shared/data --baseline work-dirs/search-cpu/target-only \
         --out work-dirs/negatives --folds 0,1 --iterations 300 --batch-size 8 --device cpu
 
-``--baseline`` reuses finished target-only folds of ``RelSegCore/recipes/search.py`` (same
-command without ``--negatives``); without it the baseline folds are trained here too.
+``--baseline`` reuses finished folds of ``RelSegCore/recipes/search.py`` (same command without
+``--negatives``); without it the baseline folds are trained here too. ``--train-args`` gives
+both the same extra ``relseg train`` arguments, e.g. the shipped dual configuration:
+``--train-args "--general-encoder work-dirs/recipe/general/covid-general-encoder.pt --relation
+encoders --relation-weight 10" --baseline work-dirs/search-cpu/dual-relation-w10-shipped-recipe``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -93,6 +97,7 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--negative-fraction", default="0.25")
+    parser.add_argument("--train-args", default="", help="extra relseg train arguments for both models")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", type=Path, default=Path("work-dirs/cache"))
     args = parser.parse_args()
@@ -102,16 +107,17 @@ def main() -> int:
     with_negatives = ["--negatives", f"pairs:{negatives}", "--negatives", f"pairs:{tumours}",
                       "--negative-fraction", args.negative_fraction, "--cache-dir", str(args.cache_dir)]
     baseline_root = args.baseline or args.out / "target-only"
+    configuration = shlex.split(args.train_args)
     for fold in folds:
-        train_fold(args, baseline_root / f"fold{fold}", fold, [])
-        train_fold(args, args.out / "with-negatives" / f"fold{fold}", fold, with_negatives)
+        train_fold(args, baseline_root / f"fold{fold}", fold, configuration)
+        train_fold(args, args.out / "with-negatives" / f"fold{fold}", fold, [*configuration, *with_negatives])
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     print(f"held-out effusion patients: {', '.join(ct.name.split('_')[0] for ct in held_out)}")
     print("| fold | model | COVID Dice | false positives, mL (per patient) | mean % of lungs | GGO-range flagged | "
           "aerated flagged |\n|---|---|---:|---|---:|---:|---:|")
     results = {}
     for fold in folds:
-        for name, root in (("target-only", baseline_root), ("with negatives", args.out / "with-negatives")):
+        for name, root in (("without negatives", baseline_root), ("with negatives", args.out / "with-negatives")):
             row = score(root / f"fold{fold}", held_out, args)
             results[f"fold{fold}/{name}"] = row
             print(f"| {fold} | {name} | {row['covid_dice']:.4f} | {', '.join(f'{v:.0f}' for v in row['fp_ml'])} | "

@@ -58,8 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stage2.add_argument("--relation-level", type=int, default=-1, help="encoder level compared (-1 = bottleneck)")
     stage2.add_argument("--fusion-levels", default="all", help="levels whose general features reach the decoder")
     stage2.add_argument("--negatives", action="append", default=[], metavar="KIND:PATH",
-                        help="non-COVID CT (same kinds as pretrain-general --data) taught as containing no "
-                             "infection: their lesion masks are ignored; repeat for several; never validated on")
+                        help="non-COVID CT taught as containing no infection: ct:DIR (CT volumes, no masks "
+                             "needed: up to 16 lung slices each) or a kind of pretrain-general --data (lesion "
+                             "slices, masks ignored); repeat for several; never validated on")
     stage2.add_argument("--negative-fraction", type=float, default=0.25,
                         help="with --negatives: their share of the slices drawn for each batch")
     stage2.add_argument("--cache-dir", type=Path, help="cache the preprocessed --negatives slices here")

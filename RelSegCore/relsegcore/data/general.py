@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
-from .readers import SliceSet, read_decathlon, read_image_folder, read_patches_npz, read_volume_pairs
+from .readers import SliceSet, read_ct_volumes, read_decathlon, read_image_folder, read_patches_npz, read_volume_pairs
 
-DATA_KINDS = ("pairs", "folder", "decathlon", "npz", "slices")
+DATA_KINDS = ("pairs", "folder", "decathlon", "npz", "slices", "ct")
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,8 @@ def parse_data_spec(spec: str) -> tuple[str, Path]:
 def read_dataset_spec(spec: str, size: int = 256, cache_dir: str | os.PathLike | None = None) -> SliceSet:
     """Read a user's ``--data KIND:PATH`` set.
 
-    Kinds: ``pairs:DIR``, ``folder:DIR``, ``decathlon:DIR``, ``npz:FILE``, ``slices:FILE``.
+    Kinds: ``pairs:DIR``, ``folder:DIR``, ``decathlon:DIR``, ``npz:FILE``, ``slices:FILE``, ``ct:DIR`` (CT volumes
+    without masks: lung slices, all background).
     """
     kind, path = parse_data_spec(spec)
     if not path.exists():
@@ -89,4 +90,6 @@ def read_kind(kind: str, path: Path, size: int = 256, cache_dir: str | os.PathLi
         return SliceSet.load(path)
     if kind == "npz":
         return read_patches_npz(path, size=size, limit=limit, **options)
+    if kind == "ct":  # CT volumes without masks: all background (negatives)
+        return read_ct_volumes(path, size=size, limit=limit, cache_dir=cache_dir, **options)
     raise InputError(f"unknown data kind {kind!r}; choose from {', '.join(DATA_KINDS)}")

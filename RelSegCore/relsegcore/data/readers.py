@@ -362,6 +362,53 @@ def _map_labels(mask: np.ndarray, label_map: dict[int, int] | None) -> np.ndarra
     return lookup[np.clip(mask, 0, None).astype(np.int64)]
 
 
+def read_ct_volumes(
+    folder: str | os.PathLike, size: int = 256, slices_per_volume: int = 16, limit: int | None = None,
+    window: tuple[float, float] = DEFAULT_WINDOW, cache_dir: str | os.PathLike | None = None,
+    lung_segmenter: LungSegmenter | None = None,
+) -> SliceSet:
+    """Lung slices of chest CT volumes that have no mask, all background: negatives for ``relseg train``.
+
+    Each volume gives up to ``slices_per_volume`` slices with lung, evenly spread along z and
+    cropped to the lungs as at inference; every mask is empty.
+    """
+    folder = Path(folder)
+    images = _volumes(folder)[:limit]
+    if not images:
+        raise InputError(f"no CT volumes (.nii.gz, .nrrd, .mha) found in {folder}")
+    options = VolumeOptions(size, None, True, "lungs", LESION_FIELD_MM, tuple(window), slices_per_volume)
+    segmenter = lung_segmenter or default_lung_segmenter()
+
+    def build() -> SliceSet:
+        sets = [_ct_lung_slices(_volume_stem(path), path, options, segmenter) for path in images]
+        result = SliceSet.concat(sets)
+        return SliceSet(result.images, result.masks, result.names, folder.name)
+
+    description = {"reader": "ct-volumes", "source": folder.name, "segmenter": getattr(segmenter, "__qualname__", None),
+                   **options.describe()}
+    return cached(cache_dir, description, [*images, *_source_files(_ct_lung_slices, model_image, segmenter)], build)
+
+
+def _ct_lung_slices(case: str, image_path: Path, options: VolumeOptions, lung_segmenter: LungSegmenter) -> SliceSet:
+    import SimpleITK as sitk
+
+    from ..imageio import validate_ct
+
+    image = _read_canonical(image_path)
+    try:
+        validate_ct(image)
+    except InputError as error:
+        raise InputError(f"{image_path.name}: {error}") from None
+    volume = sitk.GetArrayFromImage(image)
+    lungs = lung_segmenter(volume, image.GetSpacing())
+    z_indices = _chosen_slices((lungs > 0).astype(np.uint8), options)  # slices with lung, evenly spread
+    if not z_indices:
+        raise InputError(f"{image_path.name}: no lungs were found: is it a chest CT?")
+    empty = np.zeros(volume.shape, np.uint8)
+    images, masks = _lung_crops(volume, empty, z_indices, image.GetSpacing(), options, lambda *_: lungs)
+    return SliceSet(images, masks, [f"{case}:z{z}" for z in z_indices], case)
+
+
 def _chosen_slices(labels: np.ndarray, options: VolumeOptions) -> list[int]:
     z_indices = (np.flatnonzero(labels.reshape(len(labels), -1).any(axis=1)) if options.only_lesion_slices
                  else np.arange(len(labels)))

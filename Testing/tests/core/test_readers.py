@@ -17,6 +17,7 @@ from relsegcore.data.intensity import window_hu
 from relsegcore.data.readers import (
     SliceSet,
     mediastinum_band,
+    read_ct_volumes,
     read_decathlon,
     read_image_folder,
     read_patches_npz,
@@ -268,3 +269,36 @@ def test_real_whole_chest_volume_is_cropped_to_the_lungs(shared_data: Path) -> N
     assert len(data) >= 1 and data.names[0].startswith("lung1:")
     assert data.masks.any(axis=(1, 2)).all()
     assert all(mediastinum_band(image) == "vertical" for image in data.images)
+
+
+def test_ct_volumes_without_masks_give_evenly_spread_lung_slices_all_background(tmp_path: Path) -> None:
+    """``ct:DIR`` negatives: slices with lung only (none above or below the lungs), empty masks, lung crops."""
+    from relsegcore.demo import make_demo_ct
+
+    folder = tmp_path / "normal-ct"
+    folder.mkdir()
+    demo = make_demo_ct(shape=(32, 128, 128), spacing=(2.8, 2.8, 8.0))
+    sitk.WriteImage(demo.image, str(folder / "a.nii.gz"))
+    sitk.WriteImage(sitk.Flip(demo.image, [True, False, False]), str(folder / "b.nrrd"))  # stored the other way
+    data = read_ct_volumes(folder, size=64, slices_per_volume=5)
+    assert len(data) == 10 and data.images.shape == (10, 64, 64) and not data.masks.any()
+    lung_z = np.flatnonzero(sitk.GetArrayViewFromImage(demo.lungs).any(axis=(1, 2)))
+    chosen = [int(name.split(":z")[1]) for name in data.names if name.startswith("a:")]
+    assert len(chosen) == 5 and all(lung_z[0] <= z <= lung_z[-1] for z in chosen)
+    assert chosen[-1] - chosen[0] >= 0.6 * (lung_z[-1] - lung_z[0])  # spread over the lungs, not bunched
+    stored_flipped = [i for i, name in enumerate(data.names) if name.startswith("b:")]
+    assert np.array_equal(data.images[stored_flipped], data.images[:5])  # read back in one canonical orientation
+    lung_share = (data.images < window_hu(np.array([-700]))[0]).mean(axis=(1, 2))
+    assert np.median(lung_share) > 0.3  # cropped to the lungs (the first and last slices hold only their tips)
+    assert len(read_dataset_spec(f"ct:{folder}", size=64)) == 2 * min(16, len(lung_z))  # the --negatives path
+
+
+def test_ct_volumes_refuse_a_volume_that_is_not_a_ct(tmp_path: Path) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    _write_volume(folder / "mr.nii.gz", np.full((4, 32, 32), 5000, np.int16), spacing=(1.0, 1.0, 3.0))
+    with pytest.raises(InputError, match="mr.nii.gz"):
+        read_ct_volumes(folder, size=32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no CT volumes"):
+        read_ct_volumes(tmp_path / "empty", size=32)
