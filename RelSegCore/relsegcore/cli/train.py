@@ -158,6 +158,10 @@ def stage2_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if args.negatives and not 0.0 < args.negative_fraction < 1.0:  # before any fold process starts
+        from ..errors import RelSegError
+
+        raise RelSegError(f"--negative-fraction must lie between 0 and 1, not {args.negative_fraction}")
     if args.cross_validate:
         return _cross_validate(args)
     data = _load_target(args)
@@ -197,8 +201,6 @@ def _read_negatives(args: argparse.Namespace):
     from ..data.readers import SliceSet
     from ..errors import RelSegError
 
-    if not 0.0 < args.negative_fraction < 1.0:
-        raise RelSegError(f"--negative-fraction must lie between 0 and 1, not {args.negative_fraction}")
     negatives = SliceSet.concat([read_dataset_spec(spec, size=args.size, cache_dir=args.cache_dir)
                                  for spec in args.negatives])
     if not len(negatives):

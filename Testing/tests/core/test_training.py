@@ -165,6 +165,8 @@ def test_negatives_are_learnt_as_no_infection_at_their_share_of_each_batch(tmp_p
                 "--depth", "3", "--device", "cpu", "--out", str(tmp_path / "final"), "--export", "with-negatives",
                 "--negatives", f"folder:{tmp_path / 'negatives'}"]
     assert main(exported) == 0
+    assert main([*exported, "--negative-fraction", "1", "--cross-validate"]) == 2  # refused before any fold runs
+    assert not (tmp_path / "final" / "fold0").exists()
     card = find_model(tmp_path / "final" / "with-negatives.pt")
     assert "negatives (no infection): folder:" in card.training["data"]
     assert "(12 slices, 0.25 of each batch)" in card.training["data"]
