@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from .data.intensity import resize_slices
-from .data.readers import find_picture_pairs, find_volume_pairs, needs_transpose, read_gray_picture, read_mask_picture
+from .data.readers import (
+    find_picture_pairs,
+    find_volume_pairs,
+    needs_transpose,
+    picture_fingerprint,
+    read_gray_picture,
+    read_mask_picture,
+)
 from .errors import InputError
 from .inference import predict_slices
 from .metrics import case_metrics, summarise
@@ -61,7 +68,17 @@ def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path
             progress.update((index + 1) / len(pairs), "evaluating")
     result = _result(loaded, cases, units="pixels")
     result["transposed"] = transpose
+    result["cases_seen_in_training"] = seen_in_training(loaded.card, images)
     return result
+
+
+def seen_in_training(card, images: list[np.ndarray]) -> int | None:
+    """How many of ``images`` the model was trained on (its card's fingerprints); None when the card does not say."""
+    known = card.training.get("image_fingerprints")
+    if known is None:
+        return None
+    known = set(known)
+    return sum(picture_fingerprint(image) in known for image in images)
 
 
 def evaluate_volumes(loaded_name: str | os.PathLike, images_dir: Path, masks_dir: Path, device: str = "auto",

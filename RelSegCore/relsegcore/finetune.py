@@ -364,6 +364,9 @@ def _child_card(parent: ModelCard, trained: FinetuneSlices, held: FinetuneSlices
                 "holdout_cases": sorted(set(held.cases)), "holdout_slices": len(held),
             },
             **recipe, "seconds": round(result.seconds, 1),
+            # what the parent saw, the child saw too: relseg evaluate warns about those slices for both
+            **({"image_fingerprints": parent.training["image_fingerprints"]}
+               if "image_fingerprints" in parent.training else {}),
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "config": settings,
         },

@@ -44,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
     sd = result["metrics"]["dice"]["sd"] or 0.0
     print(f"mean Dice {result['mean_dice']:.4f} ± {sd:.4f} over {result['cases']} cases"
           f" ({result['model']['name']} {result['model']['version']})")
+    seen = result.get("cases_seen_in_training")
+    if seen:
+        print(f"Warning: {seen} of these {result['cases']} images were in the model's training data (its card says "
+              "so): this is not a held-out score.")
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2, default=float) + "\n")
     return 0

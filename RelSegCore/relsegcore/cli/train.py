@@ -189,7 +189,10 @@ def run_train(args: argparse.Namespace) -> int:
     if negatives is not None:
         training_data += (f"; negatives (no infection): {', '.join(args.negatives)} ({len(negatives)} slices, "
                           f"{args.negative_fraction:g} of each batch)")
-    _export(args, result, config, classes=classes, training_data=training_data, role="infection")
+    from ..data.readers import folder_fingerprints
+
+    _export(args, result, config, classes=classes, training_data=training_data, role="infection",
+            image_fingerprints=folder_fingerprints(args.images, args.masks))
     return 0
 
 
@@ -267,7 +270,9 @@ def _drop_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def _export(args, result, config: TrainConfig, classes: list[str], training_data: str, role: str) -> None:
+def _export(args, result, config: TrainConfig, classes: list[str], training_data: str, role: str,
+            image_fingerprints: list[str] | None = None) -> None:
+    """Write the model and its card; ``image_fingerprints`` let ``relseg evaluate`` spot its training slices."""
     if not args.export or distributed_context()[0] != 0:  # under torchrun, rank 0 alone writes the model
         return
     from ..data.intensity import DEFAULT_WINDOW
@@ -279,7 +284,8 @@ def _export(args, result, config: TrainConfig, classes: list[str], training_data
         preprocessing={"input_size": args.size, "window": list(DEFAULT_WINDOW), "crop": "lungs"},
         training={"role": role, "data": training_data, "command": "relseg " + shlex.join(args.argv),
                   "iterations": config.iterations, "seconds": round(result.seconds, 1),
-                  "config": config.to_dict()},
+                  "config": config.to_dict(),
+                  **({"image_fingerprints": image_fingerprints} if image_fingerprints is not None else {})},
         metrics={"final_val_dice": result.final_val_dice},
     )
     path = save_model(result.network, card, args.model_dir or args.out)

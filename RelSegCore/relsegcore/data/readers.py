@@ -142,6 +142,17 @@ def read_gray_picture(path: Path) -> np.ndarray:
         return np.asarray(picture.convert("L"))
 
 
+def picture_fingerprint(image: np.ndarray) -> str:
+    """A short hash of a picture's pixels: the same slice however its file is named or where it lies."""
+    image = np.ascontiguousarray(image)
+    return hashlib.sha256(repr(image.shape).encode() + image.tobytes()).hexdigest()[:16]
+
+
+def folder_fingerprints(images_dir: str | os.PathLike, masks_dir: str | os.PathLike) -> list[str]:
+    """``picture_fingerprint`` of every image that has a mask, as model cards record their training slices."""
+    return [picture_fingerprint(read_gray_picture(image)) for _, image, _ in find_picture_pairs(images_dir, masks_dir)]
+
+
 def _pictures(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise InputError(f"the folder {folder} does not exist")

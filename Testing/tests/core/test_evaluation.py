@@ -15,14 +15,15 @@ from relsegcore.evaluation import evaluate_image_folder
 from relsegcore.models import DualEncoderUNet, NetworkConfig
 
 
-def constant_model(tmp_path, foreground: bool):
+def constant_model(tmp_path, foreground: bool, training: dict | None = None):
     """A network whose output is the same class everywhere: its Dice on any mask is known exactly."""
     network = DualEncoderUNet(NetworkConfig(base_channels=4, depth=3, use_general_encoder=False))
     with torch.no_grad():
         network.head.weight.zero_()
         network.head.bias.copy_(torch.tensor([0.0, 5.0] if foreground else [5.0, 0.0]))
     card = zoo.ModelCard(name="constant", version="1", description="test", file="", sha256="", architecture={},
-                         classes=["background", "infection"], preprocessing={"input_size": 32})
+                         classes=["background", "infection"], preprocessing={"input_size": 32},
+                         training=training or {})
     zoo.save_model(network, card, tmp_path)
     return zoo.load_model(tmp_path / "constant.pt", torch.device("cpu"))
 
@@ -123,3 +124,27 @@ def test_cli_scores_volumes_in_mm_through_the_segment_pipeline(tmp_path, capsys)
     assert result["per_case"][0]["dice"] == pytest.approx(expected, abs=1e-6)
     assert result["per_case"][0]["sensitivity"] == pytest.approx((lungs & lesions).sum() / lesions.sum(), abs=1e-6)
     assert result["per_case"][0]["hd95"] > 0.0
+
+
+def test_evaluate_says_how_many_images_the_model_was_trained_on(tmp_path, capsys):
+    """The card's fingerprints of its training slices: the same pixels count under any file name."""
+    import shutil
+
+    from relsegcore.data.readers import folder_fingerprints
+
+    write_folder(tmp_path / "trained", [((40, 50), 10), ((30, 30), 15)])
+    write_folder(tmp_path / "test", [((40, 40), 5), ((30, 50), 5)])
+    for sub in ("images", "masks"):  # one training slice again, renamed, among the test slices
+        shutil.copy(tmp_path / "trained" / sub / "1.png", tmp_path / "test" / sub / "renamed.png")
+    fingerprints = folder_fingerprints(tmp_path / "trained" / "images", tmp_path / "trained" / "masks")
+    constant_model(tmp_path, foreground=True, training={"image_fingerprints": fingerprints})
+    arguments = ["evaluate", "--model", str(tmp_path / "constant.pt"), "--images", str(tmp_path / "test/images"),
+                 "--masks", str(tmp_path / "test/masks"), "--json", str(tmp_path / "out.json"), "--device", "cpu"]
+    assert main(arguments) == 0
+    assert json.loads((tmp_path / "out.json").read_text())["cases_seen_in_training"] == 1
+    assert "Warning: 1 of these 3 images were in the model's training data" in capsys.readouterr().out
+
+    constant_model(tmp_path, foreground=True)  # a card that does not say what it was trained on
+    assert main(arguments) == 0
+    assert json.loads((tmp_path / "out.json").read_text())["cases_seen_in_training"] is None
+    assert "Warning" not in capsys.readouterr().out

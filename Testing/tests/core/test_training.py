@@ -126,6 +126,7 @@ def test_train_cli_exports_a_model_card_with_the_command(tmp_path):
     assert "--export tiny-test" in card.training["command"]
     saved = json.loads((tmp_path / "run" / "tiny-test.json").read_text())
     assert len(saved["sha256"]) == 64 and saved["architecture"]["base_channels"] == 4
+    assert len(set(saved["training"]["image_fingerprints"])) == 6  # relseg evaluate spots these slices
 
 
 def test_share_weights_give_the_members_their_share_of_the_draws():

@@ -83,6 +83,17 @@ def test_shipped_models_load_and_state_their_provenance(name, monkeypatch, tmp_p
     assert len(real["covid_hu_slices_ggo_range_lung_flagged"]) == 4
     assert len(real["non_covid_false_positive_ml"]) == 12  # 10 effusion patients, 2 tumour volumes
     assert set(real["non_covid_false_positive_percent_of_lungs"]) == set(real["non_covid_false_positive_ml"])
+    assert len(set(card.training["image_fingerprints"])) == 50  # its 50 training slices
+
+
+def test_shipped_cards_fingerprint_exactly_the_covid_semiseg_training_slices(shared_data, monkeypatch, tmp_path):
+    from relsegcore.data.readers import folder_fingerprints
+
+    monkeypatch.setenv("RELSEG_HOME", str(tmp_path))
+    train = shared_data / "covid-semiseg" / "train"
+    expected = folder_fingerprints(train / "images", train / "masks")
+    for name in ("covid-infection-2d", "covid-infection-2d-target-only"):
+        assert zoo.find_model(name).training["image_fingerprints"] == expected
 
 
 @pytest.mark.parametrize("name", ["covid-infection-2d", "covid-infection-2d-target-only"])
