@@ -153,3 +153,21 @@ def test_single_real_dicom_slice_is_segmented_end_to_end(shared_data):
     for side in (LEFT_LUNG, RIGHT_LUNG):
         assert 30.0 < (labels == side).sum() * pixel_cm2 < 250.0
     assert np.nonzero(labels == LEFT_LUNG)[1].mean() > np.nonzero(labels == RIGHT_LUNG)[1].mean()
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_fast_resampling_matches_the_scipy_and_numpy_definitions(factor):
+    """The lung step's own down- and upsampling give the values of the library routines they replace."""
+    from relsegcore.lungs import _downsample_inplane, _upsample_linear
+
+    rng = np.random.default_rng(factor)
+    hu = rng.integers(-1024, 1500, (3, 5 * factor + 1, 4 * factor + 2)).astype(np.int16)  # not multiples: padded
+    padded = np.pad(hu, ((0, 0), (0, (-hu.shape[1]) % factor), (0, (-hu.shape[2]) % factor)), mode="edge")
+    blocks = padded.reshape(3, padded.shape[1] // factor, factor, padded.shape[2] // factor, factor)
+    assert np.array_equal(_downsample_inplane(hu, factor), blocks.mean(axis=(2, 4), dtype=np.float32))
+
+    coarse = rng.random((2, 7, 9)).astype(np.float32)
+    expected = ndimage.zoom(coarse, (1, factor, factor), order=1, grid_mode=True, mode="grid-constant")
+    upsampled = _upsample_linear(_upsample_linear(coarse, factor, axis=1), factor, axis=2)
+    assert upsampled.shape == expected.shape
+    assert np.allclose(upsampled, expected, atol=1e-6)
