@@ -165,7 +165,6 @@ def run_train(args: argparse.Namespace) -> int:
     if args.cross_validate:
         return _cross_validate(args)
     data = _load_target(args)
-    num_classes = 3 if args.multiclass else 2
     masks = data.masks if args.multiclass else (data.masks > 0).astype("uint8")
     config = stage2_config(args)
     negatives = _read_negatives(args)
@@ -183,16 +182,14 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     images, train_masks, weights = _with_negatives(data.images, masks, negatives, args.negative_fraction)
     result = train(config, images, train_masks, resume=not args.no_resume, show_bar=True, sample_weights=weights)
-    classes = ["background", "ground-glass opacity", "consolidation"][:num_classes]
-    classes = classes if args.multiclass else ["background", "infection"]
+    classes = (["background", "ground-glass opacity", "consolidation"] if args.multiclass
+               else ["background", "infection"])
     training_data = f"{args.images} + {args.masks} ({len(data)} slices)"
     if negatives is not None:
         training_data += (f"; negatives (no infection): {', '.join(args.negatives)} ({len(negatives)} slices, "
                           f"{args.negative_fraction:g} of each batch)")
-    from ..data.readers import folder_fingerprints
-
     _export(args, result, config, classes=classes, training_data=training_data, role="infection",
-            image_fingerprints=folder_fingerprints(args.images, args.masks))
+            training_pictures=(args.images, args.masks))
     return 0
 
 
@@ -271,11 +268,13 @@ def _drop_option(argv: list[str], name: str) -> list[str]:
 
 
 def _export(args, result, config: TrainConfig, classes: list[str], training_data: str, role: str,
-            image_fingerprints: list[str] | None = None) -> None:
-    """Write the model and its card; ``image_fingerprints`` let ``relseg evaluate`` spot its training slices."""
+            training_pictures: tuple[Path, Path] | None = None) -> None:
+    """Write the model and its card; the fingerprints of ``training_pictures`` (images and masks folders) let
+    ``relseg evaluate`` spot the model's training slices."""
     if not args.export or distributed_context()[0] != 0:  # under torchrun, rank 0 alone writes the model
         return
     from ..data.intensity import DEFAULT_WINDOW
+    from ..data.readers import folder_fingerprints
     from ..zoo import ModelCard, save_model
 
     card = ModelCard(
@@ -285,7 +284,7 @@ def _export(args, result, config: TrainConfig, classes: list[str], training_data
         training={"role": role, "data": training_data, "command": "relseg " + shlex.join(args.argv),
                   "iterations": config.iterations, "seconds": round(result.seconds, 1),
                   "config": config.to_dict(),
-                  **({"image_fingerprints": image_fingerprints} if image_fingerprints is not None else {})},
+                  **({"image_fingerprints": folder_fingerprints(*training_pictures)} if training_pictures else {})},
         metrics={"final_val_dice": result.final_val_dice},
     )
     path = save_model(result.network, card, args.model_dir or args.out)

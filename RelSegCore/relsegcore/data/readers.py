@@ -339,7 +339,8 @@ def volume_slices(
         width_mm = min(volume.shape[1] * spacing[1], volume.shape[2] * spacing[0])
         context = "lungs" if width_mm >= WHOLE_CHEST_MIN_MM else "lesion"
     if context == "lungs":
-        images, masks = _lung_crops(volume, labels, z_indices, spacing, options, lung_segmenter)
+        lungs = (lung_segmenter or default_lung_segmenter())(volume, spacing) if z_indices else None
+        images, masks = _lung_crops(volume, labels, z_indices, lungs, options)
     elif context == "lesion":
         windowed = [_to_uint8(volume[z], options.window) for z in z_indices]
         images, masks = place_at_scale(windowed, [labels[z] for z in z_indices], (spacing[1], spacing[0]),
@@ -415,8 +416,7 @@ def _ct_lung_slices(case: str, image_path: Path, options: VolumeOptions, lung_se
     z_indices = _chosen_slices((lungs > 0).astype(np.uint8), options)  # slices with lung, evenly spread
     if not z_indices:
         raise InputError(f"{image_path.name}: no lungs were found: is it a chest CT?")
-    empty = np.zeros(volume.shape, np.uint8)
-    images, masks = _lung_crops(volume, empty, z_indices, image.GetSpacing(), options, lambda *_: lungs)
+    images, masks = _lung_crops(volume, None, z_indices, lungs, options)
     return SliceSet(images, masks, [f"{case}:z{z}" for z in z_indices], case)
 
 
@@ -433,17 +433,20 @@ def _to_uint8(slice_2d: np.ndarray, window: Sequence[float]) -> np.ndarray:
     return slice_2d if slice_2d.dtype == np.uint8 else window_hu(slice_2d, window)
 
 
-def _lung_crops(volume, labels, z_indices, spacing, options: VolumeOptions, lung_segmenter):
-    """Each slice cropped to its own lung box (the volume's when the slice has no lung), as at inference."""
+def _lung_crops(volume, labels, z_indices, lungs, options: VolumeOptions):
+    """Each slice cropped to its own lung box (the volume's when the slice has no lung), as at inference.
+
+    ``labels`` None (a CT without a mask) gives empty masks."""
     size = options.size
     if not z_indices:
         return np.zeros((0, size, size), np.uint8), np.zeros((0, size, size), np.uint8)
-    lungs = (lung_segmenter or default_lung_segmenter())(volume, spacing)
     whole = (slice(0, volume.shape[1]), slice(0, volume.shape[2]))
     volume_box = lung_box(lungs) if lungs.any() else whole
     boxes = [lung_box(lungs[z]) if lungs[z].any() else volume_box for z in z_indices]
     pairs = list(zip(z_indices, boxes, strict=True))
     images = np.stack([model_image(volume[z], box, size, options.window) for z, box in pairs])
+    if labels is None:
+        return images, np.zeros_like(images)
     masks = np.stack([crop_resize(labels[z], box, size, order=0) for z, box in pairs])
     return images, masks
 
