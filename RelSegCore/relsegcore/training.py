@@ -77,6 +77,7 @@ class TrainConfig:
     init_target_from_general: bool = False
     relation: RelationConfig = field(default_factory=RelationConfig)
     augment_strength: float = 1.0
+    patch_size: int | None = None  # random square crops of the augmented slices (None: whole slices)
     validate_every: int = 250
     checkpoint_every: int = 250
     device: str = "auto"
@@ -271,6 +272,22 @@ def share_weights(member: np.ndarray, share: float) -> np.ndarray:
     return np.where(member, share / count, (1.0 - share) / (len(member) - count))
 
 
+def random_crops(images: torch.Tensor, masks: torch.Tensor, size: int | None,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random ``size x size`` crop of each 2D sample (B,1,H,W) / (B,H,W); unchanged when ``size`` is None or
+    not smaller than the slices. Fully convolutional networks learn the same from crops at a fraction of the
+    cost of whole slices."""
+    height, width = images.shape[-2:]
+    if size is None or (size >= height and size >= width):
+        return images, masks
+    size_y, size_x = min(size, height), min(size, width)
+    tops = torch.randint(0, height - size_y + 1, (len(images),), generator=generator, device=images.device)
+    lefts = torch.randint(0, width - size_x + 1, (len(images),), generator=generator, device=images.device)
+    crops = [(int(t), int(left)) for t, left in zip(tops.tolist(), lefts.tolist(), strict=True)]
+    return (torch.stack([images[i, ..., t:t + size_y, x:x + size_x] for i, (t, x) in enumerate(crops)]),
+            torch.stack([masks[i, ..., t:t + size_y, x:x + size_x] for i, (t, x) in enumerate(crops)]))
+
+
 def train(config: TrainConfig, train_images: np.ndarray, train_masks: np.ndarray,
           val_images: np.ndarray | None = None, val_masks: np.ndarray | None = None,
           progress: Progress | None = None, resume: bool = True, show_bar: bool = False,
@@ -348,6 +365,7 @@ def train(config: TrainConfig, train_images: np.ndarray, train_masks: np.ndarray
         batch_images = images[index].float() / 255.0
         batch_images, batch_masks = augment_batch(batch_images, masks[index], generator=generator,
                                                   strength=config.augment_strength)
+        batch_images, batch_masks = random_crops(batch_images, batch_masks, config.patch_size, generator)
         lr = learning_rate_at(iteration, config)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ..crossval import summarise_folds, train_val_split, write_summary
+from ..data.intensity import FULL_SLICE_CLAHE, LUNG_CROP, RECIPES
 from ..models import NetworkConfig
 from ..training import RELATION_READINGS, RelationConfig, TrainConfig, distributed_context, train
 from . import add_device_argument
@@ -35,16 +36,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="also save the prepared slices (.npz) for --data slices:FILE on another machine")
     pretrain.add_argument("--prepare-only", action="store_true", help="stop after reading (and saving) the data")
     pretrain.add_argument("--cache-dir", type=Path, help="cache preprocessed slices here (fast second read)")
+    pretrain.add_argument("--recipe", choices=RECIPES, default=LUNG_CROP,
+                          help="how whole-chest HU slices look to the network (the target model's recipe)")
     _add_common(pretrain)
     pretrain.set_defaults(func=run_pretrain)
 
     stage2 = subparsers.add_parser(
         "train", help="stage 2: train the dual-encoder model on COVID-19 slices",
-        description="Train on a 2D image folder (images/*.jpg|png + masks/*.png), optionally with a general "
-                    "encoder and the relation-consistency loss; --cross-validate runs k-fold cross-validation.",
+        description="Train on a 2D image folder (images/*.jpg|png + masks/*.png) or on --data ctseg2d:DIR, "
+                    "optionally with a general encoder and the relation-consistency loss; --cross-validate runs "
+                    "k-fold cross-validation (by patient for ctseg2d data).",
     )
-    stage2.add_argument("--images", type=Path, required=True, help="folder of training images")
-    stage2.add_argument("--masks", type=Path, required=True, help="folder of masks with matching stems")
+    stage2.add_argument("--images", type=Path, help="folder of training images (or give --data)")
+    stage2.add_argument("--masks", type=Path, help="folder of masks with matching stems")
+    stage2.add_argument("--data", metavar="ctseg2d:DIR",
+                        help="a covid-ct-seg-2d folder (images/, masks/, lungs/, cases.csv): whole slices in the "
+                             "full-slice-clahe appearance; folds and splits go by patient")
+    stage2.add_argument("--target", choices=("infection", "lungs"), default="infection",
+                        help="with --data: learn the infection masks or the lung masks (a lung model)")
+    stage2.add_argument("--cases", help="with --data: only these cases or patients (comma-separated)")
     stage2.add_argument("--multiclass", action="store_true",
                         help="masks hold 0 background, 1 ground-glass, 2 consolidation")
     stage2.add_argument("--general-encoder", type=Path, help="stage-1 model (.pt) whose encoder is the general one")
@@ -82,12 +92,16 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-channels", type=int, default=16)
     parser.add_argument("--depth", type=int, default=5)
     parser.add_argument("--deep-supervision", action="store_true")
+    parser.add_argument("--patch-size", type=int,
+                        help="train on random square crops of this size (faster steps; validation and inference "
+                             "see whole slices)")
     parser.add_argument("--augment", type=float, default=1.0, help="augmentation strength (0 = none)")
     parser.add_argument("--validate-every", type=int, default=250)
     parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     parser.add_argument("--export", metavar="NAME", help="also write the final model NAME.pt + NAME.json here")
     parser.add_argument("--model-dir", type=Path, help="folder for --export (default: the run folder)")
     parser.add_argument("--description", default="", help="one line for the model card")
+    parser.add_argument("--model-version", default="1.0.0", help="version for the --export model card")
     add_device_argument(parser)
 
 
@@ -104,7 +118,8 @@ def _config(args: argparse.Namespace, out: Path, network: NetworkConfig, **extra
     return TrainConfig(
         out_dir=out, network=network, iterations=args.iterations, batch_size=args.batch_size,
         learning_rate=args.lr, seed=args.seed, augment_strength=args.augment, device=args.device,
-        validate_every=args.validate_every, checkpoint_every=args.validate_every, **extra,
+        validate_every=args.validate_every, checkpoint_every=args.validate_every,
+        patch_size=getattr(args, "patch_size", None), **extra,
     )
 
 
@@ -112,10 +127,11 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from ..data.general import read_dataset_spec, read_general_sets
     from ..data.readers import SliceSet
 
-    parts = [read_dataset_spec(spec, size=args.size, cache_dir=args.cache_dir) for spec in args.data]
+    parts = [read_dataset_spec(spec, size=args.size, cache_dir=args.cache_dir, recipe=args.recipe)
+             for spec in args.data]
     if args.shared_data:
         parts.append(read_general_sets(args.shared_data, names=tuple(args.sets.split(",")), size=args.size,
-                                       cache_dir=args.cache_dir))
+                                       cache_dir=args.cache_dir, recipe=args.recipe))
     if not parts:
         from ..errors import RelSegError
 
@@ -131,20 +147,46 @@ def run_pretrain(args: argparse.Namespace) -> int:
     config = _config(args, args.out, _network(args, 2, general=False))
     result = train(config, data.images, masks, resume=not args.no_resume, show_bar=True)
     _export(args, result, config, classes=["background", "lesion"],
-            training_data=f"non-COVID lung lesions: {data.source} ({len(data)} slices)", role="general-encoder")
+            training_data=f"non-COVID lung lesions: {data.source} ({len(data)} slices)", role="general-encoder",
+            recipe=args.recipe)
     return 0
 
 
 def _load_target(args: argparse.Namespace):
+    from ..errors import RelSegError
+
+    if args.data:
+        from ..data.ctseg import read_ctseg2d
+        from ..data.general import parse_data_spec
+
+        kind, path = parse_data_spec(args.data)
+        if kind != "ctseg2d":
+            raise RelSegError(f"relseg train --data takes ctseg2d:DIR, not {kind}: (use --images/--masks for folders)")
+        cases = args.cases.split(",") if args.cases else None
+        return read_ctseg2d(path, target=args.target, size=args.size, cases=cases)
+    if args.images is None or args.masks is None:
+        raise RelSegError("give --data ctseg2d:DIR, or --images DIR and --masks DIR")
     from ..data.readers import read_image_folder
 
     root = args.images.parent
     if args.masks.parent != root:
-        from ..errors import RelSegError
-
         raise RelSegError("--images and --masks must be sibling folders (ROOT/images, ROOT/<masks>)")
     return read_image_folder(root, size=args.size, image_dir=args.images.name, mask_dir=args.masks.name,
                              multiclass=args.multiclass)
+
+
+def _recipe(args: argparse.Namespace) -> str:
+    """The appearance the training slices are in: covid-ct-seg-2d slices are whole CLAHE slices."""
+    return FULL_SLICE_CLAHE if getattr(args, "data", None) else LUNG_CROP
+
+
+def _split(args: argparse.Namespace, names: list[str]):
+    """Training and validation indices of ``--fold``: by patient for ctseg2d data, by slice otherwise."""
+    if args.data:
+        from ..data.ctseg import patient_split
+
+        return patient_split(names, args.folds, args.fold, seed=0)
+    return train_val_split(len(names), args.folds, args.fold, seed=0)
 
 
 def stage2_config(args: argparse.Namespace) -> TrainConfig:
@@ -169,7 +211,7 @@ def run_train(args: argparse.Namespace) -> int:
     config = stage2_config(args)
     negatives = _read_negatives(args)
     if args.fold is not None:
-        train_idx, val_idx = train_val_split(len(data), args.folds, args.fold, seed=0)
+        train_idx, val_idx = _split(args, data.names)
         images, train_masks, weights = _with_negatives(data.images[train_idx], masks[train_idx], negatives,
                                                        args.negative_fraction)
         result = train(config, images, train_masks, data.images[val_idx], masks[val_idx],
@@ -183,13 +225,19 @@ def run_train(args: argparse.Namespace) -> int:
     images, train_masks, weights = _with_negatives(data.images, masks, negatives, args.negative_fraction)
     result = train(config, images, train_masks, resume=not args.no_resume, show_bar=True, sample_weights=weights)
     classes = (["background", "ground-glass opacity", "consolidation"] if args.multiclass
-               else ["background", "infection"])
-    training_data = f"{args.images} + {args.masks} ({len(data)} slices)"
+               else ["background", "lung"] if args.target == "lungs" else ["background", "infection"])
+    if args.data:
+        patients = sorted({name.split("/")[0] for name in data.names})
+        training_data = (f"{args.data} {args.target} masks ({len(data)} slices of {len(patients)} CT series: "
+                         f"{', '.join(patients)})")
+    else:
+        training_data = f"{args.images} + {args.masks} ({len(data)} slices)"
     if negatives is not None:
         training_data += (f"; negatives (no infection): {', '.join(args.negatives)} ({len(negatives)} slices, "
                           f"{args.negative_fraction:g} of each batch)")
-    _export(args, result, config, classes=classes, training_data=training_data, role="infection",
-            training_pictures=(args.images, args.masks))
+    _export(args, result, config, classes=classes, training_data=training_data,
+            role="lungs" if args.target == "lungs" else "infection", recipe=_recipe(args),
+            fingerprints=_fingerprints(args, data))
     return 0
 
 
@@ -201,11 +249,13 @@ def _read_negatives(args: argparse.Namespace):
     from ..data.readers import SliceSet
     from ..errors import RelSegError
 
-    negatives = SliceSet.concat([read_dataset_spec(spec, size=args.size, cache_dir=args.cache_dir)
-                                 for spec in args.negatives])
+    negatives = SliceSet.concat([read_dataset_spec(spec, size=args.size, cache_dir=args.cache_dir,
+                                                   recipe=_recipe(args)) for spec in args.negatives])
     if not len(negatives):
         raise RelSegError(f"--negatives {' '.join(args.negatives)}: no slices found")
-    print(f"negatives: {len(negatives)} slices, {args.negative_fraction:g} of each batch")
+    cases = sorted({name.split(":")[0] for name in negatives.names})
+    print(f"negatives: {len(negatives)} slices of {len(cases)} volumes ({', '.join(cases)}), "
+          f"{args.negative_fraction:g} of each batch")
     return negatives
 
 
@@ -267,24 +317,35 @@ def _drop_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
+def _fingerprints(args: argparse.Namespace, data) -> list[str]:
+    """Fingerprints of the training pictures, so ``relseg evaluate`` can spot them (ctseg2d slices are read
+    at their stored size, so the slices themselves are the pictures)."""
+    if not args.export:
+        return []
+    from ..data.readers import folder_fingerprints, picture_fingerprint
+
+    if args.data:
+        return [picture_fingerprint(image) for image in data.images]
+    return folder_fingerprints(args.images, args.masks)
+
+
 def _export(args, result, config: TrainConfig, classes: list[str], training_data: str, role: str,
-            training_pictures: tuple[Path, Path] | None = None) -> None:
-    """Write the model and its card; the fingerprints of ``training_pictures`` (images and masks folders) let
-    ``relseg evaluate`` spot the model's training slices."""
+            recipe: str = LUNG_CROP, fingerprints: list[str] | None = None) -> None:
+    """Write the model and its card; ``fingerprints`` of the training pictures let ``relseg evaluate`` spot
+    the model's training slices."""
     if not args.export or distributed_context()[0] != 0:  # under torchrun, rank 0 alone writes the model
         return
-    from ..data.intensity import DEFAULT_WINDOW
-    from ..data.readers import folder_fingerprints
+    from ..data.intensity import preprocessing_for
     from ..zoo import ModelCard, save_model
 
     card = ModelCard(
-        name=args.export, version="1.0.0", description=args.description or f"{role} model trained by relseg",
+        name=args.export, version=args.model_version, description=args.description or f"{role} model trained by relseg",
         file="", sha256="", architecture={}, classes=classes,
-        preprocessing={"input_size": args.size, "window": list(DEFAULT_WINDOW), "crop": "lungs"},
+        preprocessing=preprocessing_for(recipe, args.size),
         training={"role": role, "data": training_data, "command": "relseg " + shlex.join(args.argv),
                   "iterations": config.iterations, "seconds": round(result.seconds, 1),
                   "config": config.to_dict(),
-                  **({"image_fingerprints": folder_fingerprints(*training_pictures)} if training_pictures else {})},
+                  **({"image_fingerprints": fingerprints} if fingerprints else {})},
         metrics={"final_val_dice": result.final_val_dice},
     )
     path = save_model(result.network, card, args.model_dir or args.out)

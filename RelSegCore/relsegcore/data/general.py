@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from .ctseg import read_ctseg2d
+from .intensity import LUNG_CROP
 from .readers import SliceSet, read_ct_volumes, read_decathlon, read_image_folder, read_patches_npz, read_volume_pairs
 
-DATA_KINDS = ("pairs", "folder", "decathlon", "npz", "slices", "ct")
+DATA_KINDS = ("pairs", "folder", "decathlon", "npz", "slices", "ct", "ctseg2d")
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,10 @@ GENERAL_DATASETS: dict[str, DatasetSpec] = {
 
 def read_general_sets(
     data_root: str | os.PathLike, names: tuple[str, ...] = tuple(GENERAL_DATASETS), size: int = 256,
-    cache_dir: str | os.PathLike | None = None, limit: int | None = None,
+    cache_dir: str | os.PathLike | None = None, limit: int | None = None, recipe: str = LUNG_CROP,
 ) -> SliceSet:
-    """The named recipe sets under ``data_root`` as one ``SliceSet`` (each set's ``source`` is its name)."""
+    """The named recipe sets under ``data_root`` as one ``SliceSet`` (each set's ``source`` is its name);
+    whole-chest volumes are rendered by ``recipe``."""
     unknown = [name for name in names if name not in GENERAL_DATASETS]
     if unknown:
         raise InputError(f"unknown general data set {unknown[0]!r}; choose from {', '.join(GENERAL_DATASETS)}")
@@ -52,7 +55,10 @@ def read_general_sets(
         spec = GENERAL_DATASETS[name]
         for relative in spec.paths:
             path = Path(data_root) / relative
-            part = read_kind(spec.kind, path, size=size, cache_dir=cache_dir, limit=limit, **spec.options)
+            options = dict(spec.options)
+            if spec.kind == "pairs" and recipe != LUNG_CROP:
+                options["recipe"] = recipe
+            part = read_kind(spec.kind, path, size=size, cache_dir=cache_dir, limit=limit, **options)
             parts.append(dataclasses.replace(part, source=name))
     return SliceSet.concat(parts)
 
@@ -65,16 +71,20 @@ def parse_data_spec(spec: str) -> tuple[str, Path]:
     return kind, Path(path).expanduser()
 
 
-def read_dataset_spec(spec: str, size: int = 256, cache_dir: str | os.PathLike | None = None) -> SliceSet:
+def read_dataset_spec(spec: str, size: int = 256, cache_dir: str | os.PathLike | None = None,
+                      recipe: str = LUNG_CROP) -> SliceSet:
     """Read a user's ``--data KIND:PATH`` set.
 
-    Kinds: ``pairs:DIR``, ``folder:DIR``, ``decathlon:DIR``, ``npz:FILE``, ``slices:FILE``, ``ct:DIR`` (CT volumes
-    without masks: lung slices, all background).
+    Kinds: ``pairs:DIR``, ``folder:DIR``, ``decathlon:DIR``, ``npz:FILE``, ``slices:FILE``, ``ct:DIR`` or
+    ``ct:DIR/GLOB`` (CT volumes without masks: lung slices, all background), ``ctseg2d:DIR`` (the
+    ``covid-ct-seg-2d`` layout, infection masks). ``recipe`` renders HU volumes as a model with that
+    ``preprocessing`` recipe sees them.
     """
     kind, path = parse_data_spec(spec)
-    if not path.exists():
+    if not path.exists() and not (kind == "ct" and path.parent.is_dir()):
         raise InputError(f"--data {spec!r}: {path} does not exist")
-    return read_kind(kind, path, size=size, cache_dir=cache_dir)
+    options = {"recipe": recipe} if kind in ("ct", "pairs") and recipe != LUNG_CROP else {}
+    return read_kind(kind, path, size=size, cache_dir=cache_dir, **options)
 
 
 def read_kind(kind: str, path: Path, size: int = 256, cache_dir: str | os.PathLike | None = None,
@@ -92,4 +102,6 @@ def read_kind(kind: str, path: Path, size: int = 256, cache_dir: str | os.PathLi
         return read_patches_npz(path, size=size, limit=limit, **options)
     if kind == "ct":  # CT volumes without masks: all background (negatives)
         return read_ct_volumes(path, size=size, limit=limit, cache_dir=cache_dir, **options)
+    if kind == "ctseg2d":  # the covid-ct-seg-2d layout (already rendered slices)
+        return read_ctseg2d(path, size=size, **options)
     raise InputError(f"unknown data kind {kind!r}; choose from {', '.join(DATA_KINDS)}")

@@ -1,4 +1,18 @@
-"""HU -> the appearance of the COVID-SemiSeg slices a 2D model was trained on.
+"""HU -> the appearance of the slices a 2D model was trained on (the card's ``preprocessing``).
+
+Two recipes, named by ``preprocessing["recipe"]`` in a model card:
+
+- ``full-slice-clahe`` (the ``covid-ct-seg-2d`` slices, models 2.x): the whole axial slice,
+  bicubic resize to 256 (OpenCV), min-max over the resized slice to 0..255, CLAHE (OpenCV,
+  clip limit 7.0, 8x8 tiles). ``render_full_slice`` reproduces the data set's PNGs bit for
+  bit from HU (tested on three ``covid-hu-slices``). Real CT holds what those training
+  slices did not, and min-max would let one voxel change the whole picture, so before the
+  recipe the slice is made robust: everything below -1024 HU (scanner padding outside the
+  circular field of view at -3024 or -2048) becomes -1024, and voxels above 3071 HU (the top
+  of the 12-bit CT scale: metal) take the highest value of the rest. A slice without such
+  voxels is left exactly as it is.
+- ``lung-crop`` (the COVID-SemiSeg screenshots, models 1.x): lung window, cropped to the
+  box around both lungs, stretched to the square; measured as follows.
 
 The COVID-SemiSeg slices are 8-bit lung-window images cropped to the box around both
 lungs and stretched to a square. ``to_model_input`` reproduces that from an HU slice and
@@ -28,6 +42,13 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 
+FULL_SLICE_CLAHE = "full-slice-clahe"
+LUNG_CROP = "lung-crop"
+RECIPES = (FULL_SLICE_CLAHE, LUNG_CROP)
+AIR_HU = -1024.0  # padding below this (-2048, -3024 outside the scan field) is air for the recipe
+CT_SCALE_MAX_HU = 3071.0  # above: metal or corrupt voxels, which must not set the slice's maximum
+CLAHE_CLIP_LIMIT = 7.0
+CLAHE_TILES = (8, 8)
 LUNG_WINDOW = (-1250.0, 250.0)  # the benchmark lung window (W1500 / L-500)
 DEFAULT_WINDOW = (-1100.0, 250.0)  # measured against the COVID-SemiSeg JPGs (module docstring)
 LUNG_BOX_MARGIN = 0.02  # COVID-SemiSeg crops touch the lungs: measured margins 0-3 % of the box
@@ -131,3 +152,66 @@ def paste_back(
         height, width = box[0].stop - box[0].start, box[1].stop - box[1].start
         out[(index, Ellipsis, *box)] = resize_slices(pred[index][None], (height, width), order=1)[0]
     return out
+
+
+def recipe_of(preprocessing: dict) -> str:
+    """The appearance recipe a model card's ``preprocessing`` names (1.x cards name none: lung crops)."""
+    recipe = preprocessing.get("recipe", LUNG_CROP)
+    if recipe not in RECIPES:
+        raise InputError(f"unknown preprocessing recipe {recipe!r}; this relsegcore knows {', '.join(RECIPES)}")
+    return recipe
+
+
+def robust_hu(hu_slice: np.ndarray) -> np.ndarray:
+    """float32 copy of an HU slice with padding raised to air and metal lowered to the slice's highest tissue."""
+    hu = np.maximum(np.asarray(hu_slice, dtype=np.float32), np.float32(AIR_HU))
+    too_high = hu > CT_SCALE_MAX_HU
+    if too_high.any():
+        rest = hu[~too_high]
+        hu[too_high] = rest.max() if rest.size else CT_SCALE_MAX_HU
+    return hu
+
+
+def render_full_slice(hu_slice: np.ndarray, size: int = 256, clip_limit: float = CLAHE_CLIP_LIMIT) -> np.ndarray:
+    """The ``full-slice-clahe`` image (uint8 ``(size, size)``) of one canonical HU slice.
+
+    8-bit input (an already rendered slice) is only resized, if needed.
+    """
+    import cv2  # OpenCV: the data set was made with its bicubic resize and CLAHE, which others do not match
+
+    slice_2d = np.asarray(hu_slice)
+    if slice_2d.ndim != 2:
+        raise InputError(f"a slice must be 2D, got shape {slice_2d.shape}")
+    if slice_2d.dtype == np.uint8:
+        return slice_2d.copy() if slice_2d.shape == (size, size) else resize_slices(slice_2d[None], size)[0]
+    resized = cv2.resize(robust_hu(slice_2d), (size, size), interpolation=cv2.INTER_CUBIC).astype(np.float64)
+    low, high = resized.min(), resized.max()
+    if not high > low:
+        return np.zeros((size, size), np.uint8)
+    scaled = ((resized - low) / (high - low) * 255.0).astype(np.uint8)
+    return cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=CLAHE_TILES).apply(scaled)
+
+
+def model_input(
+    hu_slice: np.ndarray, lung_mask_slice: np.ndarray | None, preprocessing: dict,
+) -> tuple[np.ndarray, Box]:
+    """A model's uint8 input for one canonical slice as its card's ``preprocessing`` says, and the box of the
+    slice it shows (the whole slice for ``full-slice-clahe``). The one function for training and inference."""
+    size = int(preprocessing.get("input_size", 256))
+    if recipe_of(preprocessing) == FULL_SLICE_CLAHE:
+        shape = np.shape(hu_slice)
+        return render_full_slice(hu_slice, size, float(preprocessing.get("clip_limit", CLAHE_CLIP_LIMIT))), (
+            slice(0, shape[0]), slice(0, shape[1]))
+    if lung_mask_slice is None:
+        raise InputError("the lung-crop recipe needs the slice's lung mask")
+    return to_model_input(hu_slice, lung_mask_slice, size, preprocessing.get("window"))
+
+
+def preprocessing_for(recipe: str, size: int = 256) -> dict:
+    """The ``preprocessing`` entry of a model card for a recipe."""
+    if recipe == FULL_SLICE_CLAHE:
+        return {"recipe": FULL_SLICE_CLAHE, "input_size": size, "clip_limit": CLAHE_CLIP_LIMIT,
+                "robust": {"below_hu_to": AIR_HU, "above_hu_to_slice_max_below": CT_SCALE_MAX_HU}}
+    if recipe == LUNG_CROP:
+        return {"recipe": LUNG_CROP, "input_size": size, "window": list(DEFAULT_WINDOW), "crop": "lungs"}
+    raise InputError(f"unknown preprocessing recipe {recipe!r}; choose from {', '.join(RECIPES)}")

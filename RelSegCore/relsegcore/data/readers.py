@@ -32,7 +32,17 @@ from PIL import Image
 
 from ..errors import InputError
 from ..fileutil import atomic_path
-from .intensity import DEFAULT_WINDOW, crop_resize, lung_box, model_image, resize_slices, window_hu
+from .intensity import (
+    DEFAULT_WINDOW,
+    FULL_SLICE_CLAHE,
+    LUNG_CROP,
+    crop_resize,
+    lung_box,
+    model_image,
+    render_full_slice,
+    resize_slices,
+    window_hu,
+)
 
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -210,6 +220,7 @@ class VolumeOptions:
     field_mm: float = LESION_FIELD_MM
     window: tuple[float, float] = DEFAULT_WINDOW
     max_slices_per_volume: int | None = None
+    recipe: str = LUNG_CROP  # the appearance of whole-chest slices (intensity.RECIPES)
 
     def describe(self) -> dict:
         return {**self.__dict__, "label_map": sorted((self.label_map or {}).items())}
@@ -221,7 +232,7 @@ def read_volume_pairs(
     only_lesion_slices: bool = True, context: str = "auto", field_mm: float = LESION_FIELD_MM,
     window: tuple[float, float] = DEFAULT_WINDOW, max_slices_per_volume: int | None = None,
     limit: int | None = None, cache_dir: str | os.PathLike | None = None,
-    lung_segmenter: LungSegmenter | None = None, pattern: str = "*",
+    lung_segmenter: LungSegmenter | None = None, pattern: str = "*", recipe: str = LUNG_CROP,
 ) -> SliceSet:
     """Axial slices of NIfTI/NRRD/MHA volumes and their masks, matched by name.
 
@@ -231,12 +242,13 @@ def read_volume_pairs(
     pairs (_ct/_effusion, _image/_label, ...) are tried. ``label_map`` maps mask values to
     classes (others -> 0); by default every non-zero value is class 1. ``context``: ``"lungs"``,
     ``"lesion"`` or ``"auto"`` (by the slice's physical width). ``pattern`` (a glob on the image file
-    name) and ``limit`` (the first volumes only) select volumes.
+    name) and ``limit`` (the first volumes only) select volumes. ``recipe``: how whole-chest slices look
+    (``intensity.RECIPES``).
     """
     pairs = [pair for pair in find_volume_pairs(images_dir, masks_dir, image_suffix, mask_suffix)
              if fnmatch.fnmatch(pair[1].name, pattern)][:limit]
     options = VolumeOptions(size, label_map, only_lesion_slices, context, field_mm, tuple(window),
-                            max_slices_per_volume)
+                            max_slices_per_volume, recipe)
     return read_pairs(pairs, options, source=Path(images_dir).name, cache_dir=cache_dir,
                       lung_segmenter=lung_segmenter)
 
@@ -377,28 +389,46 @@ def _map_labels(mask: np.ndarray, label_map: dict[int, int] | None) -> np.ndarra
 def read_ct_volumes(
     folder: str | os.PathLike, size: int = 256, slices_per_volume: int = 16, limit: int | None = None,
     window: tuple[float, float] = DEFAULT_WINDOW, cache_dir: str | os.PathLike | None = None,
-    lung_segmenter: LungSegmenter | None = None,
+    lung_segmenter: LungSegmenter | None = None, recipe: str = LUNG_CROP,
 ) -> SliceSet:
     """Lung slices of chest CT volumes that have no mask, all background: negatives for ``relseg train``.
 
-    Each volume gives up to ``slices_per_volume`` slices with lung, evenly spread along z and
-    cropped to the lungs as at inference; every mask is empty.
+    ``folder`` is a folder, one file or a glob of files (``DIR/LUNG1-00*_ct.nii.gz``). Label volumes kept beside the
+    CTs (names ending in ``_label``, ``_seg``, ``_mask``, ``_effusion``...) are skipped. Each volume gives up
+    to ``slices_per_volume`` slices with lung, evenly spread along z, rendered by ``recipe`` as at inference;
+    every mask is empty. ``ct_volume_files`` says which files are used.
     """
-    folder = Path(folder)
-    images = _volumes(folder)[:limit]
-    if not images:
-        raise InputError(f"no CT volumes (.nii.gz, .nrrd, .mha) found in {folder}")
-    options = VolumeOptions(size, None, True, "lungs", LESION_FIELD_MM, tuple(window), slices_per_volume)
+    images = ct_volume_files(folder)[:limit]
+    options = VolumeOptions(size, None, True, "lungs", LESION_FIELD_MM, tuple(window), slices_per_volume, recipe)
     segmenter = lung_segmenter or default_lung_segmenter()
+    source = Path(str(folder)).name if not any(c in str(folder) for c in "*?[") else Path(str(folder)).parent.name
 
     def build() -> SliceSet:
         sets = [_ct_lung_slices(_volume_stem(path), path, options, segmenter) for path in images]
         result = SliceSet.concat(sets)
-        return SliceSet(result.images, result.masks, result.names, folder.name)
+        return SliceSet(result.images, result.masks, result.names, source)
 
-    description = {"reader": "ct-volumes", "source": folder.name, "segmenter": getattr(segmenter, "__qualname__", None),
+    description = {"reader": "ct-volumes", "source": source, "segmenter": getattr(segmenter, "__qualname__", None),
                    **options.describe()}
-    return cached(cache_dir, description, [*images, *_source_files(_ct_lung_slices, model_image, segmenter)], build)
+    return cached(cache_dir, description, [*images, *_source_files(_ct_lung_slices, model_image, segmenter,
+                                                                  render_full_slice)], build)
+
+
+def ct_volume_files(folder: str | os.PathLike) -> list[Path]:
+    """The CT volumes in a folder (or matching a glob), label volumes left out."""
+    text = str(folder)
+    if any(c in text for c in "*?["):
+        parent, pattern = Path(text).parent, Path(text).name
+        candidates = [p for p in _volumes(parent) if fnmatch.fnmatch(p.name, pattern)]
+    elif Path(folder).is_file():
+        candidates = [Path(folder)]
+    else:
+        candidates = _volumes(Path(folder))
+    mask_ends = {mask_end for _, mask_end in PAIR_SUFFIXES if mask_end}
+    images = [p for p in candidates if not any(_volume_stem(p).lower().endswith(end) for end in mask_ends)]
+    if not images:
+        raise InputError(f"no CT volumes (.nii.gz, .nrrd, .mha; label volumes left out) found in {folder}")
+    return images
 
 
 def _ct_lung_slices(case: str, image_path: Path, options: VolumeOptions, lung_segmenter: LungSegmenter) -> SliceSet:
@@ -434,12 +464,17 @@ def _to_uint8(slice_2d: np.ndarray, window: Sequence[float]) -> np.ndarray:
 
 
 def _lung_crops(volume, labels, z_indices, lungs, options: VolumeOptions):
-    """Each slice cropped to its own lung box (the volume's when the slice has no lung), as at inference.
-
-    ``labels`` None (a CT without a mask) gives empty masks."""
+    """Each slice as the model sees it at inference: the whole slice (``full-slice-clahe``), or cropped to its
+    own lung box (the volume's when the slice has no lung). ``labels`` None (a CT without a mask) gives empty
+    masks."""
     size = options.size
     if not z_indices:
         return np.zeros((0, size, size), np.uint8), np.zeros((0, size, size), np.uint8)
+    if options.recipe == FULL_SLICE_CLAHE:
+        images = np.stack([render_full_slice(volume[z], size) for z in z_indices])
+        if labels is None:
+            return images, np.zeros_like(images)
+        return images, resize_slices(np.stack([labels[z] for z in z_indices]), size, order=0)
     whole = (slice(0, volume.shape[1]), slice(0, volume.shape[2]))
     volume_box = lung_box(lungs) if lungs.any() else whole
     boxes = [lung_box(lungs[z]) if lungs[z].any() else volume_box for z in z_indices]
