@@ -21,7 +21,7 @@ def __getattr__(name: str):
 
         return getattr(pipeline, name)
     if name == "segment_lungs":
-        from .lungs import segment_lungs
+        from .pipeline import segment_lungs
 
         return segment_lungs
     raise AttributeError(name)

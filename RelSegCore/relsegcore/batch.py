@@ -136,6 +136,7 @@ def run_batch(
     tta: bool = False,
     workers: int = 1,
     progress: Progress | None = None,
+    lung_model: str | os.PathLike = "auto",
 ) -> list[CaseOutcome]:
     """Segment every unfinished case, then write ``summary.csv``; failures are recorded, not raised.
 
@@ -153,7 +154,7 @@ def run_batch(
     pending = [case for case in cases if case not in outcomes]
     if outcomes:
         log.info("Skipping %d finished case(s) in %s", len(outcomes), out_dir)
-    job = (str(out_dir), str(card.path.with_suffix(".json")), device, tta)
+    job = (str(out_dir), str(card.path.with_suffix(".json")), device, tta, str(lung_model))
     try:
         if workers <= 1 or len(pending) <= 1:
             _run_here(pending, job, progress, outcomes, len(cases))
@@ -202,14 +203,14 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def segment_case(case: Case, out_dir: str, model_card: str, device: str, tta: bool,
+def segment_case(case: Case, out_dir: str, model_card: str, device: str, tta: bool, lung_model: str = "auto",
                  progress: Progress | None = None) -> CaseOutcome:
     """Segment one case and write its outputs; any failure becomes a ``failed`` outcome (``Cancelled`` excepted)."""
     from .pipeline import segment_file
 
     try:
         segment_file(case.path, out_dir, model=model_card, device=device, tta=tta, series=case.series,
-                     progress=progress, name=case.name)
+                     progress=progress, name=case.name, lung_model=lung_model)
     except Cancelled:
         raise
     except RelSegError as error:

@@ -72,6 +72,31 @@ def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path
     return result
 
 
+def evaluate_ctseg2d(loaded: LoadedModel, root: Path, target: str = "infection", tta: bool = False,
+                     progress: Progress | None = None) -> dict:
+    """``evaluate_image_folder`` on a ``covid-ct-seg-2d`` folder (slices upright, never transposed), with each
+    slice's case and the mean Dice per patient (slices of one patient are not independent)."""
+    from .data.ctseg import CTSEG_TARGETS, patient_of, read_cases_csv
+    from .data.intensity import FULL_SLICE_CLAHE, recipe_of
+
+    if target not in CTSEG_TARGETS:
+        raise InputError(f"--target must be one of {', '.join(CTSEG_TARGETS)}, not {target!r}")
+    root = Path(root)
+    case_of = {Path(row["file"]).stem: row["case"] for row in read_cases_csv(root)}
+    result = evaluate_image_folder(loaded, root / "images", root / CTSEG_TARGETS[target], tta=tta,
+                                   orientation="as-is", progress=progress)
+    by_patient: dict[str, list[float]] = {}
+    for case in result["per_case"]:
+        case["series"] = case_of.get(case["case"], "")
+        by_patient.setdefault(patient_of(case["series"]), []).append(case["dice"])
+    result["per_patient_dice"] = {patient: float(np.mean(values)) for patient, values in sorted(by_patient.items())}
+    result["target"] = target
+    if recipe_of(loaded.card.preprocessing) != FULL_SLICE_CLAHE:
+        result["note"] = (f"{loaded.card.name} was trained on {recipe_of(loaded.card.preprocessing)} images, not on "
+                          "whole full-slice-clahe slices like these: its score here says little")
+    return result
+
+
 def seen_in_training(card, images: list[np.ndarray]) -> int | None:
     """How many of ``images`` the model was trained on (its card's fingerprints); None when the card does not say."""
     known = card.training.get("image_fingerprints")

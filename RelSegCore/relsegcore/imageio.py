@@ -26,7 +26,9 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 CANONICAL_ORIENTATION = "LPS"
 MIN_SPACING_MM = 0.1
 MAX_SPACING_MM = 20.0
-HU_RANGE = (-2048.0, 4095.0)
+HU_RANGE = (-2048.0, 4095.0)  # the usual stored CT scale; below: padding outside the scan field, above: metal
+PADDING_FLOOR_HU = -32768.0  # scanners pad outside the circular field with -3024, -2048 or int16's minimum
+MAX_SHARE_ABOVE_SCALE = 0.001  # metal is a few voxels; a CT with more above 4095 is not in HU
 AIR_PERCENTILE_MAX_HU = -500.0  # a CT always shows air (outside the body, lungs) near -1000
 BYTES_PER_VOXEL_NEEDED = 16  # working copies (float32 HU, masks, labels) during segmentation
 MAX_VOXELS_ENV = "RELSEG_MAX_VOXELS"
@@ -152,7 +154,11 @@ def choose_series(candidates: list[SeriesInfo], wanted: str | None, folder: Path
 
 
 def validate_ct(image: sitk.Image) -> None:
-    """Raise ``InputError`` unless ``image`` is a 3D scalar CT in HU that fits in memory."""
+    """Raise ``InputError`` unless ``image`` is a 3D scalar CT in HU that fits in memory.
+
+    Real series hold padding outside the circular scan field (-3024, -2048) and metal above 4095: both are
+    accepted (the model input neutralises them, ``intensity.robust_hu``); many voxels above 4095 are not.
+    """
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
             f"The image has {image.GetNumberOfComponentsPerPixel()} values per voxel (colour or vector): "
@@ -173,10 +179,11 @@ def validate_ct(image: sitk.Image) -> None:
     low, high = float(hu.min()), float(hu.max())
     if low == high:
         raise InputError(f"The image is empty: every voxel has the value {low:g}.")
-    if low < HU_RANGE[0] or high > HU_RANGE[1]:
+    above = float(np.count_nonzero(hu > HU_RANGE[1])) / hu.size if high > HU_RANGE[1] else 0.0
+    if low < PADDING_FLOOR_HU or above > MAX_SHARE_ABOVE_SCALE:
         raise InputError(
-            f"Voxel values {low:g}..{high:g} are outside the CT range {HU_RANGE[0]:g}..{HU_RANGE[1]:g} HU "
-            "(is this a CT in Hounsfield units?)."
+            f"Voxel values {low:g}..{high:g} ({above:.1%} above {HU_RANGE[1]:g}) are outside the CT range "
+            f"{HU_RANGE[0]:g}..{HU_RANGE[1]:g} HU beyond padding and metal (is this a CT in Hounsfield units?)."
         )
     first_percentile = float(np.percentile(_sample(hu), 1))
     if first_percentile > AIR_PERCENTILE_MAX_HU:

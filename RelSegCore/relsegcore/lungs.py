@@ -61,6 +61,22 @@ def segment_lungs_array(hu: np.ndarray, spacing_xyz: tuple[float, float, float])
     return _upsample_labels(labels, small >= AIR_HU, hu, factor)
 
 
+def lungs_from_mask(mask: np.ndarray, hu: np.ndarray, spacing_xyz: tuple[float, float, float]) -> np.ndarray:
+    """Left/right lung labels from a mask of both lungs (a lung model's output) on the same ``(z, y, x)`` grid.
+
+    The same decisions as the HU method: the trachea and main bronchi are cut out, components that are
+    pure gas (bowel, stomach) or tiny are dropped, each remaining component gets its side, and two
+    lungs that touch are split at the midline.
+    """
+    hu = np.asarray(hu)
+    mask = np.asarray(mask, bool)
+    voxel_ml = spacing_xyz[0] * spacing_xyz[1] * spacing_xyz[2] / 1000.0
+    air = hu < AIR_HU
+    airway = _airway(hu, air & ~_border_connected_per_slice(air), spacing_xyz)
+    candidates = mask & ~ndimage.binary_dilation(airway, _disk(1)) if airway.any() else mask
+    return _lung_components(candidates, hu, voxel_ml, midline_x=_body_midline_x(hu))
+
+
 def _lung_labels(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
     voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
     air = hu < AIR_HU

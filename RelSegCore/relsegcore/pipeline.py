@@ -26,13 +26,15 @@ from .data import intensity
 from .device import describe_device, select_device
 from .errors import InputError
 from .inference import DEFAULT_BATCH_SIZE, batches, predict_slices, predict_volume
-from .lungs import segment_lungs_array
+from .lungs import lungs_from_mask, segment_lungs_array
 from .progress import Progress
 
 SLICES_PER_CHUNK = 32  # probabilities of one chunk at most: 32 x C x 256 x 256 float32 = 16 MB for C=2
 LUNG_BOX_MARGIN_VOXELS = 8  # context around the lungs for a 3D model
 VOLUME_BATCH_SIZE = 4  # 3D patches per forward pass
-STAGE_SPANS = {"Reading": (0.0, 0.05), "Lungs": (0.05, 0.2), "Infection": (0.2, 0.95), "Report": (0.95, 1.0)}
+STAGE_SPANS = {"Reading": (0.0, 0.05), "Lungs": (0.05, 0.4), "Infection": (0.4, 0.95), "Report": (0.95, 1.0)}
+LUNG_MODEL = "covid-lungs-2d"  # the learned lungs, used when installed ("auto")
+HU_LUNGS = "hu"  # the HU-threshold method of relsegcore.lungs
 
 
 @dataclass
@@ -67,11 +69,14 @@ def segment(
     tta: bool = False,
     progress: Progress | None = None,
     lungs: sitk.Image | None = None,
+    lung_model: str | os.PathLike = "auto",
 ) -> SegmentationResult:
     """Lungs (1 left, 2 right), infection and report for a CT in HU.
 
     ``model`` is a model name or path; ``None`` is the registry's default (``relseg models use``).
     ``lungs`` may give known lung labels on ``image``'s grid (skipping lung segmentation).
+    ``lung_model``: ``"auto"`` (the learned ``covid-lungs-2d`` when installed, else the HU method), ``"hu"``,
+    or a lung model's name or path; the report's ``lungs_method`` says which ran.
     ``progress`` receives the stages "Lungs", "Infection", "Report" and may cancel between
     chunks of slices (``errors.Cancelled``).
     """
@@ -85,15 +90,17 @@ def segment(
         hu = sitk.GetArrayViewFromImage(canonical)
     progress.update(STAGE_SPANS["Lungs"][0], "Lungs")
     with timer.stage("lungs"):
-        lung_labels = _canonical_lungs(lungs, image) if lungs is not None else None
-        if lung_labels is None:
-            lung_labels = segment_lungs_array(hu, canonical.GetSpacing())
+        if lungs is not None:
+            lung_labels, lungs_method, lung_seconds = _canonical_lungs(lungs, image), "given", 0.0
+        else:
+            lung_labels, lungs_method, lung_seconds = lung_labels_for(hu, canonical.GetSpacing(), lung_model,
+                                                                      loaded.device, progress)
     if not lung_labels.any():
         raise InputError("No lungs were found in the image: is it a chest CT?")
     progress.update(STAGE_SPANS["Infection"][0], "Infection")
     with timer.stage("infection"):
         infection_labels, network_seconds = infection_labels_for(loaded, hu, lung_labels, tta, progress)
-    timer.seconds["network"] = round(network_seconds, 3)
+    timer.seconds["network"] = round(network_seconds + lung_seconds, 3)
     progress.update(STAGE_SPANS["Report"][0], "Report")
     with timer.stage("report"):
         grid = _Grid.of(canonical)
@@ -109,10 +116,45 @@ def segment(
         model={"name": loaded.card.name, "version": loaded.card.version, "sha256": loaded.card.sha256},
         device=describe_device(loaded.device),
         tta=bool(tta),
+        lungs_method=lungs_method,
         timing_s=timer.seconds,
     )
     progress.update(1.0, "Report")
     return SegmentationResult(lungs_image, infection_image, class_names, report)
+
+
+def lung_model_card(lung_model: str | os.PathLike = "auto") -> zoo.ModelCard | None:
+    """The lung model ``lung_model`` stands for, or None for the HU method (``"hu"``, or ``"auto"`` without an
+    installed ``covid-lungs-2d``)."""
+    if str(lung_model) == HU_LUNGS:
+        return None
+    if str(lung_model) == "auto":
+        return next((card for card in zoo.list_models() if card.name == LUNG_MODEL), None)
+    return zoo.find_model(lung_model)
+
+
+def lung_labels_for(
+    hu: np.ndarray, spacing_xyz: tuple[float, float, float], lung_model: str | os.PathLike = "auto",
+    device: torch.device | str = "auto", progress: Progress | None = None,
+) -> tuple[np.ndarray, str, float]:
+    """Lung labels uint8 ``(z, y, x)`` (1 left, 2 right) of a canonical HU volume, the method that found them,
+    and the seconds spent in a network."""
+    card = lung_model_card(lung_model)
+    if card is None:
+        return segment_lungs_array(hu, spacing_xyz), "hu-threshold", 0.0
+    loaded = zoo.load_model(card.path or card.name, select_device(device))
+    mask, seconds = slice_labels_2d(loaded, hu, np.arange(len(hu)), None, progress=progress,
+                                    span=STAGE_SPANS["Lungs"])
+    return lungs_from_mask(mask > 0, hu, spacing_xyz), f"{card.name} {card.version}", seconds
+
+
+def segment_lungs(image: sitk.Image, model: str | os.PathLike = "auto", device: str = "auto") -> sitk.Image:
+    """Lung labels (1 left, 2 right) on ``image``'s exact grid: the learned lung model when installed, else
+    (or with ``model="hu"``) the HU method."""
+    imageio.validate_ct(image)
+    canonical = imageio.to_canonical(image)
+    labels, _, _ = lung_labels_for(sitk.GetArrayViewFromImage(canonical), canonical.GetSpacing(), model, device)
+    return _on_input_grid(labels, _Grid.of(canonical), image)
 
 
 def infection_labels_for(
@@ -126,26 +168,36 @@ def infection_labels_for(
 
 
 def _infection_2d(loaded, hu, lung_labels, tta, progress) -> tuple[np.ndarray, float]:
-    size = int(loaded.card.preprocessing.get("input_size", 256))
-    window = loaded.card.preprocessing.get("window")
-    labels = np.zeros(hu.shape, np.uint8)
     slices_with_lung = np.flatnonzero(lung_labels.reshape(len(lung_labels), -1).any(axis=1))
-    span_start, span_end = STAGE_SPANS["Infection"]
+    labels, seconds = slice_labels_2d(loaded, hu, slices_with_lung, lung_labels, tta, progress,
+                                      STAGE_SPANS["Infection"])
+    labels[lung_labels == 0] = 0
+    return labels, seconds
+
+
+def slice_labels_2d(
+    loaded: zoo.LoadedModel, hu: np.ndarray, z_indices: np.ndarray, lung_labels: np.ndarray | None,
+    tta: bool = False, progress: Progress | None = None, span: tuple[float, float] = (0.0, 1.0),
+) -> tuple[np.ndarray, float]:
+    """Labels uint8 ``(z, y, x)`` of a 2D model on the slices ``z_indices`` (0 elsewhere), each slice rendered
+    as the model's card says (``intensity.model_input``; ``lung_labels`` give the crop of lung-crop models),
+    and the seconds spent in the network. Chunks of slices keep memory flat."""
+    labels = np.zeros(hu.shape, np.uint8)
     network_seconds = 0.0
-    for chunk in batches(len(slices_with_lung), SLICES_PER_CHUNK):
-        z_indices = slices_with_lung[chunk]
+    for chunk in batches(len(z_indices), SLICES_PER_CHUNK):
+        chunk_z = z_indices[chunk]
         with _one_torch_thread():
-            prepared = [intensity.to_model_input(hu[z], lung_labels[z], size, window) for z in z_indices]
+            prepared = [intensity.model_input(hu[z], None if lung_labels is None else lung_labels[z],
+                                              loaded.card.preprocessing) for z in chunk_z]
         images = np.stack([image for image, _ in prepared])
-        fraction = (span_start + (span_end - span_start) * chunk.start / len(slices_with_lung),
-                    span_start + (span_end - span_start) * chunk.stop / len(slices_with_lung))
+        fraction = (span[0] + (span[1] - span[0]) * chunk.start / len(z_indices),
+                    span[0] + (span[1] - span[0]) * chunk.stop / len(z_indices))
         start = time.perf_counter()
         probabilities = predict_slices(loaded, images, DEFAULT_BATCH_SIZE, tta, progress, fraction)
         network_seconds += time.perf_counter() - start
         with _one_torch_thread():
-            for z, (_, box), slice_probabilities in zip(z_indices, prepared, probabilities, strict=True):
-                inside_lungs = lung_labels[z][box] > 0
-                labels[z][box] = _argmax_resized(slice_probabilities, _box_shape(box)) * inside_lungs
+            for z, (_, box), slice_probabilities in zip(chunk_z, prepared, probabilities, strict=True):
+                labels[z][box] = _argmax_resized(slice_probabilities, _box_shape(box))
     return labels, network_seconds
 
 
@@ -252,12 +304,13 @@ def segment_file(
     series: str | None = None,
     progress: Progress | None = None,
     name: str | None = None,
+    lung_model: str | os.PathLike = "auto",
 ) -> dict[str, Path]:
     """Read a CT file or DICOM folder, segment it and write all outputs (all or nothing)."""
     progress = progress or Progress()
     progress.update(0.0, "Reading")
     image = imageio.read_image(path, series)
-    result = segment(image, model=model, device=device, tta=tta, progress=progress)
+    result = segment(image, model=model, device=device, tta=tta, progress=progress, lung_model=lung_model)
     result.report["input"] = str(path)
     chosen = imageio.last_series_choice
     if chosen is not None:  # say which DICOM series was segmented

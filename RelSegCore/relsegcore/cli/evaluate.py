@@ -16,8 +16,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "volumes (NIfTI/NRRD/MHA, scored in mm with NSD and HD95). Prints the mean Dice over cases.",
     )
     parser.add_argument("--model", default=None, help="shipped model name or path to a .pt with its card")
-    parser.add_argument("--images", type=Path, required=True)
-    parser.add_argument("--masks", type=Path, required=True)
+    parser.add_argument("--images", type=Path)
+    parser.add_argument("--masks", type=Path)
+    parser.add_argument("--data", metavar="ctseg2d:DIR",
+                        help="a covid-ct-seg-2d folder (images/, masks/, lungs/, cases.csv), not --images/--masks")
+    parser.add_argument("--target", choices=("infection", "lungs"), default="infection",
+                        help="with --data: score against the infection or the lung masks")
     parser.add_argument("--volumes", action="store_true", help="the folders hold CT volumes (default: 2D slices)")
     parser.add_argument("--tolerance-mm", type=float, default=3.0, help="NSD tolerance for volumes (default 3 mm)")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
@@ -28,11 +32,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..device import select_device
+    from ..errors import RelSegError
     from ..evaluation import evaluate_image_folder, evaluate_volumes
     from ..fileutil import atomic_write_text
     from ..zoo import load_model
 
-    if args.volumes:
+    if args.data:
+        from ..data.general import parse_data_spec
+        from ..evaluation import evaluate_ctseg2d
+
+        kind, path = parse_data_spec(args.data)
+        if kind != "ctseg2d":
+            raise RelSegError(f"relseg evaluate --data takes ctseg2d:DIR, not {kind}: (use --images/--masks)")
+        result = evaluate_ctseg2d(load_model(args.model, select_device(args.device)), path, args.target, tta=args.tta)
+    elif args.images is None or args.masks is None:
+        raise RelSegError("give --data ctseg2d:DIR, or --images DIR and --masks DIR")
+    elif args.volumes:
         result = evaluate_volumes(args.model, args.images, args.masks, device=args.device, tta=args.tta,
                                   tolerance_mm=args.tolerance_mm)
     else:
@@ -44,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
     sd = result["metrics"]["dice"]["sd"] or 0.0
     print(f"mean Dice {result['mean_dice']:.4f} ± {sd:.4f} over {result['cases']} cases"
           f" ({result['model']['name']} {result['model']['version']})")
+    if result.get("per_patient_dice"):
+        print("per patient: " + ", ".join(f"{p} {d:.4f}" for p, d in result["per_patient_dice"].items()))
+    if result.get("note"):
+        print(f"Note: {result['note']}")
     seen = result.get("cases_seen_in_training")
     if seen:
         print(f"Warning: {seen} of these {result['cases']} images were in the model's training data (its card says "

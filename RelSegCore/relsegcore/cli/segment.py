@@ -32,6 +32,9 @@ def register(subparsers) -> None:
                              "covid-infection-2d unless changed with 'relseg models use')")
     add_device_argument(parser)
     parser.add_argument("--tta", action="store_true", help="average with left-right flipped predictions (2x time)")
+    parser.add_argument("--lungs", default="auto", metavar="auto|hu|MODEL",
+                        help="how the lungs are found: auto (the learned covid-lungs-2d when installed), hu (HU "
+                             "thresholds, no network), or a lung model's name or path")
     parser.add_argument("--series", metavar="UID", help="DICOM series to read (UID, description or number)")
     parser.add_argument("--progress", choices=("bar", "lines", "none"), default="bar",
                         help="progress display; 'lines' prints 'PROGRESS <fraction> <stage>' for tools")
@@ -86,7 +89,7 @@ def run_single(args: argparse.Namespace, progress: Progress) -> int:
     from ..pipeline import segment_file
 
     paths = segment_file(args.input, args.out, model=args.model, device=args.device, tta=args.tta,
-                         series=args.series, progress=progress)
+                         series=args.series, progress=progress, lung_model=args.lungs)
     print_outputs(paths)
     return 0
 
@@ -95,7 +98,7 @@ def run_batch(args: argparse.Namespace, progress: Progress) -> int:
     from ..batch import SUMMARY_NAME, list_cases, run_batch
 
     outcomes = run_batch(list_cases(args.input, args.out), args.out, model=args.model, device=args.device, tta=args.tta,
-                         workers=args.workers, progress=progress)
+                         workers=args.workers, progress=progress, lung_model=args.lungs)
     for outcome in outcomes:
         detail = f": {outcome.error}" if outcome.error else ""
         opacity = outcome.report.get("percent_opacity", {}).get("overall") if outcome.report else None
@@ -116,7 +119,8 @@ def run_demo(args: argparse.Namespace, progress: Progress) -> int:
 
     progress.update(0.0, "Synthetic CT")
     case = make_demo_ct()
-    result = segment(case.image, model=args.model, device=args.device, tta=args.tta, progress=progress)
+    result = segment(case.image, model=args.model, device=args.device, tta=args.tta, progress=progress,
+                     lung_model=args.lungs)
     known_lungs = sitk.GetArrayViewFromImage(case.lungs)
     known_infection = sitk.GetArrayViewFromImage(case.infection)
     found_lungs = sitk.GetArrayViewFromImage(result.lungs)

@@ -185,9 +185,21 @@ def test_mr_like_range_is_rejected():
 
 def test_values_outside_hu_range_are_rejected():
     array = sitk.GetArrayFromImage(ct_like()).astype(np.int32)
-    array[0, 0, 0] = 30000
+    array.reshape(-1)[:: 50] = 30000  # 2 % of the voxels: not metal, a CT not in HU
     with pytest.raises(InputError, match="outside the CT range"):
         imageio.validate_ct(sitk.GetImageFromArray(array))
+    array = sitk.GetArrayFromImage(ct_like()).astype(np.int32)
+    array[0, 0, 0] = -40000
+    with pytest.raises(InputError, match="outside the CT range"):
+        imageio.validate_ct(sitk.GetImageFromArray(array))
+
+
+def test_padding_and_metal_of_real_series_are_accepted():
+    """Padding at -3024 outside the scan field and a few metal voxels at 6000 HU are ordinary in real CT."""
+    array = sitk.GetArrayFromImage(ct_like()).astype(np.int16)
+    array[:, :3, :] = -3024
+    array[0, 10, 10:13] = 6000
+    imageio.validate_ct(sitk.GetImageFromArray(array))
 
 
 def test_2d_image_is_rejected():

@@ -1,0 +1,180 @@
+"""The covid-ct-seg-2d layout, patient-level splits and the full-slice-clahe recipe from HU."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from PIL import Image
+
+from relsegcore import pipeline
+from relsegcore.data import intensity
+from relsegcore.data.ctseg import patient_folds, patient_of, patient_split, read_ctseg2d
+from relsegcore.data.readers import ct_volume_files
+from relsegcore.errors import InputError
+from relsegcore.models import DualEncoderUNet, NetworkConfig
+from relsegcore.training import random_crops
+from relsegcore.zoo import LoadedModel, ModelCard
+
+# (series, slices): two series of radiopaedia_10, as in the real set
+SERIES = [("coronacases_001", 3), ("coronacases_002", 2), ("radiopaedia_10_85902_1", 1),
+          ("radiopaedia_10_85902_3", 2), ("radiopaedia_14_85914_0", 2)]
+
+
+def make_ctseg_folder(root: Path, size: int = 32) -> Path:
+    """A tiny folder in the covid-ct-seg-2d layout; slice i has its infection in row i (so order is checkable)."""
+    for folder in ("images", "masks", "lungs"):
+        (root / folder).mkdir(parents=True)
+    rows, index = [], 0
+    for case, count in SERIES:
+        for order in range(count):
+            name = f"{index:04d}.png"
+            image = np.full((size, size), 40 + index, np.uint8)
+            image[:, : size // 2] = 200  # asymmetric: a transposition would show
+            infection = np.zeros((size, size), np.uint8)
+            infection[index, 2:6] = 255
+            lungs = np.zeros((size, size), np.uint8)
+            lungs[4:28, 4:28] = 255
+            Image.fromarray(image).save(root / "images" / name)
+            Image.fromarray(infection).save(root / "masks" / name)
+            Image.fromarray(lungs).save(root / "lungs" / name)
+            rows.append({"file": name, "case": case, "source": case.split("_")[0], "order_in_case": order})
+            index += 1
+    with open(root / "cases.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file", "case", "source", "order_in_case"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def test_reader_keeps_slices_upright_and_names_them_by_case(tmp_path) -> None:
+    root = make_ctseg_folder(tmp_path / "set")
+    data = read_ctseg2d(root, size=32)
+    assert len(data) == 10
+    assert data.names[0] == "coronacases_001/0000.png" and data.names[-1] == "radiopaedia_14_85914_0/0009.png"
+    assert (data.images[:, :, :16] == 200).all(), "the slices must not be transposed"
+    assert [int(np.flatnonzero(m.any(axis=1))[0]) for m in data.masks] == list(range(10))
+    lungs = read_ctseg2d(root, target="lungs", size=32)
+    assert lungs.masks.sum(axis=(1, 2)).tolist() == [24 * 24] * 10
+
+
+def test_reader_selects_cases_or_whole_patients(tmp_path) -> None:
+    root = make_ctseg_folder(tmp_path / "set")
+    assert len(read_ctseg2d(root, cases=["radiopaedia_10"], size=32)) == 3  # both series of the patient
+    assert len(read_ctseg2d(root, cases=["radiopaedia_10_85902_1", "coronacases_002"], size=32)) == 3
+    with pytest.raises(InputError, match="no case or patient named 'coronacases_999'"):
+        read_ctseg2d(root, cases=["coronacases_999"], size=32)
+    with pytest.raises(InputError, match="--target"):
+        read_ctseg2d(root, target="vessels")
+
+
+def test_patient_folds_never_split_a_patient() -> None:
+    names = [f"{case}/{i}" for case, count in SERIES for i in range(count)]
+    assert patient_of("radiopaedia_10_85902_3") == "radiopaedia_10" and patient_of("coronacases_001") == "coronacases_001"
+    for seed in range(5):
+        folds = patient_folds(names, 3, seed=seed)
+        assert sorted(np.concatenate(folds).tolist()) == list(range(len(names)))
+        for fold in folds:
+            patients = {patient_of(names[i].split("/")[0]) for i in fold}
+            others = {patient_of(names[i].split("/")[0]) for f in folds if f is not fold for i in f}
+            assert not patients & others
+    train, val = patient_split(names, 4, 1)
+    assert not {patient_of(names[i].split("/")[0]) for i in train} & {patient_of(names[i].split("/")[0]) for i in val}
+    with pytest.raises(InputError, match="folds"):
+        patient_folds(names, 5)  # 4 patients
+
+
+def test_ct_volume_files_skip_label_volumes_and_take_globs(tmp_path) -> None:
+    image = sitk.GetImageFromArray(np.full((2, 4, 4), -1000, np.int16))
+    for name in ("A_ct.nii.gz", "A_effusion.nii.gz", "B_ct.nii.gz", "B_label.nrrd", "C.nii.gz", "C_seg.nii.gz"):
+        sitk.WriteImage(image, str(tmp_path / name))
+    assert [p.name for p in ct_volume_files(tmp_path)] == ["A_ct.nii.gz", "B_ct.nii.gz", "C.nii.gz"]
+    assert [p.name for p in ct_volume_files(tmp_path / "*_ct.nii.gz")] == ["A_ct.nii.gz", "B_ct.nii.gz"]
+    assert [p.name for p in ct_volume_files(tmp_path / "C.nii.gz")] == ["C.nii.gz"]
+    with pytest.raises(InputError, match="no CT volumes"):
+        ct_volume_files(tmp_path / "*_seg.nii.gz")
+
+
+def test_random_crops_take_the_same_window_of_image_and_mask() -> None:
+    images = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(2, 1, 16, 16)
+    masks = images[:, 0].long()
+    generator = torch.Generator().manual_seed(0)
+    crop_images, crop_masks = random_crops(images, masks, 8, generator)
+    assert crop_images.shape == (2, 1, 8, 8) and crop_masks.shape == (2, 8, 8)
+    assert torch.equal(crop_images[:, 0].long(), crop_masks)
+    assert random_crops(images, masks, None, generator)[0] is images
+
+
+def _hu_phantom(size: int = 128) -> np.ndarray:
+    """An HU slice: air, a body disc of soft tissue with two lungs and a bone."""
+    yy, xx = np.mgrid[:size, :size]
+    hu = np.full((size, size), -1000.0, np.float32)
+    hu[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (0.42 * size) ** 2] = 40.0
+    for cx in (0.33, 0.67):
+        hu[(yy - size / 2) ** 2 / 1.5 + (xx - cx * size) ** 2 < (0.12 * size) ** 2] = -850.0
+    hu[(yy - 0.8 * size) ** 2 + (xx - size / 2) ** 2 < (0.05 * size) ** 2] = 900.0
+    return hu + np.random.default_rng(0).normal(0, 10, hu.shape).astype(np.float32)
+
+
+def test_padding_outside_the_scan_field_and_metal_do_not_change_the_picture() -> None:
+    hu = _hu_phantom()
+    size = hu.shape[0]
+    yy, xx = np.mgrid[:size, :size]
+    padded = hu.copy()
+    padded[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 > (0.49 * size) ** 2] = -3024
+    padded[60, 60:62] = 6000  # metal
+    clean, robust = intensity.render_full_slice(hu, 256), intensity.render_full_slice(padded, 256)
+    lung = intensity.render_full_slice(hu, 256)[100:156, 70:100]  # inside the right lung, away from the metal
+    assert np.abs(clean.astype(int) - robust.astype(int))[100:156, 70:100].max() <= 1
+    assert lung.std() > 0
+    naive = hu.copy()
+    naive[60, 60:62] = 3000  # within the CT scale: it does set the maximum, as in the training recipe
+    assert np.abs(intensity.render_full_slice(naive, 256).astype(int) - clean.astype(int)).mean() > 2
+
+
+def test_model_input_of_a_full_slice_model_is_the_whole_slice() -> None:
+    hu = _hu_phantom(64)
+    image, box = intensity.model_input(hu, None, intensity.preprocessing_for(intensity.FULL_SLICE_CLAHE, 32))
+    assert image.shape == (32, 32) and image.dtype == np.uint8
+    assert box == (slice(0, 64), slice(0, 64))
+    with pytest.raises(InputError, match="lung mask"):
+        intensity.model_input(hu, None, intensity.preprocessing_for(intensity.LUNG_CROP))
+    with pytest.raises(InputError, match="unknown preprocessing recipe"):
+        intensity.model_input(hu, None, {"recipe": "sharpened"})
+
+
+def _capturing_model(preprocessing: dict) -> LoadedModel:
+    config = NetworkConfig(num_classes=2, base_channels=4, depth=2, use_general_encoder=False)
+    card = ModelCard(name="probe", version="0", description="", file="", sha256="", architecture=config.to_dict(),
+                     classes=["background", "infection"], preprocessing=preprocessing)
+    return LoadedModel(DualEncoderUNet(config).eval(), card, torch.device("cpu"))
+
+
+def test_pipeline_input_reproduces_the_data_sets_pngs_from_hu(shared_data, monkeypatch) -> None:
+    """The model sees exactly the covid-ct-seg-2d slices: the pipeline's input from the HU slices
+    coronacases_001 098 / 110 / 122 equals 0020 / 0032 / 0044.png (README of the data: recipe verified)."""
+    slices = [np.load(shared_data / "covid-hu-slices" / f"coronacases_001_slice{n}.npz")["image"]
+              for n in ("098", "110", "122")]
+    seen = []
+
+    def capture(loaded, images, *args, **kwargs):
+        seen.append(images.copy())
+        return np.zeros((len(images), 2, *images.shape[1:]), np.float32)
+
+    monkeypatch.setattr(pipeline, "predict_slices", capture)
+    loaded = _capturing_model(intensity.preprocessing_for(intensity.FULL_SLICE_CLAHE))
+    pipeline.slice_labels_2d(loaded, np.stack(slices), np.arange(3), None)
+    for image, png in zip(seen[0], ("0020", "0032", "0044"), strict=True):
+        expected = np.asarray(Image.open(shared_data / "covid-ct-seg-2d" / "images" / f"{png}.png"))
+        assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1, png
+
+
+def test_real_ctseg_folder_reads_by_patient(shared_data) -> None:
+    data = read_ctseg2d(shared_data / "covid-ct-seg-2d", cases=["radiopaedia_10"])
+    assert len(data) == 129 and {n.split("/")[0] for n in data.names} == {"radiopaedia_10_85902_1",
+                                                                          "radiopaedia_10_85902_3"}
+    assert data.masks.max() == 1 and all(m.any() for m in data.masks)  # every slice there has infection
