@@ -74,7 +74,8 @@ def test_reader_selects_cases_or_whole_patients(tmp_path) -> None:
 
 def test_patient_folds_never_split_a_patient() -> None:
     names = [f"{case}/{i}" for case, count in SERIES for i in range(count)]
-    assert patient_of("radiopaedia_10_85902_3") == "radiopaedia_10" and patient_of("coronacases_001") == "coronacases_001"
+    assert patient_of("radiopaedia_10_85902_3") == "radiopaedia_10"
+    assert patient_of("coronacases_001") == "coronacases_001"
     for seed in range(5):
         folds = patient_folds(names, 3, seed=seed)
         assert sorted(np.concatenate(folds).tolist()) == list(range(len(names)))
