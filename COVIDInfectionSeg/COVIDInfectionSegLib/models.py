@@ -63,11 +63,15 @@ def default_model() -> str:
 
 
 def model_choices() -> list[ModelChoice]:
-    """Installed models for the selector: name, version and the card's one-line description; default first."""
+    """Installed infection models for the selector (the lung model runs in the lungs step): name, version and
+    the card's one-line description; default first."""
     from relsegcore.registry import ModelRegistry
 
+    registry = ModelRegistry()
     choices = []
-    for entry in ModelRegistry().list():
+    for entry in registry.list():
+        if registry.card(entry.name).role != "infection":
+            continue
         summary = (entry.description or "").strip().splitlines()[0] if entry.description else ""
         summary = summary if len(summary) <= SUMMARY_CHARS else summary[: SUMMARY_CHARS - 3].rstrip() + "..."
         label = f"{entry.name} {entry.version}" + (f" - {summary}" if summary else "")

@@ -24,7 +24,7 @@ import torch
 from . import imageio, outputs, zoo
 from .data import intensity
 from .device import describe_device, select_device
-from .errors import InputError
+from .errors import InputError, ModelError
 from .inference import DEFAULT_BATCH_SIZE, batches, predict_slices, predict_volume
 from .lungs import lungs_from_mask, segment_lungs_array
 from .progress import Progress
@@ -86,6 +86,7 @@ def segment(
     with timer.stage("checks"):
         imageio.validate_ct(image)
         loaded = zoo.load_model(model, select_device(device))  # model problems surface before slow work
+        _check_role(loaded.card, "infection")
         canonical = imageio.to_canonical(image)
         hu = sitk.GetArrayViewFromImage(canonical)
     progress.update(STAGE_SPANS["Lungs"][0], "Lungs")
@@ -142,10 +143,17 @@ def lung_labels_for(
     card = lung_model_card(lung_model)
     if card is None:
         return segment_lungs_array(hu, spacing_xyz), "hu-threshold", 0.0
+    _check_role(card, "lungs")
     loaded = zoo.load_model(card.path or card.name, select_device(device))
     mask, seconds = slice_labels_2d(loaded, hu, np.arange(len(hu)), None, progress=progress,
                                     span=STAGE_SPANS["Lungs"])
     return lungs_from_mask(mask > 0, hu, spacing_xyz), f"{card.name} {card.version}", seconds
+
+
+def _check_role(card: zoo.ModelCard, role: str) -> None:
+    if card.role != role:
+        raise ModelError(f"{card.name} is a {card.role} model; this step needs an {role} model"
+                         if role == "infection" else f"{card.name} is a {card.role} model, not a lung model")
 
 
 def segment_lungs(image: sitk.Image, model: str | os.PathLike = "auto", device: str = "auto") -> sitk.Image:

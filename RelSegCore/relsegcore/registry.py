@@ -74,6 +74,10 @@ class ModelRegistry:
 
     def use(self, name: str) -> RegistryEntry:
         """Make an installed, verified model the default; the previous default goes on the history."""
+        role = self.card(name).role
+        if role != "infection":
+            raise ModelError(f"{name} is a {role} model, not an infection model: it cannot be the default "
+                             "(a lung model runs in the lungs step: relseg segment --lungs NAME)")
         self.verify(name)
         state = self._state()
         current = state["default"] or SHIPPED_DEFAULT

@@ -52,6 +52,12 @@ class ModelCard:
     path: Path | None = field(default=None, compare=False)  # the weights file, set when found on disk
 
     @property
+    def role(self) -> str:
+        """What the model segments: ``infection`` (the default, and every card without a role), ``lungs`` (the
+        lungs step) or ``general-encoder`` (stage 1 of the dual model)."""
+        return str(self.training.get("role", "infection"))
+
+    @property
     def infection_classes(self) -> list[str]:
         """Class names without the background, as segment names."""
         return self.classes[1:]
