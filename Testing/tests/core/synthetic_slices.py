@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import numpy as np
+from PIL import Image
 
 
 def squares(count: int = 12, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -15,3 +19,34 @@ def squares(count: int = 12, size: int = 32, seed: int = 0) -> tuple[np.ndarray,
         images[i, y:y + 12, x:x + 12] += 150
         masks[i, y:y + 12, x:x + 12] = 1
     return images, masks
+
+
+# (series, slices): two series of radiopaedia_10, as in the real set
+SERIES = [("coronacases_001", 3), ("coronacases_002", 2), ("radiopaedia_10_85902_1", 1),
+          ("radiopaedia_10_85902_3", 2), ("radiopaedia_14_85914_0", 2)]
+
+
+def make_ctseg_folder(root: Path, size: int = 32) -> Path:
+    """A tiny folder in the covid-ct-seg-2d layout; slice i has its infection in row i (so order is checkable)."""
+    for folder in ("images", "masks", "lungs"):
+        (root / folder).mkdir(parents=True)
+    rows, index = [], 0
+    for case, count in SERIES:
+        for order in range(count):
+            name = f"{index:04d}.png"
+            image = np.full((size, size), 40 + index, np.uint8)
+            image[:, : size // 2] = 200  # asymmetric: a transposition would show
+            infection = np.zeros((size, size), np.uint8)
+            infection[index, 2:6] = 255
+            lungs = np.zeros((size, size), np.uint8)
+            lungs[4:28, 4:28] = 255
+            Image.fromarray(image).save(root / "images" / name)
+            Image.fromarray(infection).save(root / "masks" / name)
+            Image.fromarray(lungs).save(root / "lungs" / name)
+            rows.append({"file": name, "case": case, "source": case.split("_")[0], "order_in_case": order})
+            index += 1
+    with open(root / "cases.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file", "case", "source", "order_in_case"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root

@@ -1,0 +1,114 @@
+"""Learned lungs: a lung model's mask becomes left/right lungs, the pipeline says which method ran, and
+lung and infection models cannot be mixed up."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from synthetic_slices import make_ctseg_folder
+
+from relsegcore import imageio, pipeline, zoo
+from relsegcore.cli import main
+from relsegcore.demo import make_demo_ct
+from relsegcore.errors import ModelError
+from relsegcore.lungs import LEFT_LUNG, RIGHT_LUNG, lungs_from_mask
+from relsegcore.metrics import dice
+from relsegcore.models import DualEncoderUNet, NetworkConfig
+from relsegcore.registry import ModelRegistry
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return make_demo_ct(shape=(48, 128, 128), spacing=(2.6, 2.6, 6.0))
+
+
+def _canonical(image: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(imageio.to_canonical(image))
+
+
+def test_a_both_lungs_mask_becomes_left_and_right_without_airway_or_gas(demo) -> None:
+    hu = _canonical(demo.image)
+    known = _canonical(demo.lungs)
+    spacing = imageio.to_canonical(demo.image).GetSpacing()
+    mask = known > 0
+    mask |= hu < -990  # a model that also paints the trachea, bronchi and the stomach gas as lung
+    mask[:, :4, :] = False  # (not the air outside the body)
+    mask[:, -4:, :] = False
+    mask[:, :, :4] = False
+    mask[:, :, -4:] = False
+    labels = lungs_from_mask(mask, hu, spacing)
+    for side in (LEFT_LUNG, RIGHT_LUNG):
+        assert dice(labels == side, known == side) > 0.97, side
+    assert not (labels[hu < -990] > 0).mean() > 0.05  # gas and airway dropped
+
+
+def _tiny_model(tmp_path, name: str, role: str) -> str:
+    network = DualEncoderUNet(NetworkConfig(base_channels=4, depth=2, use_general_encoder=False))
+    classes = ["background", "lung"] if role == "lungs" else ["background", "infection"]
+    card = zoo.ModelCard(name=name, version="0.1", description="test", file="", sha256="", architecture={},
+                         classes=classes, preprocessing={"recipe": "full-slice-clahe", "input_size": 32},
+                         training={"role": role})
+    return str(zoo.save_model(network, card, tmp_path))
+
+
+def test_lung_model_labels_go_through_the_same_side_decisions(demo, tmp_path, monkeypatch) -> None:
+    hu = _canonical(demo.image)
+    known = _canonical(demo.lungs)
+    spacing = imageio.to_canonical(demo.image).GetSpacing()
+    lung_model = _tiny_model(tmp_path, "lungs-probe", "lungs")
+    calls = []
+
+    def known_mask(loaded, hu_volume, z_indices, lung_labels, tta=False, progress=None, span=(0.0, 1.0)):
+        calls.append((loaded.card.name, len(z_indices), lung_labels is None))
+        return (known > 0).astype(np.uint8), 1.5
+
+    monkeypatch.setattr(pipeline, "slice_labels_2d", known_mask)
+    labels, method, seconds = pipeline.lung_labels_for(hu, spacing, lung_model, "cpu")
+    assert calls == [("lungs-probe", len(hu), True)]  # every slice, no crop: a full-slice model
+    assert method == "lungs-probe 0.1" and seconds == 1.5
+    assert dice(labels == LEFT_LUNG, known == LEFT_LUNG) > 0.97
+    _, method, seconds = pipeline.lung_labels_for(hu, spacing, "hu", "cpu")
+    assert method == "hu-threshold" and seconds == 0.0 and len(calls) == 1
+
+
+def test_lung_and_infection_models_cannot_be_swapped(demo, tmp_path, monkeypatch) -> None:
+    lung_model = _tiny_model(tmp_path, "lungs-probe", "lungs")
+    infection_model = _tiny_model(tmp_path, "infection-probe", "infection")
+    with pytest.raises(ModelError, match="lungs-probe is a lungs model"):
+        pipeline.segment(demo.image, model=lung_model, device="cpu", lung_model="hu")
+    with pytest.raises(ModelError, match="not a lung model"):
+        pipeline.segment_lungs(demo.image, model=infection_model, device="cpu")
+    monkeypatch.setenv("RELSEG_HOME", str(tmp_path / "home"))
+    registry = ModelRegistry(tmp_path / "home")
+    registry.register(lung_model)
+    assert "lungs-probe" in {entry.name for entry in registry.list()}
+    with pytest.raises(ModelError, match="not an infection model"):
+        registry.use("lungs-probe")
+
+
+def test_evaluate_ctseg2d_scores_lungs_upright_and_per_patient(tmp_path, capsys) -> None:
+    root = make_ctseg_folder(tmp_path / "set")
+    network = DualEncoderUNet(NetworkConfig(base_channels=4, depth=2, use_general_encoder=False))
+    with torch.no_grad():
+        network.head.weight.zero_()
+        network.head.bias.copy_(torch.tensor([0.0, 5.0]))  # lung everywhere
+    card = zoo.ModelCard(name="everywhere", version="1", description="test", file="", sha256="", architecture={},
+                         classes=["background", "lung"], preprocessing={"recipe": "full-slice-clahe",
+                                                                        "input_size": 32},
+                         training={"role": "lungs"})
+    zoo.save_model(network, card, tmp_path)
+    out = tmp_path / "lungs.json"
+    assert main(["evaluate", "--model", str(tmp_path / "everywhere.pt"), "--data", f"ctseg2d:{root}",
+                 "--target", "lungs", "--json", str(out), "--device", "cpu"]) == 0
+    result = json.loads(out.read_text())
+    expected = 2 * 24 * 24 / (24 * 24 + 32 * 32)  # the lung box against the whole slice
+    assert result["mean_dice"] == pytest.approx(expected, abs=1e-4)
+    assert result["transposed"] is False and result["target"] == "lungs"
+    assert set(result["per_patient_dice"]) == {"coronacases_001", "coronacases_002", "radiopaedia_10",
+                                               "radiopaedia_14"}
+    assert "note" not in result
+    assert "radiopaedia_10" in capsys.readouterr().out
