@@ -43,7 +43,8 @@ def predict_image(loaded: LoadedModel, image: np.ndarray, tta: bool = False) -> 
 
 
 def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path, tta: bool = False,
-                          orientation: str = "auto", progress: Progress | None = None) -> dict:
+                          orientation: str = "auto", progress: Progress | None = None,
+                          stems: set[str] | None = None) -> dict:
     """Per-slice and mean Dice, sensitivity, specificity (NSD/HD95 in pixels: 2D slices carry no spacing).
 
     Slices stored transposed (COVID-SemiSeg's lungs one above the other) are turned upright for
@@ -51,7 +52,7 @@ def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path
     """
     multiclass = len(loaded.card.classes) > 2
     labels = {name.replace(" ", "_").replace("-", "_"): i for i, name in enumerate(loaded.card.classes) if i}
-    pairs = find_picture_pairs(images_dir, masks_dir)
+    pairs = [pair for pair in find_picture_pairs(images_dir, masks_dir) if stems is None or pair[0] in stems]
     images = [read_gray_picture(image_path) for _, image_path, _ in pairs]
     transpose = needs_transpose(np.stack([resize_slices(image[None], 64)[0] for image in images]), orientation)
     cases = []
@@ -73,9 +74,10 @@ def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path
 
 
 def evaluate_ctseg2d(loaded: LoadedModel, root: Path, target: str = "infection", tta: bool = False,
-                     progress: Progress | None = None) -> dict:
+                     progress: Progress | None = None, cases: list[str] | None = None) -> dict:
     """``evaluate_image_folder`` on a ``covid-ct-seg-2d`` folder (slices upright, never transposed), with each
-    slice's case and the mean Dice per patient (slices of one patient are not independent)."""
+    slice's case and the mean Dice per patient (slices of one patient are not independent). ``cases`` keeps
+    only those cases or patients."""
     from .data.ctseg import CTSEG_TARGETS, patient_of, read_cases_csv
     from .data.intensity import FULL_SLICE_CLAHE, recipe_of
 
@@ -83,8 +85,13 @@ def evaluate_ctseg2d(loaded: LoadedModel, root: Path, target: str = "infection",
         raise InputError(f"--target must be one of {', '.join(CTSEG_TARGETS)}, not {target!r}")
     root = Path(root)
     case_of = {Path(row["file"]).stem: row["case"] for row in read_cases_csv(root)}
+    stems = None
+    if cases is not None:
+        stems = {stem for stem, case in case_of.items() if case in cases or patient_of(case) in cases}
+        if not stems:
+            raise InputError(f"{root}: no case or patient named {', '.join(cases)} in cases.csv")
     result = evaluate_image_folder(loaded, root / "images", root / CTSEG_TARGETS[target], tta=tta,
-                                   orientation="as-is", progress=progress)
+                                   orientation="as-is", progress=progress, stems=stems)
     by_patient: dict[str, list[float]] = {}
     for case in result["per_case"]:
         case["series"] = case_of.get(case["case"], "")

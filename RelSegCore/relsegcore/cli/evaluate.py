@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a covid-ct-seg-2d folder (images/, masks/, lungs/, cases.csv), not --images/--masks")
     parser.add_argument("--target", choices=("infection", "lungs"), default="infection",
                         help="with --data: score against the infection or the lung masks")
+    parser.add_argument("--cases", help="with --data: only these cases or patients (comma-separated)")
     parser.add_argument("--volumes", action="store_true", help="the folders hold CT volumes (default: 2D slices)")
     parser.add_argument("--tolerance-mm", type=float, default=3.0, help="NSD tolerance for volumes (default 3 mm)")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
@@ -44,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         kind, path = parse_data_spec(args.data)
         if kind != "ctseg2d":
             raise RelSegError(f"relseg evaluate --data takes ctseg2d:DIR, not {kind}: (use --images/--masks)")
-        result = evaluate_ctseg2d(load_model(args.model, select_device(args.device)), path, args.target, tta=args.tta)
+        result = evaluate_ctseg2d(load_model(args.model, select_device(args.device)), path, args.target, tta=args.tta,
+                                  cases=args.cases.split(",") if args.cases else None)
     elif args.images is None or args.masks is None:
         raise RelSegError("give --data ctseg2d:DIR, or --images DIR and --masks DIR")
     elif args.volumes:

@@ -76,6 +76,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stage2.add_argument("--cache-dir", type=Path, help="cache the preprocessed --negatives slices here")
     stage2.add_argument("--folds", type=int, default=5)
     stage2.add_argument("--fold", type=int, help="train on the other folds and validate on this one")
+    stage2.add_argument("--few-shot", action="store_true",
+                        help="with --fold and --data: train on this fold's patients only and validate on all the "
+                             "others (COVID-19-CT-Seg's Task 1, limited annotations, by patient)")
+    stage2.add_argument("--pooled", action="append", default=[], metavar="KIND:PATH",
+                        help="non-COVID lesion data (a kind of pretrain-general --data) pooled into the training "
+                             "slices with its lesions as infection (COVID-19-CT-Seg's Task 3, naive pooling)")
     stage2.add_argument("--cross-validate", action="store_true", help="run every fold and summarise")
     stage2.add_argument("--jobs", type=int, default=1, help="folds run in parallel processes")
     _add_common(stage2)
@@ -185,7 +191,12 @@ def _split(args: argparse.Namespace, names: list[str]):
     if args.data:
         from ..data.ctseg import patient_split
 
-        return patient_split(names, args.folds, args.fold, seed=0)
+        train_idx, val_idx = patient_split(names, args.folds, args.fold, seed=0)
+        return (val_idx, train_idx) if args.few_shot else (train_idx, val_idx)
+    if args.few_shot:
+        from ..errors import RelSegError
+
+        raise RelSegError("--few-shot splits by patient: it needs --data ctseg2d:DIR")
     return train_val_split(len(names), args.folds, args.fold, seed=0)
 
 
@@ -210,19 +221,27 @@ def run_train(args: argparse.Namespace) -> int:
     masks = data.masks if args.multiclass else (data.masks > 0).astype("uint8")
     config = stage2_config(args)
     negatives = _read_negatives(args)
+    pooled = _read_pooled(args)
     if args.fold is not None:
         train_idx, val_idx = _split(args, data.names)
-        images, train_masks, weights = _with_negatives(data.images[train_idx], masks[train_idx], negatives,
-                                                       args.negative_fraction)
+        images, train_masks = _with_pooled(data.images[train_idx], masks[train_idx], pooled)
+        images, train_masks, weights = _with_negatives(images, train_masks, negatives, args.negative_fraction)
         result = train(config, images, train_masks, data.images[val_idx], masks[val_idx],
                        resume=not args.no_resume, show_bar=True, sample_weights=weights)
         summary = {"fold": args.fold, "val_dice": result.final_val_dice, "best_val_dice": result.best_val_dice,
-                   "val_cases": [data.names[i] for i in val_idx], "seconds": round(result.seconds, 1)}
+                   "val_cases": [data.names[i] for i in val_idx], "seconds": round(result.seconds, 1),
+                   "train_slices": len(train_idx), "pooled_slices": 0 if pooled is None else len(pooled)}
+        if args.data:
+            from ..data.ctseg import patient_of_name
+
+            summary["train_patients"] = sorted({patient_of_name(data.names[i]) for i in train_idx})
+            summary["val_patients"] = sorted({patient_of_name(data.names[i]) for i in val_idx})
         if distributed_context()[0] == 0:
             write_summary(args.out / "fold_result.json", summary)
         print(json.dumps({k: v for k, v in summary.items() if k != "val_cases"}))
         return 0
-    images, train_masks, weights = _with_negatives(data.images, masks, negatives, args.negative_fraction)
+    images, train_masks = _with_pooled(data.images, masks, pooled)
+    images, train_masks, weights = _with_negatives(images, train_masks, negatives, args.negative_fraction)
     result = train(config, images, train_masks, resume=not args.no_resume, show_bar=True, sample_weights=weights)
     classes = (["background", "ground-glass opacity", "consolidation"] if args.multiclass
                else ["background", "lung"] if args.target == "lungs" else ["background", "infection"])
@@ -232,6 +251,8 @@ def run_train(args: argparse.Namespace) -> int:
                          f"{', '.join(patients)})")
     else:
         training_data = f"{args.images} + {args.masks} ({len(data)} slices)"
+    if pooled is not None:
+        training_data += f"; pooled non-COVID lesions as infection: {', '.join(args.pooled)} ({len(pooled)} slices)"
     if negatives is not None:
         training_data += (f"; negatives (no infection): {', '.join(args.negatives)} ({len(negatives)} slices, "
                           f"{args.negative_fraction:g} of each batch)")
@@ -239,6 +260,29 @@ def run_train(args: argparse.Namespace) -> int:
             role="lungs" if args.target == "lungs" else "infection", recipe=_recipe(args),
             fingerprints=_fingerprints(args, data))
     return 0
+
+
+def _read_pooled(args: argparse.Namespace):
+    """The ``--pooled`` lesion slices (masks: any lesion is class 1), rendered like the training data; or None."""
+    if not args.pooled:
+        return None
+    from ..data.general import read_dataset_spec
+    from ..data.readers import SliceSet
+
+    pooled = SliceSet.concat([read_dataset_spec(spec, size=args.size, cache_dir=args.cache_dir,
+                                                recipe=_recipe(args)) for spec in args.pooled])
+    print(f"pooled: {len(pooled)} non-COVID lesion slices ({pooled.source})")
+    return pooled
+
+
+def _with_pooled(images, masks, pooled):
+    """Training slices with the pooled lesion slices appended (their lesions as class 1)."""
+    if pooled is None:
+        return images, masks
+    import numpy as np
+
+    return (np.concatenate([images, pooled.images]),
+            np.concatenate([masks, (pooled.masks > 0).astype(masks.dtype)]))
 
 
 def _read_negatives(args: argparse.Namespace):

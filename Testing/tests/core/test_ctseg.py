@@ -147,3 +147,34 @@ def test_real_ctseg_folder_reads_by_patient(shared_data) -> None:
     assert len(data) == 129 and {n.split("/")[0] for n in data.names} == {"radiopaedia_10_85902_1",
                                                                           "radiopaedia_10_85902_3"}
     assert data.masks.max() == 1 and all(m.any() for m in data.masks)  # every slice there has infection
+
+
+def test_few_shot_fold_trains_on_its_patients_and_is_scored_on_the_others(tmp_path, one_torch_thread) -> None:
+    """COVID-19-CT-Seg's Task 1 by patient: the fold's patients train, every other patient is held out."""
+    import json
+
+    from relsegcore.cli import main
+
+    root = make_ctseg_folder(tmp_path / "set")
+    tiny = ["--iterations", "2", "--batch-size", "2", "--size", "32", "--base-channels", "4", "--depth", "2",
+            "--device", "cpu", "--validate-every", "2"]
+    for few_shot in (False, True):
+        out = tmp_path / f"run-{few_shot}"
+        argv = ["train", "--data", f"ctseg2d:{root}", "--fold", "0", "--folds", "2", "--out", str(out), *tiny]
+        assert main([*argv, "--few-shot"] if few_shot else argv) == 0
+        result = json.loads((out / "fold_result.json").read_text())
+        assert not set(result["train_patients"]) & set(result["val_patients"])
+        assert len(result["train_patients"]) + len(result["val_patients"]) == 4
+        if few_shot:
+            assert sorted(result["train_patients"]) == sorted(previous["val_patients"])
+        previous = result
+    model_argv = ["--export", "tiny", "--out", str(tmp_path / "model")]
+    assert main(["train", "--data", f"ctseg2d:{root}", *tiny, *model_argv]) == 0
+    scored = tmp_path / "scored.json"
+    assert main(["evaluate", "--model", str(tmp_path / "model" / "tiny.pt"), "--data", f"ctseg2d:{root}",
+                 "--cases", "radiopaedia_10", "--json", str(scored), "--device", "cpu"]) == 0
+    result = json.loads(scored.read_text())
+    assert result["cases"] == 3 and list(result["per_patient_dice"]) == ["radiopaedia_10"]
+    card = json.loads((tmp_path / "model" / "tiny.json").read_text())
+    assert card["preprocessing"]["recipe"] == "full-slice-clahe" and card["training"]["role"] == "infection"
+    assert len(card["training"]["image_fingerprints"]) == 10
