@@ -38,6 +38,8 @@ DEFAULT_BATCH_SIZE = 8
 DEFAULT_LEARNING_RATE = 5e-4  # a quarter of stage 2's: adjust the model, do not retrain it
 EDITED_WEIGHT = 3.0  # an edited slice is drawn this many times as often as an unedited one
 HOLDOUT_FRACTION = 0.25
+GUARD_GAP = 3  # slices of one case closer than this to a corrected slice are near copies of it
+GUARD_MAX_SLICES = 64  # scored twice per fine-tune: about 15 s for the shipped network on 2 CPU cores
 _FT_SUFFIX = re.compile(r"\+ft(\d+)$")
 
 
@@ -145,6 +147,59 @@ def holdout_split(cases: Sequence[str], fraction: float = HOLDOUT_FRACTION,
     held = {unique[i] for i in np.random.default_rng(seed).permutation(len(unique))[:count]}
     is_held = np.array([case in held for case in cases])
     return np.flatnonzero(~is_held), np.flatnonzero(is_held)
+
+
+def guard_candidates(cases: Sequence[str], orders: Sequence[int], corrected: np.ndarray,
+                     patients: Sequence[str] | None = None, gap: int = GUARD_GAP) -> np.ndarray:
+    """Indices of the uncorrected slices the guard may score: those of a patient with no corrected slice,
+    and those of a corrected case at least ``gap`` slices (``orders``) from each of its corrected slices.
+
+    A neighbour of a corrected slice is a near copy of it and would flatter the fine-tuned model; another
+    series of a corrected patient (``patients``, default: each case its own patient) has no order to
+    compare with, so it is left out too.
+    """
+    corrected = np.asarray(corrected, bool)
+    orders = np.asarray(orders, int)
+    cases = np.asarray(cases, dtype=object)
+    patients = cases if patients is None else np.asarray(patients, dtype=object)
+    if not len(cases) == len(orders) == len(corrected) == len(patients):
+        raise InputError("need one case, order, patient and corrected flag per slice")
+    corrected_patients = set(patients[corrected])
+    keep = []
+    for i in np.flatnonzero(~corrected):
+        if patients[i] not in corrected_patients:
+            keep.append(i)
+            continue
+        near = orders[corrected & (cases == cases[i])]
+        if len(near) and np.abs(near - orders[i]).min() >= gap:
+            keep.append(i)
+    return np.array(keep, dtype=int)
+
+
+def spread(indices: np.ndarray, limit: int) -> np.ndarray:
+    """At most ``limit`` of ``indices``, evenly spaced along them, so each case keeps its share and
+    scoring the guard stays quick."""
+    if len(indices) <= limit:
+        return np.asarray(indices, dtype=int)
+    return np.asarray(indices)[np.linspace(0, len(indices) - 1, limit).round().astype(int)]
+
+
+def corrections_and_guard(cases: Sequence[str], orders: Sequence[int], corrected: np.ndarray,
+                          patients: Sequence[str] | None = None, gap: int = GUARD_GAP,
+                          limit: int = GUARD_MAX_SLICES, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(trained, guard) slice indices of a site's folder: the corrected slices, and at most ``limit`` of
+    the ``guard_candidates``. When there are none (every slice corrected), whole patients of the
+    corrections are held out instead, as ``holdout_split`` does."""
+    corrected = np.asarray(corrected, bool)
+    if not corrected.any():
+        raise InputError("no corrected slice selected")
+    candidates = guard_candidates(cases, orders, corrected, patients, gap)
+    trained = np.flatnonzero(corrected)
+    if len(candidates):
+        return trained, spread(candidates, limit)
+    groups = list(cases if patients is None else patients)
+    kept, held = holdout_split([groups[i] for i in trained], seed=seed)
+    return trained[kept], spread(trained[held], limit)
 
 
 # ----------------------------------------------------------------------------- scoring
