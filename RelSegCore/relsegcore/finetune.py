@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .data import intensity
+from .data.readers import picture_fingerprint
 from .device import select_device
 from .errors import InputError, ModelError
 from .models import NetworkConfig
@@ -52,6 +53,7 @@ class FinetuneSlices:
     edited: np.ndarray  # bool (N,)
     cases: list[str]  # case identifier of each slice
     source: str = ""
+    fingerprints: list[str] | None = None  # picture_fingerprint of each slice's picture as stored, when it has one
 
     def __post_init__(self) -> None:
         count = len(self.images)
@@ -60,13 +62,16 @@ class FinetuneSlices:
         if len(self.edited) != count or len(self.cases) != count:
             raise InputError(f"need one edited flag and one case per slice: {count} slices, "
                              f"{len(self.edited)} flags, {len(self.cases)} cases")
+        if self.fingerprints is not None and len(self.fingerprints) != count:
+            raise InputError(f"need one fingerprint per slice: {count} slices, {len(self.fingerprints)} fingerprints")
 
     def __len__(self) -> int:
         return len(self.images)
 
     def subset(self, indices: np.ndarray) -> FinetuneSlices:
+        prints = None if self.fingerprints is None else [self.fingerprints[i] for i in indices]
         return FinetuneSlices(self.images[indices], self.masks[indices], self.edited[indices],
-                              [self.cases[i] for i in indices], self.source)
+                              [self.cases[i] for i in indices], self.source, prints)
 
 
 @dataclass
@@ -87,15 +92,19 @@ class FinetuneResult:
 
 def slices_from_folder(images_dir: str | os.PathLike, masks_dir: str | os.PathLike, size: int,
                        multiclass: bool = False) -> FinetuneSlices:
-    """A 2D image folder (COVID-SemiSeg layout): every slice is its own case and counts as edited."""
-    from .data.readers import read_image_folder
+    """A 2D image folder (COVID-SemiSeg layout): every slice is its own case and counts as edited.
+
+    Fingerprints are of the pictures as stored (before resizing or turning upright), as ``relseg
+    evaluate`` computes them."""
+    from .data.readers import folder_fingerprints, read_image_folder
 
     images_dir, masks_dir = Path(images_dir), Path(masks_dir)
     if images_dir.parent != masks_dir.parent:
         raise InputError("the images and masks folders must be siblings (ROOT/images and ROOT/masks)")
     data = read_image_folder(images_dir.parent, size=size, image_dir=images_dir.name, mask_dir=masks_dir.name,
                              multiclass=multiclass)
-    return FinetuneSlices(data.images, data.masks, np.ones(len(data), bool), list(data.names), str(images_dir))
+    return FinetuneSlices(data.images, data.masks, np.ones(len(data), bool), list(data.names), str(images_dir),
+                          folder_fingerprints(images_dir, masks_dir))
 
 
 def slices_from_store(store_dir: str | os.PathLike, size: int, window: Sequence[float] | None = None,
@@ -250,8 +259,10 @@ def finetune(
     out: str | os.PathLike | None = None,
     *,
     cases: Sequence[str] | None = None,
+    fingerprints: Sequence[str] | None = None,
     holdout_images: np.ndarray | None = None,
     holdout_masks: np.ndarray | None = None,
+    holdout_cases: Sequence[str] | None = None,
     holdout_fraction: float = HOLDOUT_FRACTION,
     registry_home: str | os.PathLike | None = None,
     make_default: bool = False,
@@ -273,7 +284,10 @@ def finetune(
     their corrected labels (resized to the model's input size if needed). ``edited`` marks
     the slices the user changed (all, when None). ``cases`` gives each slice's case for the
     held-out split (each slice its own case when None); ``holdout_images``/``holdout_masks``
-    replace that split. ``out`` (``NAME.pt``) writes the model there; without it the model
+    (of ``holdout_cases``) replace that split. ``fingerprints``: ``picture_fingerprint`` of each
+    slice's picture as stored (default: of ``images`` as given); the card lists those of the slices
+    trained on, with the parent's, so ``relseg evaluate`` warns when scored on them.
+    ``out`` (``NAME.pt``) writes the model there; without it the model
     goes into the registry at ``registry_home`` and becomes the default only when
     ``make_default`` is asked *and* it is not worse on the held-out slices.
     ``relation``: the relation-loss reading (default ``encoders`` when the model has a
@@ -284,9 +298,9 @@ def finetune(
     parent = _find_parent(model, registry_home)
     size = int(parent.preprocessing.get("input_size", 256))
     num_classes = len(parent.classes)
-    data = _as_slices(images, masks, edited, cases, size, num_classes, source)
+    data = _as_slices(images, masks, edited, cases, size, num_classes, source, fingerprints)
     if holdout_images is not None:
-        held = _as_slices(holdout_images, holdout_masks, None, None, size, num_classes, "held-out slices")
+        held = _as_slices(holdout_images, holdout_masks, None, holdout_cases, size, num_classes, "held-out slices")
         trained = data
     else:
         train_idx, held_idx = holdout_split(data.cases, holdout_fraction, seed)
@@ -370,8 +384,10 @@ def _span(progress: Progress, start: float, stop: float) -> Progress:
     return Progress(callback=lambda fraction, stage: progress.update(start + (stop - start) * fraction, stage))
 
 
-def _as_slices(images, masks, edited, cases, size: int, num_classes: int, source: str) -> FinetuneSlices:
-    """Checked uint8 slices at the model's input size, masks as the model's class indices."""
+def _as_slices(images, masks, edited, cases, size: int, num_classes: int, source: str,
+               fingerprints: Sequence[str] | None = None) -> FinetuneSlices:
+    """Checked uint8 slices at the model's input size, masks as the model's class indices; without
+    ``fingerprints``, those of the pictures as given (before resizing)."""
     images, masks = np.asarray(images), np.asarray(masks)
     if images.ndim != 3 or images.shape != masks.shape or len(images) == 0:
         raise InputError(f"need non-empty (N, H, W) images and masks of the same shape, got {images.shape} "
@@ -379,13 +395,14 @@ def _as_slices(images, masks, edited, cases, size: int, num_classes: int, source
     if images.dtype != np.uint8:
         raise InputError(f"fine-tuning images must be 8-bit slices in the model's appearance, not {images.dtype}")
     masks = (masks > 0).astype(np.uint8) if num_classes == 2 else masks.astype(np.uint8)
+    prints = [picture_fingerprint(image) for image in images] if fingerprints is None else list(fingerprints)
     if masks.max() >= num_classes:
         raise InputError(f"the masks hold label {int(masks.max())} but the model has {num_classes} classes")
     if images.shape[1:] != (size, size):
         images, masks = intensity.resize_slices(images, size, 1), intensity.resize_slices(masks, size, 0)
     flags = np.ones(len(images), bool) if edited is None else np.asarray(edited, bool)
     names = [f"slice{i}" for i in range(len(images))] if cases is None else [str(c) for c in cases]
-    return FinetuneSlices(images, masks, flags, names, source)
+    return FinetuneSlices(images, masks, flags, names, source, prints)
 
 
 def _checked_out(out: str | os.PathLike | None) -> Path | None:
@@ -419,9 +436,8 @@ def _child_card(parent: ModelCard, trained: FinetuneSlices, held: FinetuneSlices
                 "holdout_cases": sorted(set(held.cases)), "holdout_slices": len(held),
             },
             **recipe, "seconds": round(result.seconds, 1),
-            # what the parent saw, the child saw too: relseg evaluate warns about those slices for both
-            **({"image_fingerprints": parent.training["image_fingerprints"]}
-               if "image_fingerprints" in parent.training else {}),
+            # what the parent saw and the slices this version trained on: relseg evaluate warns about them
+            "image_fingerprints": seen_fingerprints(parent, trained),
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "config": settings,
         },
@@ -429,6 +445,11 @@ def _child_card(parent: ModelCard, trained: FinetuneSlices, held: FinetuneSlices
                  "accepted": accepted},
         parent=parent.name,
     )
+
+
+def seen_fingerprints(parent: ModelCard, trained: FinetuneSlices) -> list[str]:
+    """The parent's training fingerprints, then those of the slices fine-tuned on (each once)."""
+    return list(dict.fromkeys([*parent.training.get("image_fingerprints", []), *(trained.fingerprints or [])]))
 
 
 def _register(network, card: ModelCard, parent: ModelCard, home, make_default: bool) -> tuple[Path, bool]:

@@ -70,6 +70,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     with progress_display(args.progress) as progress:
         result = finetune(
             parent.path, data.images, data.masks, data.edited, args.out, cases=data.cases,
+            fingerprints=data.fingerprints,
             holdout_images=holdout.images if holdout else None, holdout_masks=holdout.masks if holdout else None,
             make_default=args.make_default, device=args.device, iterations=args.iterations,
             batch_size=args.batch_size, learning_rate=args.lr, edited_weight=args.edited_weight,

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
+from PIL import Image
+from synthetic_slices import squares
 
 from relsegcore import finetune as ft
+from relsegcore.data.readers import read_gray_picture
 from relsegcore.errors import InputError
+from relsegcore.evaluation import seen_in_training
+from relsegcore.models import DualEncoderUNet, NetworkConfig
+from relsegcore.zoo import ModelCard, load_model, save_model
+
+SIZE = 32  # the tiny model's input
+STORED = 40  # the pictures on disk
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TINY = NetworkConfig(base_channels=4, depth=3)
+FAST = dict(device="cpu", iterations=4, batch_size=4, learning_rate=1e-2, augment_strength=0.0)
 
 
 def test_the_guard_leaves_out_neighbours_of_corrected_slices():
@@ -58,3 +74,40 @@ def test_corrections_and_guard_caps_the_guard_evenly_and_falls_back_to_whole_pat
         assert sorted([*trained, *guard]) == list(range(9))
     with pytest.raises(InputError, match="no corrected slice"):
         ft.corrections_and_guard(["a"], [0], np.zeros(1, bool))
+
+
+def write_model(directory: Path, preprocessing: dict, fingerprints: list[str]) -> Path:
+    """A tiny untrained model whose card says what its parent training saw."""
+    torch.manual_seed(0)
+    card = ModelCard(name="tiny", version="1.0.0", description="tiny test model", file="", sha256="",
+                     architecture={}, classes=["background", "infection"], preprocessing=preprocessing,
+                     training={"image_fingerprints": fingerprints})
+    return save_model(DualEncoderUNet(TINY), card, directory)
+
+
+def stored_pictures(folder: Path, names: list[str]) -> list[np.ndarray]:
+    return [read_gray_picture(folder / name) for name in names]
+
+
+def test_a_finetuned_card_fingerprints_its_corrected_slices_as_stored(tmp_path):
+    model = write_model(tmp_path / "parent", {"input_size": SIZE}, ["parent-slice"])
+    images, masks = squares(8, size=STORED)  # stored larger than the model's input: resized before training
+    for sub in ("images", "masks"):
+        (tmp_path / "site" / sub).mkdir(parents=True)
+    for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        Image.fromarray(image).save(tmp_path / "site" / "images" / f"{i}.png")
+        Image.fromarray(mask * 255).save(tmp_path / "site" / "masks" / f"{i}.png")
+    data = ft.slices_from_folder(tmp_path / "site" / "images", tmp_path / "site" / "masks", SIZE)
+
+    result = ft.finetune(model, data.images, data.masks, data.edited, tmp_path / "ft.pt", cases=data.cases,
+                         fingerprints=data.fingerprints, **FAST)
+
+    corrections = result.card.training["corrections"]
+    trained = [f"{name.split('/')[1]}.png" for name in corrections["cases"]]
+    held = [f"{name.split('/')[1]}.png" for name in corrections["holdout_cases"]]
+    assert len(trained) == 6 and len(held) == 2
+    assert result.card.training["image_fingerprints"][0] == "parent-slice"  # the parent's, kept
+    assert len(result.card.training["image_fingerprints"]) == 1 + 6
+    card = load_model(result.path, torch.device("cpu")).card  # as relseg evaluate reads it back
+    assert seen_in_training(card, stored_pictures(tmp_path / "site" / "images", trained)) == 6
+    assert seen_in_training(card, stored_pictures(tmp_path / "site" / "images", held)) == 0
