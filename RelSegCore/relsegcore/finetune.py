@@ -13,6 +13,7 @@ default model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -128,6 +129,62 @@ def slices_from_store(store_dir: str | os.PathLike, size: int, window: Sequence[
     if not images:
         raise InputError(f"the correction store {store_dir} holds no slice with lung to learn from")
     return FinetuneSlices(np.stack(images), np.stack(masks), np.array(edited), cases, str(store_dir))
+
+
+def slices_from_ctseg2d(root: str | os.PathLike, card: ModelCard, cases: Sequence[str] | None = None,
+                        guard: bool = True, seed: int = 0) -> tuple[FinetuneSlices, FinetuneSlices | None]:
+    """The corrected slices of a ``covid-ct-seg-2d`` folder (those of ``cases``, cases or patients; every
+    slice when None) and the guard's slices from the rest (``corrections_and_guard``; None without ``guard``).
+
+    Fingerprints are of the pictures as stored, as ``relseg evaluate`` computes them.
+    """
+    from .data.ctseg import patient_of, read_cases_csv, read_ctseg2d, selected_rows
+    from .data.readers import read_gray_picture
+
+    check_ctseg_model(card)
+    root = Path(root)
+    rows = read_cases_csv(root)
+    data = read_ctseg2d(root, size=int(card.preprocessing.get("input_size", 256)))  # in the order of rows
+    names = [row["case"] for row in rows]
+    corrected = np.ones(len(rows), bool) if cases is None else np.array(selected_rows(rows, list(cases), root))
+    if guard:
+        trained, held = corrections_and_guard(names, case_orders(rows), corrected, [patient_of(c) for c in names],
+                                              seed=seed)
+    else:
+        trained, held = np.flatnonzero(corrected), None
+    site = FinetuneSlices(data.images, data.masks, np.ones(len(rows), bool), names, f"ctseg2d:{root}")
+    prints = [picture_fingerprint(read_gray_picture(root / "images" / rows[i]["file"])) for i in trained]
+    corrections = dataclasses.replace(site.subset(trained), fingerprints=prints)
+    return corrections, None if held is None else site.subset(held)
+
+
+def check_ctseg_model(card: ModelCard) -> None:
+    """Refuse a model that does not see ``covid-ct-seg-2d`` slices as they are: whole 256 px CLAHE slices
+    (``full-slice-clahe``) with infection/background masks. Fine-tuned on them, a lung-crop model would
+    learn an input ``relseg segment`` never gives it, while its card still describes lung crops."""
+    recipe = intensity.recipe_of(card.preprocessing)
+    if recipe != intensity.FULL_SLICE_CLAHE:
+        raise InputError(
+            f"{card.name} sees {recipe} slices (lung-window crops), but ctseg2d slices are whole CLAHE slices "
+            f"({intensity.FULL_SLICE_CLAHE}): fine-tuned on them it would learn an input relseg segment never "
+            f"gives it. Fine-tune a {intensity.FULL_SLICE_CLAHE} model (relseg train --data ctseg2d:DIR --export "
+            f"NAME makes one), or give corrections in its appearance (--store, --images/--masks)")
+    if len(card.classes) != 2:
+        raise InputError(f"ctseg2d masks are infection or background, but {card.name} has "
+                         f"{len(card.classes)} classes")
+
+
+def case_orders(rows: list[dict[str, str]]) -> list[int]:
+    """Each ``cases.csv`` row's ``order_in_case``, or its position within its case where that is blank."""
+    positions: dict[str, int] = {}
+    orders = []
+    for row in rows:
+        position = positions[row["case"]] = positions.get(row["case"], -1) + 1
+        value = row.get("order_in_case") or str(position)
+        if not value.lstrip("-").isdigit():
+            raise InputError(f"cases.csv: order_in_case of {row['file']} is {value!r}, not a whole number")
+        orders.append(int(value))
+    return orders
 
 
 def _case_inputs(volume: np.ndarray, labels: np.ndarray, spacing, size: int, window):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ from PIL import Image
 from synthetic_slices import squares
 
 from relsegcore import finetune as ft
-from relsegcore.data.readers import read_gray_picture
+from relsegcore.cli import main
+from relsegcore.data.readers import picture_fingerprint, read_gray_picture
 from relsegcore.errors import InputError
 from relsegcore.evaluation import seen_in_training
 from relsegcore.models import DualEncoderUNet, NetworkConfig
@@ -111,3 +113,123 @@ def test_a_finetuned_card_fingerprints_its_corrected_slices_as_stored(tmp_path):
     card = load_model(result.path, torch.device("cpu")).card  # as relseg evaluate reads it back
     assert seen_in_training(card, stored_pictures(tmp_path / "site" / "images", trained)) == 6
     assert seen_in_training(card, stored_pictures(tmp_path / "site" / "images", held)) == 0
+
+
+CLAHE = {"recipe": "full-slice-clahe", "input_size": SIZE}
+SITE = {"coronacases_001": 6, "coronacases_002": 6, "radiopaedia_7_1": 4, "radiopaedia_7_2": 4}
+
+
+def write_ctseg2d(root: Path, cases: dict[str, int]) -> Path:
+    """A tiny ``covid-ct-seg-2d`` folder: squares as infection, the whole frame as lungs, slices numbered
+    across cases as in the real one."""
+    for sub in ("images", "masks", "lungs"):
+        (root / sub).mkdir(parents=True)
+    rows, number = ["file,case,source,order_in_case"], 0
+    for seed, (case, count) in enumerate(cases.items()):
+        for order, (image, mask) in enumerate(zip(*squares(count, size=STORED, seed=seed), strict=True)):
+            name = f"{number:04d}.png"
+            Image.fromarray(image).save(root / "images" / name)
+            Image.fromarray(mask * 255).save(root / "masks" / name)
+            Image.fromarray(np.full_like(mask, 255)).save(root / "lungs" / name)
+            rows.append(f"{name},{case},{case.split('_')[0]},{order}")
+            number += 1
+    (root / "cases.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def pictures_of(root: Path, cases: set[str]) -> list[np.ndarray]:
+    """The stored pictures of ``cases``, as ``relseg evaluate`` reads them."""
+    lines = (root / "cases.csv").read_text().splitlines()[1:]
+    return [read_gray_picture(root / "images" / line.split(",")[0]) for line in lines if line.split(",")[1] in cases]
+
+
+def test_ctseg2d_corrections_by_patient_and_a_guard_of_the_other_cases(tmp_path):
+    root = write_ctseg2d(tmp_path / "site", SITE)
+    card = ModelCard(name="clahe", version="1", description="", file="", sha256="", architecture={},
+                     classes=["background", "infection"], preprocessing=CLAHE)
+
+    corrections, guard = ft.slices_from_ctseg2d(root, card, ["radiopaedia_7"])
+
+    assert corrections.cases == ["radiopaedia_7_1"] * 4 + ["radiopaedia_7_2"] * 4  # both series of the patient
+    assert corrections.images.shape == (8, SIZE, SIZE) and corrections.edited.all()
+    assert corrections.source == f"ctseg2d:{root}"
+    assert corrections.fingerprints == [picture_fingerprint(p) for p in pictures_of(root, set(corrections.cases))]
+    assert guard.cases == ["coronacases_001"] * 6 + ["coronacases_002"] * 6
+    assert guard.masks.max() == 1 and guard.fingerprints is None
+
+    _, guard = ft.slices_from_ctseg2d(root, card, ["radiopaedia_7_1"])
+    assert set(guard.cases) == {"coronacases_001", "coronacases_002"}  # not the patient's other series
+
+    everything, none = ft.slices_from_ctseg2d(root, card, guard=False)
+    assert len(everything) == 20 and none is None
+
+
+def test_ctseg2d_needs_a_full_slice_clahe_infection_model():
+    def card(preprocessing: dict, classes: int = 2) -> ModelCard:
+        return ModelCard(name="m", version="1", description="", file="", sha256="", architecture={},
+                         classes=["background", "ground-glass", "consolidation"][:classes], preprocessing=preprocessing)
+
+    ft.check_ctseg_model(card(CLAHE))
+    for lung_crop in ({"input_size": 256}, {"recipe": "lung-crop", "input_size": 256}):
+        with pytest.raises(InputError, match="m sees lung-crop slices .* ctseg2d slices are whole CLAHE slices"):
+            ft.check_ctseg_model(card(lung_crop))
+    with pytest.raises(InputError, match="3 classes"):
+        ft.check_ctseg_model(card(CLAHE, 3))
+
+
+def test_case_orders_come_from_cases_csv_or_the_position_in_the_case():
+    rows = [{"file": "0.png", "case": "a", "order_in_case": "7"}, {"file": "1.png", "case": "a", "order_in_case": ""},
+            {"file": "2.png", "case": "b"}]
+    assert ft.case_orders(rows) == [7, 1, 0]
+    with pytest.raises(InputError, match="not a whole number"):
+        ft.case_orders([{"file": "0.png", "case": "a", "order_in_case": "x"}])
+
+
+def finetune_cli(model: Path, data: Path, out: Path, *extra: str) -> int:
+    return main(["finetune", "--model", str(model), "--data", f"ctseg2d:{data}", "--out", str(out), *extra,
+                 "--iterations", "4", "--batch-size", "4", "--lr", "0.01", "--device", "cpu", "--progress", "none"])
+
+
+def test_cli_finetunes_on_named_cases_of_a_ctseg2d_folder(tmp_path, capsys):
+    root = write_ctseg2d(tmp_path / "site", SITE)
+    model = write_model(tmp_path / "parent", CLAHE, ["parent-slice"])
+    out = tmp_path / "models" / "site-ft.pt"
+
+    assert finetune_cli(model, root, out, "--cases", "coronacases_001") == 0
+
+    printed = capsys.readouterr().out
+    assert "on 6 slices (6 edited) from 1 case(s)" in printed and "guard: 14 held-out slices of 3 case(s)" in printed
+    card = load_model(out, torch.device("cpu")).card
+    corrections = card.training["corrections"]
+    assert corrections["cases"] == ["coronacases_001"] and corrections["slices"] == 6
+    assert corrections["holdout_cases"] == ["coronacases_002", "radiopaedia_7_1", "radiopaedia_7_2"]
+    assert f"--data ctseg2d:{root} --cases coronacases_001" in card.training["command"]
+    assert card.training["image_fingerprints"][0] == "parent-slice" and len(card.training["image_fingerprints"]) == 7
+    assert seen_in_training(card, pictures_of(root, {"coronacases_001"})) == 6
+    assert seen_in_training(card, pictures_of(root, set(SITE) - {"coronacases_001"})) == 0
+
+
+def test_cli_on_every_slice_holds_out_whole_patients(tmp_path):
+    root = write_ctseg2d(tmp_path / "site", SITE)
+    model = write_model(tmp_path / "parent", CLAHE, [])
+    assert finetune_cli(model, root, tmp_path / "all.pt") == 0
+    corrections = ModelCard.from_dict(json.loads((tmp_path / "all.json").read_text())).training["corrections"]
+    patients = {case: case.rsplit("_", 1)[0] if case.startswith("radiopaedia") else case for case in SITE}
+    assert len(corrections["cases"]) + len(corrections["holdout_cases"]) == 4
+    assert not {patients[c] for c in corrections["cases"]} & {patients[c] for c in corrections["holdout_cases"]}
+
+
+def test_cli_refuses_a_lung_crop_model_and_stray_cases(tmp_path, capsys):
+    root = write_ctseg2d(tmp_path / "site", {"a": 2, "b": 2})
+    lung_crop = write_model(tmp_path / "parent", {"input_size": SIZE}, [])
+    assert finetune_cli(lung_crop, root, tmp_path / "x.pt") == 2
+    assert "ctseg2d slices are whole CLAHE slices" in capsys.readouterr().err
+    clahe = write_model(tmp_path / "clahe", CLAHE, [])
+    assert finetune_cli(clahe, root, tmp_path / "x.pt", "--cases", "c") == 2
+    assert "no case or patient named 'c'" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(clahe), "--images", str(root / "images"), "--masks", str(root / "masks"),
+                 "--cases", "a"]) == 2
+    assert "--cases selects the corrected cases of --data" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(clahe), "--data", f"folder:{root}"]) == 2
+    assert "reads --data ctseg2d:DIR, not folder" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
