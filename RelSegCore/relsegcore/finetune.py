@@ -5,8 +5,9 @@ knowledge) stays frozen while the target encoder and decoder train briefly at a 
 rate, with the relation loss as in stage 2. Edited slices are drawn more often than unedited
 ones, which are replayed so the model keeps what it already got right.
 
-Guard against forgetting: part of the corrected cases (by case, deterministic by seed) or
-given held-out slices are kept out of training and scored before and after. A version that
+Guard against forgetting: part of the corrected cases (by case, deterministic by seed), given
+held-out slices, or a site folder's other cases (``corrections_and_guard``: never a near copy of
+a corrected slice) are kept out of training and scored before and after. A version that
 is worse there is still written (its card says so, with the numbers) but never becomes the
 default model.
 """
@@ -41,7 +42,7 @@ DEFAULT_LEARNING_RATE = 5e-4  # a quarter of stage 2's: adjust the model, do not
 EDITED_WEIGHT = 3.0  # an edited slice is drawn this many times as often as an unedited one
 HOLDOUT_FRACTION = 0.25
 GUARD_GAP = 3  # slices of one case closer than this to a corrected slice are near copies of it
-GUARD_MAX_SLICES = 64  # scored twice per fine-tune: about 15 s for the shipped network on 2 CPU cores
+GUARD_MAX_SLICES = 64  # scored twice; one pass of the shipped network: 23 s on one busy CPU thread
 _FT_SUFFIX = re.compile(r"\+ft(\d+)$")
 
 
