@@ -5,14 +5,16 @@ knowledge) stays frozen while the target encoder and decoder train briefly at a 
 rate, with the relation loss as in stage 2. Edited slices are drawn more often than unedited
 ones, which are replayed so the model keeps what it already got right.
 
-Guard against forgetting: part of the corrected cases (by case, deterministic by seed) or
-given held-out slices are kept out of training and scored before and after. A version that
+Guard against forgetting: part of the corrected cases (by case, deterministic by seed), given
+held-out slices, or a site folder's other cases (``corrections_and_guard``: never a near copy of
+a corrected slice) are kept out of training and scored before and after. A version that
 is worse there is still written (its card says so, with the numbers) but never becomes the
 default model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 from .data import intensity
+from .data.readers import picture_fingerprint
 from .device import select_device
 from .errors import InputError, ModelError
 from .models import NetworkConfig
@@ -38,6 +41,8 @@ DEFAULT_BATCH_SIZE = 8
 DEFAULT_LEARNING_RATE = 5e-4  # a quarter of stage 2's: adjust the model, do not retrain it
 EDITED_WEIGHT = 3.0  # an edited slice is drawn this many times as often as an unedited one
 HOLDOUT_FRACTION = 0.25
+GUARD_GAP = 3  # slices of one case closer than this to a corrected slice are near copies of it
+GUARD_MAX_SLICES = 64  # scored twice; one pass of the shipped network: 23 s on one busy CPU thread
 _FT_SUFFIX = re.compile(r"\+ft(\d+)$")
 
 
@@ -50,6 +55,7 @@ class FinetuneSlices:
     edited: np.ndarray  # bool (N,)
     cases: list[str]  # case identifier of each slice
     source: str = ""
+    fingerprints: list[str] | None = None  # picture_fingerprint of each slice's picture as stored, when it has one
 
     def __post_init__(self) -> None:
         count = len(self.images)
@@ -58,13 +64,16 @@ class FinetuneSlices:
         if len(self.edited) != count or len(self.cases) != count:
             raise InputError(f"need one edited flag and one case per slice: {count} slices, "
                              f"{len(self.edited)} flags, {len(self.cases)} cases")
+        if self.fingerprints is not None and len(self.fingerprints) != count:
+            raise InputError(f"need one fingerprint per slice: {count} slices, {len(self.fingerprints)} fingerprints")
 
     def __len__(self) -> int:
         return len(self.images)
 
     def subset(self, indices: np.ndarray) -> FinetuneSlices:
+        prints = None if self.fingerprints is None else [self.fingerprints[i] for i in indices]
         return FinetuneSlices(self.images[indices], self.masks[indices], self.edited[indices],
-                              [self.cases[i] for i in indices], self.source)
+                              [self.cases[i] for i in indices], self.source, prints)
 
 
 @dataclass
@@ -85,15 +94,19 @@ class FinetuneResult:
 
 def slices_from_folder(images_dir: str | os.PathLike, masks_dir: str | os.PathLike, size: int,
                        multiclass: bool = False) -> FinetuneSlices:
-    """A 2D image folder (COVID-SemiSeg layout): every slice is its own case and counts as edited."""
-    from .data.readers import read_image_folder
+    """A 2D image folder (COVID-SemiSeg layout): every slice is its own case and counts as edited.
+
+    Fingerprints are of the pictures as stored (before resizing or turning upright), as ``relseg
+    evaluate`` computes them."""
+    from .data.readers import folder_fingerprints, read_image_folder
 
     images_dir, masks_dir = Path(images_dir), Path(masks_dir)
     if images_dir.parent != masks_dir.parent:
         raise InputError("the images and masks folders must be siblings (ROOT/images and ROOT/masks)")
     data = read_image_folder(images_dir.parent, size=size, image_dir=images_dir.name, mask_dir=masks_dir.name,
                              multiclass=multiclass)
-    return FinetuneSlices(data.images, data.masks, np.ones(len(data), bool), list(data.names), str(images_dir))
+    return FinetuneSlices(data.images, data.masks, np.ones(len(data), bool), list(data.names), str(images_dir),
+                          folder_fingerprints(images_dir, masks_dir))
 
 
 def slices_from_store(store_dir: str | os.PathLike, size: int, window: Sequence[float] | None = None,
@@ -117,6 +130,62 @@ def slices_from_store(store_dir: str | os.PathLike, size: int, window: Sequence[
     if not images:
         raise InputError(f"the correction store {store_dir} holds no slice with lung to learn from")
     return FinetuneSlices(np.stack(images), np.stack(masks), np.array(edited), cases, str(store_dir))
+
+
+def slices_from_ctseg2d(root: str | os.PathLike, card: ModelCard, cases: Sequence[str] | None = None,
+                        guard: bool = True, seed: int = 0) -> tuple[FinetuneSlices, FinetuneSlices | None]:
+    """The corrected slices of a ``covid-ct-seg-2d`` folder (those of ``cases``, cases or patients; every
+    slice when None) and the guard's slices from the rest (``corrections_and_guard``; None without ``guard``).
+
+    Fingerprints are of the pictures as stored, as ``relseg evaluate`` computes them.
+    """
+    from .data.ctseg import patient_of, read_cases_csv, read_ctseg2d, selected_rows
+    from .data.readers import read_gray_picture
+
+    check_ctseg_model(card)
+    root = Path(root)
+    rows = read_cases_csv(root)
+    data = read_ctseg2d(root, size=int(card.preprocessing.get("input_size", 256)))  # in the order of rows
+    names = [row["case"] for row in rows]
+    corrected = np.ones(len(rows), bool) if cases is None else np.array(selected_rows(rows, list(cases), root))
+    if guard:
+        trained, held = corrections_and_guard(names, case_orders(rows), corrected, [patient_of(c) for c in names],
+                                              seed=seed)
+    else:
+        trained, held = np.flatnonzero(corrected), None
+    site = FinetuneSlices(data.images, data.masks, np.ones(len(rows), bool), names, f"ctseg2d:{root}")
+    prints = [picture_fingerprint(read_gray_picture(root / "images" / rows[i]["file"])) for i in trained]
+    corrections = dataclasses.replace(site.subset(trained), fingerprints=prints)
+    return corrections, None if held is None else site.subset(held)
+
+
+def check_ctseg_model(card: ModelCard) -> None:
+    """Refuse a model that does not see ``covid-ct-seg-2d`` slices as they are: whole 256 px CLAHE slices
+    (``full-slice-clahe``) with infection/background masks. Fine-tuned on them, a lung-crop model would
+    learn an input ``relseg segment`` never gives it, while its card still describes lung crops."""
+    recipe = intensity.recipe_of(card.preprocessing)
+    if recipe != intensity.FULL_SLICE_CLAHE:
+        raise InputError(
+            f"{card.name} sees {recipe} slices (lung-window crops), but ctseg2d slices are whole CLAHE slices "
+            f"({intensity.FULL_SLICE_CLAHE}): fine-tuned on them it would learn an input relseg segment never "
+            f"gives it. Fine-tune a {intensity.FULL_SLICE_CLAHE} model (relseg train --data ctseg2d:DIR --export "
+            f"NAME makes one), or give corrections in its appearance (--store, --images/--masks)")
+    if len(card.classes) != 2:
+        raise InputError(f"ctseg2d masks are infection or background, but {card.name} has "
+                         f"{len(card.classes)} classes")
+
+
+def case_orders(rows: list[dict[str, str]]) -> list[int]:
+    """Each ``cases.csv`` row's ``order_in_case``, or its position within its case where that is blank."""
+    positions: dict[str, int] = {}
+    orders = []
+    for row in rows:
+        position = positions[row["case"]] = positions.get(row["case"], -1) + 1
+        value = row.get("order_in_case") or str(position)
+        if not value.lstrip("-").isdigit():
+            raise InputError(f"cases.csv: order_in_case of {row['file']} is {value!r}, not a whole number")
+        orders.append(int(value))
+    return orders
 
 
 def _case_inputs(volume: np.ndarray, labels: np.ndarray, spacing, size: int, window):
@@ -145,6 +214,59 @@ def holdout_split(cases: Sequence[str], fraction: float = HOLDOUT_FRACTION,
     held = {unique[i] for i in np.random.default_rng(seed).permutation(len(unique))[:count]}
     is_held = np.array([case in held for case in cases])
     return np.flatnonzero(~is_held), np.flatnonzero(is_held)
+
+
+def guard_candidates(cases: Sequence[str], orders: Sequence[int], corrected: np.ndarray,
+                     patients: Sequence[str] | None = None, gap: int = GUARD_GAP) -> np.ndarray:
+    """Indices of the uncorrected slices the guard may score: those of a patient with no corrected slice,
+    and those of a corrected case at least ``gap`` slices (``orders``) from each of its corrected slices.
+
+    A neighbour of a corrected slice is a near copy of it and would flatter the fine-tuned model; another
+    series of a corrected patient (``patients``, default: each case its own patient) has no order to
+    compare with, so it is left out too.
+    """
+    corrected = np.asarray(corrected, bool)
+    orders = np.asarray(orders, int)
+    cases = np.asarray(cases, dtype=object)
+    patients = cases if patients is None else np.asarray(patients, dtype=object)
+    if not len(cases) == len(orders) == len(corrected) == len(patients):
+        raise InputError("need one case, order, patient and corrected flag per slice")
+    corrected_patients = set(patients[corrected])
+    keep = []
+    for i in np.flatnonzero(~corrected):
+        if patients[i] not in corrected_patients:
+            keep.append(i)
+            continue
+        near = orders[corrected & (cases == cases[i])]
+        if len(near) and np.abs(near - orders[i]).min() >= gap:
+            keep.append(i)
+    return np.array(keep, dtype=int)
+
+
+def spread(indices: np.ndarray, limit: int) -> np.ndarray:
+    """At most ``limit`` of ``indices``, evenly spaced along them, so each case keeps its share and
+    scoring the guard stays quick."""
+    if len(indices) <= limit:
+        return np.asarray(indices, dtype=int)
+    return np.asarray(indices)[np.linspace(0, len(indices) - 1, limit).round().astype(int)]
+
+
+def corrections_and_guard(cases: Sequence[str], orders: Sequence[int], corrected: np.ndarray,
+                          patients: Sequence[str] | None = None, gap: int = GUARD_GAP,
+                          limit: int = GUARD_MAX_SLICES, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(trained, guard) slice indices of a site's folder: the corrected slices, and at most ``limit`` of
+    the ``guard_candidates``. When there are none (every slice corrected), whole patients of the
+    corrections are held out instead, as ``holdout_split`` does."""
+    corrected = np.asarray(corrected, bool)
+    if not corrected.any():
+        raise InputError("no corrected slice selected")
+    candidates = guard_candidates(cases, orders, corrected, patients, gap)
+    trained = np.flatnonzero(corrected)
+    if len(candidates):
+        return trained, spread(candidates, limit)
+    groups = list(cases if patients is None else patients)
+    kept, held = holdout_split([groups[i] for i in trained], seed=seed)
+    return trained[kept], spread(trained[held], limit)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -195,8 +317,10 @@ def finetune(
     out: str | os.PathLike | None = None,
     *,
     cases: Sequence[str] | None = None,
+    fingerprints: Sequence[str] | None = None,
     holdout_images: np.ndarray | None = None,
     holdout_masks: np.ndarray | None = None,
+    holdout_cases: Sequence[str] | None = None,
     holdout_fraction: float = HOLDOUT_FRACTION,
     registry_home: str | os.PathLike | None = None,
     make_default: bool = False,
@@ -218,7 +342,10 @@ def finetune(
     their corrected labels (resized to the model's input size if needed). ``edited`` marks
     the slices the user changed (all, when None). ``cases`` gives each slice's case for the
     held-out split (each slice its own case when None); ``holdout_images``/``holdout_masks``
-    replace that split. ``out`` (``NAME.pt``) writes the model there; without it the model
+    (of ``holdout_cases``) replace that split. ``fingerprints``: ``picture_fingerprint`` of each
+    slice's picture as stored (default: of ``images`` as given); the card lists those of the slices
+    trained on, with the parent's, so ``relseg evaluate`` warns when scored on them.
+    ``out`` (``NAME.pt``) writes the model there; without it the model
     goes into the registry at ``registry_home`` and becomes the default only when
     ``make_default`` is asked *and* it is not worse on the held-out slices.
     ``relation``: the relation-loss reading (default ``encoders`` when the model has a
@@ -229,9 +356,9 @@ def finetune(
     parent = _find_parent(model, registry_home)
     size = int(parent.preprocessing.get("input_size", 256))
     num_classes = len(parent.classes)
-    data = _as_slices(images, masks, edited, cases, size, num_classes, source)
+    data = _as_slices(images, masks, edited, cases, size, num_classes, source, fingerprints)
     if holdout_images is not None:
-        held = _as_slices(holdout_images, holdout_masks, None, None, size, num_classes, "held-out slices")
+        held = _as_slices(holdout_images, holdout_masks, None, holdout_cases, size, num_classes, "held-out slices")
         trained = data
     else:
         train_idx, held_idx = holdout_split(data.cases, holdout_fraction, seed)
@@ -315,8 +442,10 @@ def _span(progress: Progress, start: float, stop: float) -> Progress:
     return Progress(callback=lambda fraction, stage: progress.update(start + (stop - start) * fraction, stage))
 
 
-def _as_slices(images, masks, edited, cases, size: int, num_classes: int, source: str) -> FinetuneSlices:
-    """Checked uint8 slices at the model's input size, masks as the model's class indices."""
+def _as_slices(images, masks, edited, cases, size: int, num_classes: int, source: str,
+               fingerprints: Sequence[str] | None = None) -> FinetuneSlices:
+    """Checked uint8 slices at the model's input size, masks as the model's class indices; without
+    ``fingerprints``, those of the pictures as given (before resizing)."""
     images, masks = np.asarray(images), np.asarray(masks)
     if images.ndim != 3 or images.shape != masks.shape or len(images) == 0:
         raise InputError(f"need non-empty (N, H, W) images and masks of the same shape, got {images.shape} "
@@ -324,13 +453,14 @@ def _as_slices(images, masks, edited, cases, size: int, num_classes: int, source
     if images.dtype != np.uint8:
         raise InputError(f"fine-tuning images must be 8-bit slices in the model's appearance, not {images.dtype}")
     masks = (masks > 0).astype(np.uint8) if num_classes == 2 else masks.astype(np.uint8)
+    prints = [picture_fingerprint(image) for image in images] if fingerprints is None else list(fingerprints)
     if masks.max() >= num_classes:
         raise InputError(f"the masks hold label {int(masks.max())} but the model has {num_classes} classes")
     if images.shape[1:] != (size, size):
         images, masks = intensity.resize_slices(images, size, 1), intensity.resize_slices(masks, size, 0)
     flags = np.ones(len(images), bool) if edited is None else np.asarray(edited, bool)
     names = [f"slice{i}" for i in range(len(images))] if cases is None else [str(c) for c in cases]
-    return FinetuneSlices(images, masks, flags, names, source)
+    return FinetuneSlices(images, masks, flags, names, source, prints)
 
 
 def _checked_out(out: str | os.PathLike | None) -> Path | None:
@@ -364,9 +494,8 @@ def _child_card(parent: ModelCard, trained: FinetuneSlices, held: FinetuneSlices
                 "holdout_cases": sorted(set(held.cases)), "holdout_slices": len(held),
             },
             **recipe, "seconds": round(result.seconds, 1),
-            # what the parent saw, the child saw too: relseg evaluate warns about those slices for both
-            **({"image_fingerprints": parent.training["image_fingerprints"]}
-               if "image_fingerprints" in parent.training else {}),
+            # what the parent saw and the slices this version trained on: relseg evaluate warns about them
+            "image_fingerprints": seen_fingerprints(parent, trained),
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "config": settings,
         },
@@ -374,6 +503,11 @@ def _child_card(parent: ModelCard, trained: FinetuneSlices, held: FinetuneSlices
                  "accepted": accepted},
         parent=parent.name,
     )
+
+
+def seen_fingerprints(parent: ModelCard, trained: FinetuneSlices) -> list[str]:
+    """The parent's training fingerprints, then those of the slices fine-tuned on (each once)."""
+    return list(dict.fromkeys([*parent.training.get("image_fingerprints", []), *(trained.fingerprints or [])]))
 
 
 def _register(network, card: ModelCard, parent: ModelCard, home, make_default: bool) -> tuple[Path, bool]:

@@ -9,8 +9,8 @@ from pathlib import Path
 from ..errors import InputError
 from . import add_device_argument
 
-OPTIONS_IN_COMMAND = ("model", "store", "images", "masks", "holdout_images", "holdout_masks", "out", "iterations",
-                      "batch_size", "lr", "edited_weight", "seed", "device")
+OPTIONS_IN_COMMAND = ("model", "data", "cases", "store", "images", "masks", "holdout_images", "holdout_masks", "out",
+                      "iterations", "batch_size", "lr", "edited_weight", "seed", "device")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,6 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--store", "--corrections", type=Path, metavar="DIR", help="a correction store folder")
     source.add_argument("--images", type=Path, metavar="DIR", help="2D images (COVID-SemiSeg layout), with --masks")
+    source.add_argument("--data", metavar="ctseg2d:DIR",
+                        help="a covid-ct-seg-2d folder (needs a full-slice-clahe model); the guard scores "
+                             "its other cases, never slices within 2 of a corrected one")
+    parser.add_argument("--cases", metavar="A,B",
+                        help="with --data: the corrected cases or patients (default: every slice of DIR)")
     parser.add_argument("--masks", type=Path, metavar="DIR", help="masks with the images' names (sibling folder)")
     parser.add_argument("--holdout-images", type=Path, metavar="DIR",
                         help="held-out images for the before/after check (default: a quarter of the cases)")
@@ -50,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from ..finetune import finetune, slices_from_folder, slices_from_store
+    from ..finetune import finetune, slices_from_ctseg2d, slices_from_folder, slices_from_store
     from ..zoo import find_model
     from .segment import progress_display
 
@@ -58,19 +63,27 @@ def run_finetune(args: argparse.Namespace) -> int:
     parent = find_model(args.model)
     size = int(parent.preprocessing.get("input_size", 256))
     multiclass = len(parent.classes) > 2
-    if args.store is not None:
-        data = slices_from_store(args.store, size, parent.preprocessing.get("window"))
-    else:
-        data = slices_from_folder(args.images, args.masks, size, multiclass)
     holdout = None
     if args.holdout_images is not None:
         holdout = slices_from_folder(args.holdout_images, args.holdout_masks, size, multiclass)
+    if args.data is not None:
+        data, guard = slices_from_ctseg2d(ctseg_folder(args.data), parent, case_list(args.cases),
+                                          guard=holdout is None, seed=args.seed)
+        holdout = guard if holdout is None else holdout
+    elif args.store is not None:
+        data = slices_from_store(args.store, size, parent.preprocessing.get("window"))
+    else:
+        data = slices_from_folder(args.images, args.masks, size, multiclass)
     print(f"fine-tuning {parent.name} {parent.version} on {len(data)} slices "
           f"({int(data.edited.sum())} edited) from {len(set(data.cases))} case(s) in {data.source}", flush=True)
+    if holdout is not None:
+        print(f"guard: {len(holdout)} held-out slices of {len(set(holdout.cases))} case(s)", flush=True)
     with progress_display(args.progress) as progress:
         result = finetune(
             parent.path, data.images, data.masks, data.edited, args.out, cases=data.cases,
+            fingerprints=data.fingerprints,
             holdout_images=holdout.images if holdout else None, holdout_masks=holdout.masks if holdout else None,
+            holdout_cases=holdout.cases if holdout else None,
             make_default=args.make_default, device=args.device, iterations=args.iterations,
             batch_size=args.batch_size, learning_rate=args.lr, edited_weight=args.edited_weight,
             source=data.source, command=command_line(args), progress=progress, seed=args.seed,
@@ -85,12 +98,35 @@ def run_finetune(args: argparse.Namespace) -> int:
 def _check_arguments(args: argparse.Namespace) -> None:
     if (args.images is None) != (args.masks is None):
         raise InputError("give --images and --masks together")
+    if args.cases is not None and args.data is None:
+        raise InputError("--cases selects the corrected cases of --data ctseg2d:DIR")
     if (args.holdout_images is None) != (args.holdout_masks is None):
         raise InputError("give --holdout-images and --holdout-masks together")
     if args.make_default and args.out is not None:
         raise InputError("--make-default applies to registered models; it cannot be used with --out")
     if args.iterations < 1 or args.batch_size < 1:
         raise InputError("--iterations and --batch-size must be at least 1")
+
+
+def ctseg_folder(spec: str) -> Path:
+    """The folder of ``--data ctseg2d:DIR`` (the one kind whose slices carry cases and slice order)."""
+    from ..data.general import parse_data_spec
+
+    kind, path = parse_data_spec(spec)
+    if kind != "ctseg2d":
+        raise InputError(f"relseg finetune reads --data ctseg2d:DIR, not {kind}; give other corrections "
+                         "as --images/--masks or --store")
+    return path
+
+
+def case_list(text: str | None) -> list[str] | None:
+    """``"A,B"`` -> ``["A", "B"]``; None (every slice) without ``--cases``."""
+    if text is None:
+        return None
+    cases = [case.strip() for case in text.split(",") if case.strip()]
+    if not cases:
+        raise InputError("--cases needs at least one case or patient name")
+    return cases
 
 
 def command_line(args: argparse.Namespace) -> str:

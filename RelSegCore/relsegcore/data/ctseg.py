@@ -37,11 +37,7 @@ def read_ctseg2d(
         raise InputError(f"--target must be one of {', '.join(CTSEG_TARGETS)}, not {target!r}")
     rows = read_cases_csv(root)
     if cases is not None:
-        wanted = set(cases)
-        unknown = wanted - {row["case"] for row in rows} - {patient_of(row["case"]) for row in rows}
-        if unknown:
-            raise InputError(f"{root}: no case or patient named {sorted(unknown)[0]!r} in cases.csv")
-        rows = [row for row in rows if row["case"] in wanted or patient_of(row["case"]) in wanted]
+        rows = [row for row, chosen in zip(rows, selected_rows(rows, cases, root), strict=True) if chosen]
     if not rows:
         raise InputError(f"{root}: no slices selected")
     mask_dir = root / CTSEG_TARGETS[target]
@@ -70,6 +66,16 @@ def read_cases_csv(root: Path) -> list[dict[str, str]]:
     if not rows or not {"file", "case"} <= set(rows[0]):
         raise InputError(f"{path} needs the columns file and case")
     return rows
+
+
+def selected_rows(rows: list[dict[str, str]], cases: list[str], root: Path) -> list[bool]:
+    """Which ``cases.csv`` rows belong to the named cases or patients; a name that matches nothing is an
+    error (a typo would otherwise select nothing, or everything else)."""
+    wanted = set(cases)
+    unknown = wanted - {row["case"] for row in rows} - {patient_of(row["case"]) for row in rows}
+    if unknown:
+        raise InputError(f"{root}: no case or patient named {sorted(unknown)[0]!r} in cases.csv")
+    return [row["case"] in wanted or patient_of(row["case"]) in wanted for row in rows]
 
 
 def patient_of(case: str) -> str:
