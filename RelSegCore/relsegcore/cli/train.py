@@ -362,14 +362,17 @@ def _drop_option(argv: list[str], name: str) -> list[str]:
 
 
 def _fingerprints(args: argparse.Namespace, data) -> list[str]:
-    """Fingerprints of the training pictures, so ``relseg evaluate`` can spot them (ctseg2d slices are read
-    at their stored size, so the slices themselves are the pictures)."""
+    """Fingerprints of the training pictures as stored, so ``relseg evaluate`` can spot them."""
     if not args.export:
         return []
     from ..data.readers import folder_fingerprints, picture_fingerprint
 
-    if args.data:
-        return [picture_fingerprint(image) for image in data.images]
+    if args.data:  # the stored pictures, as relseg evaluate reads them (not resized to --size)
+        from ..data.general import parse_data_spec
+        from ..data.readers import read_gray_picture
+
+        images = parse_data_spec(args.data)[1] / "images"
+        return [picture_fingerprint(read_gray_picture(images / name.split("/", 1)[1])) for name in data.names]
     return folder_fingerprints(args.images, args.masks)
 
 

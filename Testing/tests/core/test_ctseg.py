@@ -158,16 +158,15 @@ def test_few_shot_fold_trains_on_its_patients_and_is_scored_on_the_others(tmp_pa
     root = make_ctseg_folder(tmp_path / "set")
     tiny = ["--iterations", "2", "--batch-size", "2", "--size", "32", "--base-channels", "4", "--depth", "2",
             "--device", "cpu", "--validate-every", "2"]
+    results = {}
     for few_shot in (False, True):
         out = tmp_path / f"run-{few_shot}"
         argv = ["train", "--data", f"ctseg2d:{root}", "--fold", "0", "--folds", "2", "--out", str(out), *tiny]
         assert main([*argv, "--few-shot"] if few_shot else argv) == 0
-        result = json.loads((out / "fold_result.json").read_text())
-        assert not set(result["train_patients"]) & set(result["val_patients"])
-        assert len(result["train_patients"]) + len(result["val_patients"]) == 4
-        if few_shot:
-            assert sorted(result["train_patients"]) == sorted(previous["val_patients"])
-        previous = result
+        results[few_shot] = json.loads((out / "fold_result.json").read_text())
+        assert not set(results[few_shot]["train_patients"]) & set(results[few_shot]["val_patients"])
+        assert len(results[few_shot]["train_patients"]) + len(results[few_shot]["val_patients"]) == 4
+    assert sorted(results[True]["train_patients"]) == sorted(results[False]["val_patients"])
     model_argv = ["--export", "tiny", "--out", str(tmp_path / "model")]
     assert main(["train", "--data", f"ctseg2d:{root}", *tiny, *model_argv]) == 0
     scored = tmp_path / "scored.json"
