@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 from relsegcore import zoo
 from relsegcore.errors import ModelError
 from relsegcore.models import DualEncoderUNet, NetworkConfig
+from relsegcore.training import TrainConfig
 
 
 def tiny_card(name: str = "tiny") -> zoo.ModelCard:
@@ -106,7 +108,10 @@ def test_shipped_model_card_command_still_means_its_recorded_training(name, monk
     monkeypatch.setenv("RELSEG_HOME", str(tmp_path))
     training = zoo.find_model(name).training
     args = build_parser().parse_args(shlex.split(training["command"])[1:])
-    assert stage2_config(args).to_dict() == training["config"]
+    current, recorded = stage2_config(args).to_dict(), training["config"]
+    assert {key: current[key] for key in recorded} == recorded
+    defaults = TrainConfig(out_dir=Path(recorded["out_dir"])).to_dict()
+    assert all(current[key] == defaults[key] for key in set(current) - set(recorded))  # options added since
     for command in (training.get("general_encoder") or {}).values():
         if isinstance(command, str) and command.startswith("relseg "):
             assert build_parser().parse_args(shlex.split(command)[1:]).command == "pretrain-general"
