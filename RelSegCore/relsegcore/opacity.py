@@ -31,10 +31,16 @@ def high_opacity(infected: np.ndarray, hu: np.ndarray, threshold_hu: float = HIG
     return infected & (np.asarray(hu) >= threshold_hu)
 
 
-def split_by_attenuation(infected: np.ndarray, hu: np.ndarray, threshold_hu: float = HIGH_OPACITY_HU) -> np.ndarray:
-    """Labels uint8: 1 ground-glass (infected, below ``threshold_hu``), 2 consolidation (at or above), else 0."""
-    labels = infected.astype(np.uint8) * GROUND_GLASS_LABEL
-    labels[high_opacity(infected, hu, threshold_hu)] = CONSOLIDATION_LABEL
+def split_by_attenuation(infection: np.ndarray, hu: np.ndarray, threshold_hu: float = HIGH_OPACITY_HU) -> np.ndarray:
+    """Labels uint8: 1 ground-glass (infected, below ``threshold_hu``), 2 consolidation (at or above), else 0.
+
+    ``infection`` is infected where non-zero. Only the infected voxels are looked at, so that a
+    whole CT costs one more uint8 volume, not several boolean ones.
+    """
+    labels = np.zeros(infection.shape, np.uint8)
+    infected = np.flatnonzero(infection)
+    dense = np.asarray(hu).reshape(-1)[infected] >= threshold_hu
+    labels.reshape(-1)[infected] = np.where(dense, CONSOLIDATION_LABEL, GROUND_GLASS_LABEL)
     return labels
 
 

@@ -103,7 +103,7 @@ def segment(
     with timer.stage("report"):
         class_names = list(loaded.card.infection_classes)
         if opacity.has_single_infection_class(class_names):
-            infection_labels = opacity.split_by_attenuation(infection_labels > 0, hu, high_opacity_hu)
+            infection_labels = opacity.split_by_attenuation(infection_labels, hu, high_opacity_hu)
             class_names = opacity.split_class_names()
         grid = _Grid.of(canonical)
         del hu, canonical  # the canonical copy of the CT is not needed any more: free it before the report
