@@ -22,8 +22,9 @@ class COVIDInfectionSeg(ScriptedLoadableModule):
         self.parent.categories = ["Segmentation"]
         self.parent.contributors = ["COVIDInfectionSeg contributors"]
         self.parent.helpText = (
-            "Segments the left and right lung and COVID-19 infection (or ground-glass opacity and consolidation) "
-            "on a chest CT with a dual-encoder network, and measures lung and infection volumes and opacity. "
+            "Segments the left and right lung and COVID-19 infection, as ground-glass opacity and consolidation, "
+            "on a chest CT with a dual-encoder network, and measures lung and infection volumes, the percentage of "
+            "opacity (PO) and the percentage of high opacity (PHO: infection at or above -200 HU) per lung. "
             "Research use only; not for diagnosis."
         )
         self.parent.acknowledgementText = "Method: Zhang et al., IEEE JBHI 2021 (relation-driven dual encoder)."
@@ -154,7 +155,10 @@ class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if segmentation is None or volume is None:
             return
         with slicer.util.tryWithErrorDisplay("Could not measure the segmentation."):
-            for row, cells in enumerate(panel.result_cells(self.logic.measure(segmentation, volume))):
+            rows = panel.result_rows(self.logic.measure(segmentation, volume))
+            self.ui.resultsTable.setRowCount(len(rows))
+            self.ui.resultsTable.setVerticalHeaderLabels([name for name, _ in rows])
+            for row, (_, cells) in enumerate(rows):
                 for column, text in enumerate(cells):
                     self.ui.resultsTable.setItem(row, column, qt.QTableWidgetItem(text))
             self.logic.quantify(segmentation, volume)

@@ -112,7 +112,7 @@ def render_panel(path: Path, volume_name: str, segmentation_name: str, measureme
     from PySide6 import QtWidgets
     from qt_panel import load_panel, named_children
 
-    from COVIDInfectionSegLib import quantify
+    from COVIDInfectionSegLib.panel import result_rows
 
     panel = load_panel()
     ui = named_children(panel)
@@ -128,16 +128,19 @@ def render_panel(path: Path, volume_name: str, segmentation_name: str, measureme
     ui["progressBar"].setValue(100)
     ui["stageLabel"].setText(f"Done in {report.get('timing_s', {}).get('total', 0):.0f} s on {report.get('device')}.")
     table = ui["resultsTable"]
-    for row, values in enumerate(quantify.table_rows(measurement)):
-        for column, value in enumerate(values[1:]):
-            table.setItem(row, column, QtWidgets.QTableWidgetItem(f"{value:.1f}"))
+    rows = result_rows(measurement)  # what the module's widget shows
+    table.setRowCount(len(rows))
+    table.setVerticalHeaderLabels([name for name, _ in rows])
+    for row, (_, cells) in enumerate(rows):
+        for column, text in enumerate(cells):
+            table.setItem(row, column, QtWidgets.QTableWidgetItem(text))
     table.horizontalHeader().setSectionResizeMode(QtWidgets.QHeaderView.Stretch)
-    table.setFixedHeight(table.horizontalHeader().height() + 3 * table.rowHeight(0) + 4)
+    table.setFixedHeight(table.horizontalHeader().height() + len(rows) * table.rowHeight(0) + 4)
     sha = model.get("sha256", "")[:12]
     ui["modelInfoLabel"].setText(f"Model {model.get('name')} {model.get('version')} (sha256 {sha}...)")
     ui["correctionsDirEdit"].setText("~/.config/NA-MIC/COVIDInfectionSeg/Corrections")
     collapse_sections(panel)
-    panel.resize(440, 560)
+    panel.resize(540, 610)
     panel.show()
     QtWidgets.QApplication.processEvents()
     panel.grab().save(str(path))
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     segmentation = logic.segment(volume, model=args.model, device="cpu", show3D=False)
     report = stored_report(segmentation)
     measurement = logic.measure(segmentation, volume)
-    print({key: report[key] for key in ("lungs", "percent_opacity", "model", "device")})
+    print({key: report[key] for key in ("lungs", "percent_opacity", "percent_high_opacity", "model", "device")})
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     render_slice_view(volume, segmentation, env, SCREENSHOTS / "slice_view.png", args.slice_offset)
     render_panel(SCREENSHOTS / "panel.png", volume.GetName(), segmentation.GetName(), measurement, report)

@@ -91,9 +91,11 @@ class InfectionSegmentationLogic:
         process.start()
         return process
 
-    def quantify(self, segmentationNode, inputVolumeNode, tableNode=None):
-        """Lung and infection volumes (mL) and opacity (%) per lung, measured on the segments, as a table node."""
-        measurement = measure(segmentationNode, inputVolumeNode)
+    def quantify(self, segmentationNode, inputVolumeNode, tableNode=None, highOpacityHU: float | None = None):
+        """Lung and infection volumes (mL), PO and PHO (%) per lung and per infection class, measured on the
+        (possibly edited) segments and the CT's HU, as a table node. ``highOpacityHU`` None: the threshold
+        the result was made with (-200 HU unless changed)."""
+        measurement = measure(segmentationNode, inputVolumeNode, highOpacityHU)
         if tableNode is None:
             tableNode = slicer.mrmlScene.AddNewNodeByClass(
                 "vtkMRMLTableNode", slicer.mrmlScene.GenerateUniqueName(f"{segmentationNode.GetName()} volumes")
@@ -101,9 +103,9 @@ class InfectionSegmentationLogic:
         fill_table(tableNode, measurement)
         return tableNode
 
-    def measure(self, segmentationNode, inputVolumeNode) -> dict:
+    def measure(self, segmentationNode, inputVolumeNode, highOpacityHU: float | None = None) -> dict:
         """The numbers behind ``quantify`` as a dict in the report's layout."""
-        return measure(segmentationNode, inputVolumeNode)
+        return measure(segmentationNode, inputVolumeNode, highOpacityHU)
 
     def save_correction(self, volumeNode, segmentationNode, store_dir, case_id: str | None = None):
         """Keep the radiologist's corrected infection (with the model's original) for fine-tuning."""

@@ -6,6 +6,8 @@ a thin wiring layer.
 
 from __future__ import annotations
 
+import math
+
 from .process import CANCELLED, FAILED, SUCCEEDED, CommandProcess, SegmentationProcess
 from .quantify import table_rows
 
@@ -41,9 +43,11 @@ def status_text(process: CommandProcess) -> str:
     return progress_text(process)
 
 
-def result_cells(measurement: dict) -> list[list[str]]:
-    """The results box: per lung and both, lung volume (mL), infection volume (mL), opacity (%)."""
-    return [[f"{value:.1f}" for value in row[1:]] for row in table_rows(measurement)]
+def result_rows(measurement: dict) -> list[tuple[str, list[str]]]:
+    """The results box, as (row name, cells) per row of ``table_rows``: lung volume (mL), infection volume (mL),
+    PO (%), PHO (%); blank where a number does not apply (a class row has no lung volume or PHO of its own)."""
+    return [(row[0], ["" if math.isnan(value) else f"{value:.1f}" for value in row[1:]])
+            for row in table_rows(measurement)]
 
 
 def model_info_text(report: dict | None) -> str:

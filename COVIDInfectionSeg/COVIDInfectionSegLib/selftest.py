@@ -17,6 +17,8 @@ from .results import stored_report
 
 LUNG_DICE_MIN = 0.95  # the demo CT's lungs are found with Dice 0.999 by relsegcore; 0.95 leaves room
 VOLUME_TOLERANCE_ML = 0.5
+PERCENT_TOLERANCE = 0.5  # points of PO / PHO
+SEGMENT_NAMES = ("Left lung", "Right lung", "Ground-glass opacity", "Consolidation")
 
 
 def _expect(condition: bool, message: str) -> None:
@@ -42,14 +44,14 @@ def _segment_mask(segmentation, name: str, volume) -> np.ndarray:
 
 def check_segment_demo_ct(logic, model: str | None = None, device: str = "cpu") -> None:
     """Blocking ``segment``: segment names, lungs against the known masks, infection inside the lungs,
-    the table node equal to the pipeline's report."""
+    PHO and the table node equal to the pipeline's report."""
     from relsegcore.metrics import dice as dice_of
 
     volume, known_lungs = demo_volume()
     segmentation = logic.segment(volume, model=model, device=device)
     segments = segmentation.GetSegmentation()
     names = [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())]
-    _expect(names[:2] == ["Left lung", "Right lung"], f"segments are {names}")
+    _expect(names == list(SEGMENT_NAMES), f"segments are {names}, not {list(SEGMENT_NAMES)}")
     lungs = np.zeros(known_lungs.shape, bool)
     for side, name in ((1, "Left lung"), (2, "Right lung")):
         found = _segment_mask(segmentation, name, volume)
@@ -64,8 +66,12 @@ def check_segment_demo_ct(logic, model: str | None = None, device: str = "cpu") 
     for key in ("left_ml", "right_ml", "total_ml"):
         _expect(abs(measured["lungs"][key] - report["lungs"][key]) <= VOLUME_TOLERANCE_ML,
                 f"lungs {key}: measured {measured['lungs'][key]:.1f} mL, report {report['lungs'][key]:.1f} mL")
+    for side, value in report["percent_high_opacity"].items():
+        _expect(abs(measured["percent_high_opacity"][side] - (value or 0.0)) <= PERCENT_TOLERANCE,
+                f"PHO {side}: measured {measured['percent_high_opacity'][side]:.2f} %, report {value} %")
     table = logic.quantify(segmentation, volume)
-    _expect(table.GetNumberOfRows() == 3, f"the table has {table.GetNumberOfRows()} rows, not 3")
+    _expect(table.GetNumberOfRows() == 5, f"the table has {table.GetNumberOfRows()} rows, not 5 "
+            "(left, right, both lungs, ground-glass, consolidation)")
     column = slicer.util.arrayFromTableColumn(table, "Lung volume (mL)")
     _expect(abs(float(column[2]) - report["lungs"]["total_ml"]) <= VOLUME_TOLERANCE_ML,
             "the table's total lung volume differs from the report")

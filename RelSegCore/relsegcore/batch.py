@@ -1,7 +1,7 @@
 """Segment many CTs: a folder of cases or a CSV list, resumable, one bad case never stops the rest.
 
 A case is finished when all its output files exist and its report names the same model
-weights (SHA-256); finished cases are skipped, so an interrupted batch is simply run
+weights (SHA-256) and high-opacity threshold; finished cases are skipped, so an interrupted batch is simply run
 again. Each case's files appear all together or not at all (``outputs.write_outputs``).
 ``summary.csv`` (written atomically after every batch) holds one row per case: its
 status, the error for a failed case, and the report's numbers flattened into columns.
@@ -24,6 +24,7 @@ import SimpleITK as sitk
 from . import imageio, outputs, zoo
 from .errors import Cancelled, InputError, RelSegError
 from .fileutil import atomic_write_text
+from .opacity import HIGH_OPACITY_HU
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,8 @@ def _cases_from_csv(csv_path: Path) -> list[Case]:
     return cases
 
 
-def case_is_finished(out_dir: Path, name: str, model_sha256: str) -> bool:
-    """All outputs of ``name`` exist and its report was made by the model with this SHA-256."""
+def case_is_finished(out_dir: Path, name: str, model_sha256: str, high_opacity_hu: float = HIGH_OPACITY_HU) -> bool:
+    """All outputs of ``name`` exist and its report was made by the model with this SHA-256 at this threshold."""
     paths = outputs.output_paths(out_dir, name)
     if not all(path.is_file() for path in paths.values()):
         return False
@@ -125,7 +126,8 @@ def case_is_finished(out_dir: Path, name: str, model_sha256: str) -> bool:
         report = json.loads(paths["report"].read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    return isinstance(report, dict) and report.get("model", {}).get("sha256") == model_sha256
+    return (isinstance(report, dict) and report.get("model", {}).get("sha256") == model_sha256
+            and report.get("high_opacity_hu") == high_opacity_hu)
 
 
 def run_batch(
@@ -137,6 +139,7 @@ def run_batch(
     workers: int = 1,
     progress: Progress | None = None,
     lung_model: str | os.PathLike = "auto",
+    high_opacity_hu: float = HIGH_OPACITY_HU,
 ) -> list[CaseOutcome]:
     """Segment every unfinished case, then write ``summary.csv``; failures are recorded, not raised.
 
@@ -149,12 +152,12 @@ def run_batch(
     progress = progress or Progress()
     outcomes: dict[Case, CaseOutcome] = {}
     for case in cases:
-        if case_is_finished(out_dir, case.name, card.sha256):
+        if case_is_finished(out_dir, case.name, card.sha256, high_opacity_hu):
             outcomes[case] = CaseOutcome(case, "skipped", report=_read_report(out_dir, case.name))
     pending = [case for case in cases if case not in outcomes]
     if outcomes:
         log.info("Skipping %d finished case(s) in %s", len(outcomes), out_dir)
-    job = (str(out_dir), str(card.path.with_suffix(".json")), device, tta, str(lung_model))
+    job = (str(out_dir), str(card.path.with_suffix(".json")), device, tta, high_opacity_hu, str(lung_model))
     try:
         if workers <= 1 or len(pending) <= 1:
             _run_here(pending, job, progress, outcomes, len(cases))
@@ -203,14 +206,15 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def segment_case(case: Case, out_dir: str, model_card: str, device: str, tta: bool, lung_model: str = "auto",
+def segment_case(case: Case, out_dir: str, model_card: str, device: str, tta: bool,
+                 high_opacity_hu: float = HIGH_OPACITY_HU, lung_model: str = "auto",
                  progress: Progress | None = None) -> CaseOutcome:
     """Segment one case and write its outputs; any failure becomes a ``failed`` outcome (``Cancelled`` excepted)."""
     from .pipeline import segment_file
 
     try:
         segment_file(case.path, out_dir, model=model_card, device=device, tta=tta, series=case.series,
-                     progress=progress, name=case.name, lung_model=lung_model)
+                     progress=progress, name=case.name, high_opacity_hu=high_opacity_hu, lung_model=lung_model)
     except Cancelled:
         raise
     except RelSegError as error:

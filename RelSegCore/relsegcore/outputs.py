@@ -6,7 +6,13 @@ and all are renamed into place only after every writer succeeded.
 The ``.seg.nrrd`` is written here (header + gzip, no pynrrd needed at run time) in the
 layout 3D Slicer 5 uses for overlapping segments: a 4D ``unsigned char`` NRRD whose first
 axis (``kinds: list``) holds two layers, layer 0 the lungs (1 left, 2 right) and layer 1
-the infection classes (1..n), with one ``SegmentN_*`` block per segment.
+the infection classes (1..n), with one ``SegmentN_*`` block per segment. Each lung segment
+is the whole lung, overlapping the infection. From the pipeline, layer 1 holds
+"Ground-glass opacity" (1) and "Consolidation" (2): a binary model's infection split by HU
+(``opacity``), or a 3-class model's own classes. There is no separate "Infection" segment:
+the infection *is* the union of the class segments of layer 1, which cannot overlap, so
+the union stays exact through any edit, where a third copy of the same voxels would drift
+out of step with the classes as soon as the radiologist edits one of them.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from scipy import ndimage
 from .errors import InputError
 from .fileutil import atomic_path
 from .imageio import to_canonical
+from .opacity import HIGH_OPACITY_HU, high_opacity
 from .terminology import SegmentDefinition, infection_definitions, lung_definitions
 
 LUNG_WINDOW_HU = (-1350.0, 150.0)
@@ -223,23 +230,31 @@ def coverage_warnings(lung_ml: dict[str, float]) -> list[str]:
     return warnings
 
 
-def compute_report(lungs: sitk.Image, infection: sitk.Image, class_names: list[str]) -> dict:
-    """Lung and infection volumes and the percentage of opacity.
+def compute_report(lungs: sitk.Image, infection: sitk.Image, class_names: list[str], ct: sitk.Image | None = None,
+                   high_opacity_hu: float = HIGH_OPACITY_HU) -> dict:
+    """Lung and infection volumes, the percentage of opacity (PO) and of high opacity (PHO).
 
-    ``class_names`` name infection labels 1..n (a leading ``background`` is dropped).
-    Infection counts only inside the lungs, except ``infection.outside_lungs_ml``. Keys::
+    ``class_names`` name infection labels 1..n (a leading ``background`` is dropped). PHO is
+    measured on ``ct`` (HU, on the labelmaps' grid): the infection at or above
+    ``high_opacity_hu`` (see ``opacity``), whatever the classes say, so that it means the same
+    for every model. Infection counts only inside the lungs, except
+    ``infection.outside_lungs_ml``. Keys::
 
         voxel_volume_ml
         lungs: {left_ml, right_ml, total_ml}
         infection: {left_ml, right_ml, total_ml, outside_lungs_ml,
                     classes: {<key>: {name, label, left_ml, right_ml, total_ml}}}
-        percent_opacity: {left, right, overall}      infected / lung volume * 100
-        percent_high_opacity: {left, right, overall} consolidation / lung volume * 100,
-                              or None without a consolidation class
-        warnings: [text, ...]                        see ``coverage_warnings`` (empty: none)
+        percent_opacity: {left, right, overall}       PO: infection / lung volume * 100
+        percent_high_opacity: {left, right, overall}  PHO: infection >= high_opacity_hu / lung volume * 100,
+                                                      None without ``ct``
+        high_opacity_hu: the threshold of PHO
+        warnings: [text, ...]                         see ``coverage_warnings`` (empty: none)
 
-    Class keys are ``infection``, ``ground_glass``, ``consolidation`` (see terminology).
-    A percentage is None when its lung volume is 0. Model and device fields are the caller's.
+    Class keys are ``infection``, ``ground_glass``, ``consolidation`` (see terminology); after
+    the pipeline's split of a binary model's infection, ``ground_glass`` and
+    ``consolidation`` are the infection below and at or above the threshold, so
+    ``consolidation`` / lung volume is PHO. A percentage is None when its lung volume is 0.
+    Model and device fields are the caller's.
     """
     _check_same_grid(lungs, infection, "infection")
     definitions = infection_definitions(class_names)
@@ -267,12 +282,17 @@ def compute_report(lungs: sitk.Image, infection: sitk.Image, class_names: list[s
             "overall": _percent(part["total_ml"], lung_ml["total_ml"]),
         }
 
+    high = None
+    if ct is not None:
+        _check_same_grid(ct, lungs, "lung")
+        high = percentages(volumes(high_opacity(infection_array > 0, sitk.GetArrayViewFromImage(ct), high_opacity_hu)))
     return {
         "voxel_volume_ml": voxel_mm3 / 1000,
         "lungs": lung_ml,
         "infection": {**infected, "outside_lungs_ml": outside, "classes": classes},
         "percent_opacity": percentages(infected),
-        "percent_high_opacity": percentages(classes["consolidation"]) if "consolidation" in classes else None,
+        "percent_high_opacity": high,
+        "high_opacity_hu": float(high_opacity_hu),
         "warnings": coverage_warnings(lung_ml),
     }
 

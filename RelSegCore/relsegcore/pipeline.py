@@ -5,7 +5,8 @@ infection model runs only where there is lung: a 2D model on every axial slice w
 windowed and cropped to the lungs as its training slices were, in chunks of slices so
 that memory does not grow with full-resolution probabilities of the whole volume; a 3D
 model by sliding window over the box around the lungs. Infection is restricted to the
-lungs and both label maps go back on the input's exact geometry.
+lungs, a binary model's infection is split into ground-glass and consolidation by HU
+(``opacity``), and both label maps go back on the input's exact geometry.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import imageio, outputs, zoo
+from . import imageio, opacity, outputs, zoo
 from .data import intensity
 from .device import describe_device, select_device
 from .errors import InputError, ModelError
@@ -42,7 +43,7 @@ class SegmentationResult:
     """Label maps on the input's exact grid, and the report (volumes, percentages, model, device, timing)."""
 
     lungs: sitk.Image  # 1 left lung, 2 right lung
-    infection: sitk.Image  # 1 infection (binary model) or 1 ground-glass, 2 consolidation
+    infection: sitk.Image  # 1 ground-glass, 2 consolidation (a binary model's infection split by HU)
     class_names: list[str]  # infection labels' names, label 1 first
     report: dict
 
@@ -70,10 +71,14 @@ def segment(
     progress: Progress | None = None,
     lungs: sitk.Image | None = None,
     lung_model: str | os.PathLike = "auto",
+    high_opacity_hu: float = opacity.HIGH_OPACITY_HU,
 ) -> SegmentationResult:
-    """Lungs (1 left, 2 right), infection and report for a CT in HU.
+    """Lungs (1 left, 2 right), infection (1 ground-glass, 2 consolidation) and report for a CT in HU.
 
     ``model`` is a model name or path; ``None`` is the registry's default (``relseg models use``).
+    A binary model's infection is split at ``high_opacity_hu`` (see ``opacity``); a model
+    with classes of its own keeps them. The report's PHO counts infection at or above
+    ``high_opacity_hu`` for every model.
     ``lungs`` may give known lung labels on ``image``'s grid (skipping lung segmentation).
     ``lung_model``: ``"auto"`` (the learned ``covid-lungs-2d`` when installed, else the HU method), ``"hu"``,
     or a lung model's name or path; the report's ``lungs_method`` says which ran.
@@ -104,14 +109,17 @@ def segment(
     timer.seconds["network"] = round(network_seconds + lung_seconds, 3)
     progress.update(STAGE_SPANS["Report"][0], "Report")
     with timer.stage("report"):
+        class_names = list(loaded.card.infection_classes)
+        if opacity.has_single_infection_class(class_names):
+            infection_labels = opacity.split_by_attenuation(infection_labels, hu, high_opacity_hu)
+            class_names = opacity.split_class_names()
         grid = _Grid.of(canonical)
         del hu, canonical  # the canonical copy of the CT is not needed any more: free it before the report
         lungs_image = _on_input_grid(lung_labels, grid, image)
         del lung_labels
         infection_image = _on_input_grid(infection_labels, grid, image)
         del infection_labels
-        class_names = list(loaded.card.infection_classes)
-        report = outputs.compute_report(lungs_image, infection_image, class_names)
+        report = outputs.compute_report(lungs_image, infection_image, class_names, image, high_opacity_hu)
     timer.seconds["total"] = round(time.perf_counter() - started, 3)
     report.update(
         model={"name": loaded.card.name, "version": loaded.card.version, "sha256": loaded.card.sha256},
@@ -313,12 +321,14 @@ def segment_file(
     progress: Progress | None = None,
     name: str | None = None,
     lung_model: str | os.PathLike = "auto",
+    high_opacity_hu: float = opacity.HIGH_OPACITY_HU,
 ) -> dict[str, Path]:
     """Read a CT file or DICOM folder, segment it and write all outputs (all or nothing)."""
     progress = progress or Progress()
     progress.update(0.0, "Reading")
     image = imageio.read_image(path, series)
-    result = segment(image, model=model, device=device, tta=tta, progress=progress, lung_model=lung_model)
+    result = segment(image, model=model, device=device, tta=tta, progress=progress, high_opacity_hu=high_opacity_hu,
+                     lung_model=lung_model)
     result.report["input"] = str(path)
     chosen = imageio.last_series_choice
     if chosen is not None:  # say which DICOM series was segmented

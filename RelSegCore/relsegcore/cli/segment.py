@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import InputError
+from ..opacity import HIGH_OPACITY_HU
 from ..progress import Progress, line_progress
 from . import add_device_argument
 
@@ -18,7 +19,8 @@ def register(subparsers) -> None:
         "segment",
         help="segment lungs and COVID-19 infection on chest CT",
         description=(
-            "Segment the lungs (1 left, 2 right) and COVID-19 infection on a chest CT and write "
+            "Segment the lungs (1 left, 2 right) and COVID-19 infection (1 ground-glass, 2 consolidation) "
+            "on a chest CT and write "
             "<name>.seg.nrrd, <name>_lungs.nii.gz, <name>_infection.nii.gz, <name>_report.json and "
             "<name>_overview.png into --out. INPUT is a NIfTI/NRRD/MHA file, a DICOM series folder, "
             "a folder of cases, or a CSV list of cases (column 'path', optional 'name' and 'series'). "
@@ -35,6 +37,9 @@ def register(subparsers) -> None:
     parser.add_argument("--lungs", default="auto", metavar="auto|hu|MODEL",
                         help="how the lungs are found: auto (the learned covid-lungs-2d when installed), hu (HU "
                              "thresholds, no network), or a lung model's name or path")
+    parser.add_argument("--high-opacity-hu", type=float, default=HIGH_OPACITY_HU, metavar="HU",
+                        help="infection at or above this HU is consolidation and counts in the percentage of "
+                             f"high opacity (PHO); below it is ground-glass (default: {HIGH_OPACITY_HU:g})")
     parser.add_argument("--series", metavar="UID", help="DICOM series to read (UID, description or number)")
     parser.add_argument("--progress", choices=("bar", "lines", "none"), default="bar",
                         help="progress display; 'lines' prints 'PROGRESS <fraction> <stage>' for tools")
@@ -89,7 +94,8 @@ def run_single(args: argparse.Namespace, progress: Progress) -> int:
     from ..pipeline import segment_file
 
     paths = segment_file(args.input, args.out, model=args.model, device=args.device, tta=args.tta,
-                         series=args.series, progress=progress, lung_model=args.lungs)
+                         series=args.series, progress=progress, high_opacity_hu=args.high_opacity_hu,
+                         lung_model=args.lungs)
     print_outputs(paths)
     return 0
 
@@ -98,7 +104,8 @@ def run_batch(args: argparse.Namespace, progress: Progress) -> int:
     from ..batch import SUMMARY_NAME, list_cases, run_batch
 
     outcomes = run_batch(list_cases(args.input, args.out), args.out, model=args.model, device=args.device, tta=args.tta,
-                         workers=args.workers, progress=progress, lung_model=args.lungs)
+                         workers=args.workers, progress=progress, high_opacity_hu=args.high_opacity_hu,
+                         lung_model=args.lungs)
     for outcome in outcomes:
         detail = f": {outcome.error}" if outcome.error else ""
         opacity = outcome.report.get("percent_opacity", {}).get("overall") if outcome.report else None
@@ -120,7 +127,7 @@ def run_demo(args: argparse.Namespace, progress: Progress) -> int:
     progress.update(0.0, "Synthetic CT")
     case = make_demo_ct()
     result = segment(case.image, model=args.model, device=args.device, tta=args.tta, progress=progress,
-                     lung_model=args.lungs)
+                     lung_model=args.lungs, high_opacity_hu=args.high_opacity_hu)
     known_lungs = sitk.GetArrayViewFromImage(case.lungs)
     known_infection = sitk.GetArrayViewFromImage(case.infection)
     found_lungs = sitk.GetArrayViewFromImage(result.lungs)
@@ -156,9 +163,13 @@ def print_outputs(paths: dict[str, Path]) -> None:
           f"total {lungs['total_ml']:.0f} mL")
     print(f"Infection: {infection['total_ml']:.1f} mL, {_percent(opacity['overall'])} of lung volume "
           f"(left {_percent(opacity['left'])}, right {_percent(opacity['right'])})")
+    classes = sorted(infection["classes"].values(), key=lambda item: item["label"])
+    if len(classes) > 1:
+        print("  " + ", ".join(f"{item['name']} {item['total_ml']:.1f} mL" for item in classes))
     high = report.get("percent_high_opacity")
     if high:
-        print(f"High opacity (consolidation): {_percent(high['overall'])} of lung volume")
+        print(f"High opacity (>= {report['high_opacity_hu']:g} HU): {_percent(high['overall'])} of lung volume "
+              f"(left {_percent(high['left'])}, right {_percent(high['right'])})")
     for warning in report.get("warnings", []):
         print(f"Warning: {warning}")
     model = report["model"]

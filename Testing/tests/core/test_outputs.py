@@ -41,7 +41,8 @@ def case():
     infection[0:1, 0:2, 0:5] = 1  # outside the lungs: 10 voxels = 0.1 mL
     ct = np.full(SHAPE_ZYX, 30, np.int16)
     ct[lungs > 0] = -850
-    ct[infection > 0] = -350
+    ct[infection == 1] = -350  # ground-glass
+    ct[infection == 2] = 20  # consolidation: at or above -200 HU, so PHO counts it
     return {"ct": _image(ct), "lungs": _image(lungs), "infection": _image(infection),
             "lungs_zyx": lungs, "infection_zyx": infection}
 
@@ -49,7 +50,7 @@ def case():
 @pytest.fixture(scope="module")
 def written(case, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("out")
-    report = outputs.compute_report(case["lungs"], case["infection"], CLASSES_3)
+    report = outputs.compute_report(case["lungs"], case["infection"], CLASSES_3, case["ct"])
     paths = outputs.write_outputs(out_dir, "case1", case["ct"], case["lungs"], case["infection"], CLASSES_3, report)
     return {"dir": out_dir, "paths": paths, "report": report}
 
@@ -149,11 +150,12 @@ def test_report_numbers_equal_hand_computed_volumes(written):
     assert report["percent_opacity"]["overall"] == pytest.approx(100 * 1.5 / 18)
     assert report["percent_high_opacity"] == {"left": 0.0, "right": pytest.approx(100 * 0.5 / 6),
                                               "overall": pytest.approx(100 * 0.5 / 18)}
+    assert report["high_opacity_hu"] == -200.0
     text = written["paths"]["report"].read_text()
     assert text == json.dumps(report, indent=2, sort_keys=True) + "\n"
 
 
-def test_binary_report_has_no_high_opacity_and_empty_lungs_give_none(case):
+def test_binary_report_without_the_ct_has_no_high_opacity_and_empty_lungs_give_none(case):
     report = outputs.compute_report(case["lungs"], case["infection"] > 0, ["background", "infection"])
     assert report["percent_high_opacity"] is None
     assert set(report["infection"]["classes"]) == {"infection"}
@@ -236,6 +238,8 @@ def test_bad_inputs_raise_input_error(case, tmp_path):
     shifted.SetOrigin((0.0, 0.0, 0.0))
     with pytest.raises(InputError, match="same voxel grid"):
         outputs.write_seg_nrrd(tmp_path / "a.seg.nrrd", case["lungs"], shifted, ["infection"])
+    with pytest.raises(InputError, match="lung labelmap is not on the same voxel grid as the CT"):
+        outputs.compute_report(case["lungs"], case["infection"], CLASSES_3, ct=shifted)
     with pytest.raises(InputError, match="expected 0..1"):
         outputs.write_seg_nrrd(tmp_path / "a.seg.nrrd", case["lungs"], case["infection"], ["infection"])
     with pytest.raises(InputError, match="plain file name"):

@@ -75,7 +75,10 @@ def test_lps_result_has_lungs_and_infection_only_inside_them(demo, lps_result):
     assert set(np.unique(lungs)) == {0, 1, 2}
     assert lps_result.lungs.GetPixelID() == sitk.sitkUInt8 and lps_result.infection.GetPixelID() == sitk.sitkUInt8
     assert not np.any((infection > 0) & (lungs == 0))
-    assert lps_result.class_names == ["infection"]
+    # The binary model's infection comes split by HU: 1 ground-glass below -200 HU, 2 consolidation at or above.
+    assert lps_result.class_names == ["Ground-glass opacity", "Consolidation"]
+    hu = array(demo.image)
+    np.testing.assert_array_equal(infection == 2, (infection > 0) & (hu >= -200))
     # Left lung (label 1) is on the patient's left: larger x in LPS.
     assert np.argwhere(lungs == 1)[:, 2].mean() > np.argwhere(lungs == 2)[:, 2].mean()
 
@@ -113,9 +116,11 @@ def test_known_lungs_are_used_as_given(demo, model_path):
 def test_three_class_model_tta_and_3d_model(demo, tmp_path):
     three_class = save_tiny_model(tmp_path / "a", num_classes=3, name="tiny-three-class")
     result = pipeline.segment(demo.image, model=three_class, device="cpu", tta=True)
-    assert result.class_names == ["ground-glass", "consolidation"]
+    assert result.class_names == ["ground-glass", "consolidation"]  # the model's own classes, not split by HU
     assert array(result.infection).max() <= 2 and result.report["tta"] is True
-    assert result.report["percent_high_opacity"] is not None
+    high = (array(result.infection) > 0) & (array(demo.image) >= -200)
+    assert result.report["percent_high_opacity"]["overall"] == pytest.approx(
+        100 * np.count_nonzero(high) / np.count_nonzero(array(result.lungs)))
 
     volumetric = save_tiny_model(tmp_path / "b", dims=3, name="tiny-3d", patch_size=(16, 64, 64))
     result = pipeline.segment(demo.image, model=volumetric, device="cpu")

@@ -37,6 +37,28 @@ def lung_ct(mrml, shared_data):
 
 
 @pytest.fixture(scope="session")
+def demo_ct():
+    """The synthetic demo CT in HU (``relsegcore.demo``, seed 0; 256x256x80): in every checkout, no data needed."""
+    from relsegcore.demo import make_demo_ct
+
+    return make_demo_ct(seed=0).image
+
+
+@pytest.fixture(params=["demo", "lung1"])
+def ct_volume(request, mrml, demo_ct):
+    """A chest CT in HU as a volume node: the synthetic demo CT always, the real lung1 CT where ../shared/data is."""
+    if request.param == "lung1":
+        return request.getfixturevalue("lung_ct")
+    import slicer
+
+    from COVIDInfectionSegLib.geometry import update_volume_from_sitk
+
+    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "demo")
+    update_volume_from_sitk(volume, demo_ct)
+    return volume
+
+
+@pytest.fixture(scope="session")
 def test_model(tmp_path_factory) -> Path:
     """A tiny randomly initialised model saved like a shipped one (card, SHA-256): fast on 2 CPU cores.
 

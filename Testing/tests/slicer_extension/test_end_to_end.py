@@ -1,8 +1,9 @@
 """The real pipeline from a volume node to the segmentation node: blocking and in a separate process.
 
-Real CTs in HU are read by Slicer's storage node; relsegcore runs for real (the shipped model
-when present, else a tiny model saved like one). Checks geometry, names, infection inside the
-lungs, table = report, and the .seg.nrrd written from the node.
+The synthetic demo CT, and real CTs in HU read by Slicer's storage node where ../shared/data has
+them; relsegcore runs for real (the shipped model when present, else a tiny model saved like one).
+Checks geometry, names, infection inside the lungs, table = report (PO and PHO included), and the
+.seg.nrrd written from the node.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ def assert_consistent_result(segmentation, volume, logic) -> dict:
     """Names, infection inside the lungs, and the measured table equal to the pipeline's report."""
     report = stored_report(segmentation)
     infection_names = [c["name"] for c in sorted(report["infection"]["classes"].values(), key=lambda c: c["label"])]
+    assert infection_names == ["Ground-glass opacity", "Consolidation"]  # a binary model's infection, split by HU
     assert segment_names(segmentation) == ["Left lung", "Right lung", *infection_names]
     lungs = mask(segmentation, "Left lung", volume) | mask(segmentation, "Right lung", volume)
     assert lungs.sum() > 1000
     for name in infection_names:
         assert not (mask(segmentation, name, volume) & ~lungs).any()
     measured = logic.measure(segmentation, volume)
-    for group in ("lungs", "percent_opacity"):
+    for group in ("lungs", "percent_opacity", "percent_high_opacity"):
         for key, value in report[group].items():
             assert measured[group][key] == pytest.approx(value or 0.0, rel=1e-6, abs=1e-9), (group, key)
     for key in ("left_ml", "right_ml", "total_ml"):
@@ -38,19 +40,22 @@ def assert_consistent_result(segmentation, volume, logic) -> dict:
     import slicer
 
     table = logic.quantify(segmentation, volume)
-    np.testing.assert_allclose(slicer.util.arrayFromTableColumn(table, "Lung volume (mL)"),
+    np.testing.assert_allclose(slicer.util.arrayFromTableColumn(table, "Lung volume (mL)")[:3],
                                [report["lungs"]["left_ml"], report["lungs"]["right_ml"], report["lungs"]["total_ml"]],
                                rtol=1e-6)
+    classes = [report["infection"]["classes"][key]["total_ml"] for key in ("ground_glass", "consolidation")]
+    np.testing.assert_allclose(slicer.util.arrayFromTableColumn(table, "Infection volume (mL)")[3:], classes,
+                               rtol=1e-6, atol=1e-9)
     return report
 
 
-def test_real_chest_ct_blocking_path(lung_ct, test_model, tmp_path):
+def test_chest_ct_blocking_path(ct_volume, test_model, tmp_path):
     logic = InfectionSegmentationLogic()
     stages = []
-    segmentation = logic.segment(lung_ct, model=str(test_model), device="cpu", show3D=False,
+    segmentation = logic.segment(ct_volume, model=str(test_model), device="cpu", show3D=False,
                                  progress=lambda fraction, stage: stages.append((fraction, stage)))
-    assert_on_volume_grid(segmentation, lung_ct)
-    report = assert_consistent_result(segmentation, lung_ct, logic)
+    assert_on_volume_grid(segmentation, ct_volume)
+    report = assert_consistent_result(segmentation, ct_volume, logic)
     assert report["lungs"]["left_ml"] > 300 and report["lungs"]["right_ml"] > 300  # a real adult chest
     assert [stage for _, stage in stages][-1] == "Report" and stages[-1][0] == 1.0
 
@@ -59,12 +64,12 @@ def test_real_chest_ct_blocking_path(lung_ct, test_model, tmp_path):
     assert storage.WriteData(segmentation)
     read = slicerio.read_segmentation(str(tmp_path / "lung1.seg.nrrd"))
     assert [segment["name"] for segment in read["segments"]] == segment_names(segmentation)
-    assert slicerio.segment_mask(read, "Right lung").sum() == mask(segmentation, "Right lung", lung_ct).sum()
+    assert slicerio.segment_mask(read, "Right lung").sum() == mask(segmentation, "Right lung", ct_volume).sum()
 
 
-def oblique_copy(source, tmp_path):
+def oblique_copy(image: sitk.Image, tmp_path):
     """The same voxels with a rotated direction (an oblique acquisition), written as NIfTI."""
-    image = sitk.ReadImage(str(source))
+    image = sitk.Image(image)
     rotation = np.array(sitk.VersorTransform((0.0, 0.0, 1.0), 0.3).GetMatrix()).reshape(3, 3)
     image.SetDirection((rotation @ np.array(image.GetDirection()).reshape(3, 3)).flatten().tolist())
     path = tmp_path / "oblique.nii.gz"
@@ -72,8 +77,16 @@ def oblique_copy(source, tmp_path):
     return path
 
 
-def test_oblique_ct_result_stays_on_the_volume_grid(mrml, shared_data, test_model, tmp_path):
-    volume = load_volume(oblique_copy(shared_data / SMALL_CT, tmp_path), "oblique")
+@pytest.fixture(params=["demo", "small CT"])
+def ct_image(request, demo_ct) -> sitk.Image:
+    """The synthetic demo CT always, the real small CT where ../shared/data has it."""
+    if request.param == "demo":
+        return demo_ct
+    return sitk.ReadImage(str(request.getfixturevalue("shared_data") / SMALL_CT))
+
+
+def test_oblique_ct_result_stays_on_the_volume_grid(mrml, ct_image, test_model, tmp_path):
+    volume = load_volume(oblique_copy(ct_image, tmp_path), "oblique")
     logic = InfectionSegmentationLogic()
     segmentation = logic.segment(volume, model=str(test_model), device="cpu", show3D=False)
     assert_on_volume_grid(segmentation, volume)

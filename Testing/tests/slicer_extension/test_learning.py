@@ -5,48 +5,46 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from test_results import synthetic_result
+from test_results import scaled_box, synthetic_result
 
 from COVIDInfectionSegLib import InfectionSegmentationLogic
 from COVIDInfectionSegLib.learning import CorrectionError
 
 
-def test_edited_segmentation_is_stored_with_the_original(lung_ct, tmp_path):
+def test_edited_segmentation_is_stored_with_the_original(ct_volume, tmp_path):
     import slicer
 
     logic = InfectionSegmentationLogic()
-    result = synthetic_result(lung_ct)
-    segmentation = logic.show_result(lung_ct, result, show3D=False)
-    unedited = logic.save_correction(lung_ct, segmentation, tmp_path / "store")
+    result = synthetic_result(ct_volume)
+    segmentation = logic.show_result(ct_volume, result, show3D=False)
+    unedited = logic.save_correction(ct_volume, segmentation, tmp_path / "store")
     assert unedited.edited is False  # the panel warns: nothing was corrected
 
     infection_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Infection")
     corrected = (result.infection > 0).astype(np.uint8)
-    corrected[25:27, 200:230, 100:130] = 1  # the radiologist adds a lesion on slices 25-26
-    slicer.util.updateSegmentBinaryLabelmapFromArray(corrected, segmentation, infection_id, lung_ct)
-    record = logic.save_correction(lung_ct, segmentation, tmp_path / "store")
+    corrected[scaled_box(corrected.shape, (25, 27), (200, 230), (100, 130))] = 1  # the radiologist adds a lesion
+    slicer.util.updateSegmentBinaryLabelmapFromArray(corrected, segmentation, infection_id, ct_volume)
+    record = logic.save_correction(ct_volume, segmentation, tmp_path / "store")
     assert record.edited is True
     assert record.metadata["revision"] == 2  # same case saved twice: updated, not duplicated
     np.testing.assert_array_equal(sitk.GetArrayFromImage(record.read_corrected()), corrected)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(record.read_original()), result.infection)
     ct = record.read_ct()
-    assert ct.GetSize() == lung_ct.GetImageData().GetDimensions()
+    assert ct.GetSize() == ct_volume.GetImageData().GetDimensions()
     assert record.model["name"] == "synthetic"
 
 
-def test_segmentation_not_made_by_the_module_is_refused(lung_ct, tmp_path):
+def test_segmentation_not_made_by_the_module_is_refused(ct_volume, tmp_path):
     import slicer
 
     own = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "manual")
     with pytest.raises(CorrectionError, match="not produced by COVIDInfectionSeg"):
-        InfectionSegmentationLogic().save_correction(lung_ct, own, tmp_path / "store")
+        InfectionSegmentationLogic().save_correction(ct_volume, own, tmp_path / "store")
 
 
-def test_fine_tuning_runs_in_a_separate_process_and_registers_a_new_version(
-    mrml, shared_data, test_model, tmp_path, monkeypatch
-):
+def test_fine_tuning_runs_in_a_separate_process_and_registers_a_new_version(ct_volume, test_model, tmp_path,
+                                                                          monkeypatch):
     import slicer
-    from headless_slicer import load_volume
 
     from COVIDInfectionSegLib import learning, models
     from COVIDInfectionSegLib.process import SUCCEEDED
@@ -54,10 +52,11 @@ def test_fine_tuning_runs_in_a_separate_process_and_registers_a_new_version(
 
     monkeypatch.setenv("RELSEG_HOME", str(tmp_path / "home"))
     parent = ModelRegistry().register(test_model).name
-    volume = load_volume(shared_data / "ct-fixtures" / "totalsegmentator-example" / "example_ct_sm.nii.gz")
+    volume = ct_volume
     logic = InfectionSegmentationLogic()
     segmentation = logic.segment(volume, model=parent, device="cpu", show3D=False)
-    infection_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Infection")
+    # The binary model's infection comes as ground-glass + consolidation: the radiologist edits the ground-glass.
+    infection_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Ground-glass opacity")
     edited = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, infection_id, volume)
     assert edited.any()
     lungs = slicer.util.arrayFromSegmentBinaryLabelmap(

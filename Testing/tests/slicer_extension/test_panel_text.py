@@ -39,14 +39,22 @@ def test_failure_names_the_error_line():
     assert panel.status_text(process) == "Failed: relseg: error: the input is not a CT"
 
 
-def test_result_cells_and_model_line():
+def test_result_rows_and_model_line():
     measurement = {
         "lungs": {"left_ml": 2100.04, "right_ml": 2400.0, "total_ml": 4500.04},
-        "infection": {"left_ml": 210.0, "right_ml": 0.0, "total_ml": 210.0, "classes": {}},
+        "infection": {"left_ml": 210.0, "right_ml": 0.0, "total_ml": 210.0, "classes": {
+            "Ground-glass opacity": {"left_ml": 150.0, "right_ml": 0.0, "total_ml": 150.0},
+            "Consolidation": {"left_ml": 60.0, "right_ml": 0.0, "total_ml": 60.0}}},
         "percent_opacity": {"left": 10.0, "right": 0.0, "overall": 4.666},
+        "percent_high_opacity": {"left": 2.857, "right": 0.0, "overall": 1.333},
     }
-    assert panel.result_cells(measurement) == [["2100.0", "210.0", "10.0"], ["2400.0", "0.0", "0.0"],
-                                               ["4500.0", "210.0", "4.7"]]
+    assert panel.result_rows(measurement) == [
+        ("Left lung", ["2100.0", "210.0", "10.0", "2.9"]),
+        ("Right lung", ["2400.0", "0.0", "0.0", "0.0"]),
+        ("Both lungs", ["4500.0", "210.0", "4.7", "1.3"]),
+        ("Ground-glass opacity", ["", "150.0", "3.3", ""]),  # its share of both lungs; no PHO of its own
+        ("Consolidation", ["", "60.0", "1.3", ""]),
+    ]
     report = {"model": {"name": "covid-infection-2d", "version": "1.0.0"}, "device": "cpu"}
     assert panel.model_info_text(report) == "Model covid-infection-2d 1.0.0 on cpu"
     assert panel.model_info_text(None) == "Model ? on ?"
