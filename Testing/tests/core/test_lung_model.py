@@ -112,3 +112,11 @@ def test_evaluate_ctseg2d_scores_lungs_upright_and_per_patient(tmp_path, capsys)
                                                "radiopaedia_14"}
     assert "note" not in result
     assert "radiopaedia_10" in capsys.readouterr().out
+
+
+def test_the_lung_model_sees_one_slice_in_2_5_mm_and_the_others_take_the_nearest() -> None:
+    seen = pipeline.slices_every(10, 1.0, 2.5)
+    assert seen.tolist() == [0, 2, 4, 6, 8, 9]  # the last slice always
+    assert pipeline.nearest_of(seen, 10).tolist() == [0, 0, 2, 2, 4, 4, 6, 6, 8, 9]
+    assert pipeline.slices_every(5, 5.0, 2.5).tolist() == [0, 1, 2, 3, 4]  # thick slices: every one
+    assert pipeline.nearest_of(np.array([0]), 3).tolist() == [0, 0, 0]
