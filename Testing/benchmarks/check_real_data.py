@@ -101,7 +101,7 @@ def false_positives(model: str, device: str, ct_path: Path, label_path: Path, lu
 
         overviews.mkdir(parents=True, exist_ok=True)
         write_overview_png(overviews / f"{case}_overview.png", image, result.lungs, result.infection,
-                           result.class_names)
+                           class_names=result.class_names)
     canonical = [sitk.GetArrayFromImage(imageio.to_canonical(im)) for im in (image, result.infection, result.lungs)]
     hu, infection, lungs = canonical[0], canonical[1] > 0, canonical[2] > 0
     label_mask = sitk.GetArrayFromImage(imageio.to_canonical(_on_grid_image(label, image))) > 0
