@@ -174,6 +174,8 @@ def print_outputs(paths: dict[str, Path]) -> None:
         print(f"Warning: {warning}")
     model = report["model"]
     print(f"Model: {model['name']} {model['version']} on {report['device']}, {report['timing_s']['total']:.1f} s")
+    if report.get("lungs_method"):
+        print(f"Lungs: {report['lungs_method']}")
 
 
 def _percent(value: float | None) -> str:

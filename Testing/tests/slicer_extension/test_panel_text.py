@@ -61,3 +61,9 @@ def test_result_rows_and_model_line():
     report["warnings"] = ["No left lung was found, so its percentage is not given."]
     assert panel.model_info_text(report) == ("Model covid-infection-2d 1.0.0 on cpu\n"
                                              "Warning: No left lung was found, so its percentage is not given.")
+
+
+def test_model_line_says_which_lungs_the_numbers_are_divided_by():
+    report = {"model": {"name": "covid-infection-2d", "version": "2.0.0"}, "device": "cpu",
+              "lungs_method": "covid-lungs-2d 1.0.0"}
+    assert panel.model_info_text(report) == "Model covid-infection-2d 2.0.0 on cpu\nLungs: covid-lungs-2d 1.0.0"
