@@ -159,7 +159,9 @@ def lung_labels_for(
     seen = slices_every(len(hu), spacing_xyz[2], LUNG_MODEL_STEP_MM)
     mask, seconds = slice_labels_2d(loaded, hu, seen, None, progress=progress, span=STAGE_SPANS["Lungs"])
     mask = mask[nearest_of(seen, len(hu))]
-    return lungs_from_mask(mask > 0, hu, spacing_xyz), f"{card.name} {card.version}", seconds
+    guide = segment_lungs_array(hu, spacing_xyz) > 0
+    return (lungs_from_mask(mask > 0, hu, spacing_xyz, guide=guide),
+            f"{card.name} {card.version}, guided by the HU lungs", seconds)
 
 
 def slices_every(count: int, spacing_z: float, step_mm: float) -> np.ndarray:

@@ -69,7 +69,7 @@ def test_lung_model_labels_go_through_the_same_side_decisions(demo, tmp_path, mo
     monkeypatch.setattr(pipeline, "slice_labels_2d", known_mask)
     labels, method, seconds = pipeline.lung_labels_for(hu, spacing, lung_model, "cpu")
     assert calls == [("lungs-probe", len(hu), True)]  # every slice, no crop: a full-slice model
-    assert method == "lungs-probe 0.1" and seconds == 1.5
+    assert method == "lungs-probe 0.1, guided by the HU lungs" and seconds == 1.5
     assert dice(labels == LEFT_LUNG, known == LEFT_LUNG) > 0.97
     _, method, seconds = pipeline.lung_labels_for(hu, spacing, "hu", "cpu")
     assert method == "hu-threshold" and seconds == 0.0 and len(calls) == 1
@@ -120,3 +120,27 @@ def test_the_lung_model_sees_one_slice_in_2_5_mm_and_the_others_take_the_nearest
     assert pipeline.nearest_of(seen, 10).tolist() == [0, 0, 2, 2, 4, 4, 6, 6, 8, 9]
     assert pipeline.slices_every(5, 5.0, 2.5).tolist() == [0, 1, 2, 3, 4]  # thick slices: every one
     assert pipeline.nearest_of(np.array([0]), 3).tolist() == [0, 0, 0]
+
+
+def test_the_hu_lungs_guide_drops_what_a_lung_model_paints_outside_them(demo) -> None:
+    """Below the lungs a lung model may paint upper abdomen joined to a lung base only through other slices:
+    in-plane components that barely touch the HU method's lungs go; the model's outline of components that
+    do stays, where the HU lungs miss a rim."""
+    hu = _canonical(demo.image)
+    known = _canonical(demo.lungs)
+    spacing = imageio.to_canonical(demo.image).GetSpacing()
+    lung_slices = np.flatnonzero(known.any(axis=(1, 2)))
+    z = int(lung_slices[len(lung_slices) // 3])
+    rows, cols = np.nonzero(known[z])
+    top, bottom = int(rows.min()), int(rows.max())
+    blob = (slice(z - 3, z + 1), slice(bottom + 3, bottom + 20), slice(int(cols.min()), int(cols.max())))
+    mask = known > 0
+    mask[blob] = True  # soft tissue behind the lungs on slices z-3..z
+    mask[z + 1, rows[rows.argmax()]:bottom + 20, int(cols[rows.argmax()])] = True  # joined to a lung on z+1
+    guide = known > 0
+    guide[z, top:top + 4, :] = False  # the HU lungs miss a rim the model keeps
+    unguided = lungs_from_mask(mask, hu, spacing)
+    assert unguided[blob].mean() > 0.9  # one 3D component with the lung: nothing else removes it
+    labels = lungs_from_mask(mask, hu, spacing, guide=guide)
+    assert not labels[blob].any()
+    assert (labels[z] > 0).sum() == (known[z] > 0).sum()
