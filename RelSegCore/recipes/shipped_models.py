@@ -1,4 +1,9 @@
-"""Reproduce the shipped models and the ablation table from the real data.
+"""Reproduce the COVID-SemiSeg models (1.x, lung-crop) and their ablation table from the real data.
+
+Since 2.0.0 the default ``covid-infection-2d`` and ``covid-lungs-2d`` are trained on real CT
+(``covid-ct-seg-2d``) by the two ``relseg train`` commands in their cards (RelSegCore/README.md);
+this recipe makes the screenshot models: ``covid-semiseg-2d`` (shipped, the 1.0.0 default) and
+``covid-semiseg-2d-target-only`` (not shipped any more).
 
 Every step is a plain ``relseg`` command (printed as it runs, and recorded in each model
 card), so a researcher can run any step alone. This script only orders them and runs
@@ -7,8 +12,8 @@ independent ones in parallel (on a GPU, many small trainings share the card):
 1. stage 1: ``relseg pretrain-general`` on the non-COVID lesion sets -> the general encoder;
 2. 5-fold cross-validation on the 50 COVID-SemiSeg training slices of: target-only,
    dual (general frozen), dual + relation loss (each reading), all with the same budget;
-3. the shipped models, trained on all 50 slices: ``covid-infection-2d-target-only`` and
-   ``covid-infection-2d`` (the dual configuration that cross-validated best);
+3. the models trained on all 50 slices: ``covid-semiseg-2d-target-only`` and
+   ``covid-semiseg-2d`` (the dual configuration that cross-validated best);
 4. ``ablation.md`` / ``ablation.json`` with mean ± sd Dice per configuration;
 5. with ``--shared-data``, each shipped card also states the model's behaviour on real CT
    (``Testing/benchmarks/check_real_data.py --card``: ground-glass flagged on real COVID-19
@@ -42,8 +47,8 @@ CONFIGS = {
     "dual-frozen+relation-encoders+bottleneck": ["--general-encoder", "{general}", "--relation", "encoders",
                                                  "--relation-weight", "10", "--fusion-levels", "4"],
 }
-SHIPPED_TARGET_ONLY = "covid-infection-2d-target-only"
-SHIPPED_DEFAULT = "covid-infection-2d"
+SHIPPED_TARGET_ONLY = "covid-semiseg-2d-target-only"
+SHIPPED_DEFAULT = "covid-semiseg-2d"
 
 
 def relseg(*args: str) -> list[str]:
@@ -215,7 +220,7 @@ def main() -> int:
          "summaries": summaries, "commands": {n: ["relseg " + shlex.join(c[3:]) for c in cv_commands(
              args, n, args.general_model, iterations)] for n in CONFIGS}}, indent=2) + "\n")
     print("\n".join(table))
-    print(f"default model: {SHIPPED_DEFAULT} <- {best}")
+    print(f"COVID-SemiSeg model: {SHIPPED_DEFAULT} <- {best}")
     return 0
 
 
