@@ -68,37 +68,50 @@ def test_unknown_model_names_the_installed_ones(monkeypatch, tmp_path):
         zoo.find_model("no-such-model")
 
 
-@pytest.mark.parametrize("name", ["covid-infection-2d", "covid-infection-2d-target-only"])
+# name -> (role, the recipe its input is rendered by, the data it names, slices it was trained on)
+SHIPPED = {
+    "covid-infection-2d": ("infection", "full-slice-clahe", "covid-ct-seg-2d", 1163),
+    "covid-lungs-2d": ("lungs", "full-slice-clahe", "covid-ct-seg-2d", 1163),
+    "covid-semiseg-2d": ("infection", "lung-crop", "COVID-SemiSeg", 50),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_models_load_and_state_their_provenance(name, monkeypatch, tmp_path):
+    from relsegcore.data.intensity import recipe_of
+
+    role, recipe, data, slices = SHIPPED[name]
     monkeypatch.setenv("RELSEG_HOME", str(tmp_path))  # no user models shadow the shipped ones
     card = zoo.find_model(name)
     assert card.path.stat().st_size <= 25 * 1024 * 1024
-    assert "COVID-SemiSeg" in card.training["data"] and card.training["command"].startswith("relseg train")
-    cv = card.metrics["cross_validation"]
-    assert len(cv["fold_dice"]) == 5 and 0.5 < cv["mean_dice"] < 1
+    assert data in card.training["data"] and card.training["command"].startswith("relseg train")
+    assert (card.role, recipe_of(card.preprocessing)) == (role, recipe)
     assert card.clinical is False
     loaded = zoo.load_model(name, torch.device("cpu"))
-    assert (loaded.network.general_encoder is not None) == (name == "covid-infection-2d")
-    # How it behaves on real CT, with the command that measured it (check_real_data.py --card).
-    real = card.metrics["real_data"]
-    assert "check_real_data.py --model" in real["command"] and real["command"].endswith("--card")
-    assert len(real["covid_hu_slices_ggo_range_lung_flagged"]) == 4
-    assert len(real["non_covid_false_positive_ml"]) == 12  # 10 effusion patients, 2 tumour volumes
-    assert set(real["non_covid_false_positive_percent_of_lungs"]) == set(real["non_covid_false_positive_ml"])
-    assert len(set(card.training["image_fingerprints"])) == 50  # its 50 training slices
+    assert (loaded.network.general_encoder is not None) == (name == "covid-semiseg-2d")
+    assert len(set(card.training["image_fingerprints"])) == slices  # its training slices
+    if role == "infection":  # how it behaves on real CT, with the command that measured it (check_real_data.py)
+        real = card.metrics["real_data"]
+        assert "check_real_data.py --model" in real["command"] and real["command"].endswith("--card")
+        assert len(real["covid_hu_slices_ggo_range_lung_flagged"]) == 4
+        assert len(real["non_covid_false_positive_ml"]) == 12  # 10 effusion patients, 2 tumour volumes
+        assert set(real["non_covid_false_positive_percent_of_lungs"]) == set(real["non_covid_false_positive_ml"])
 
 
-def test_shipped_cards_fingerprint_exactly_the_covid_semiseg_training_slices(shared_data, monkeypatch, tmp_path):
+def test_shipped_cards_fingerprint_exactly_their_training_slices(shared_data, monkeypatch, tmp_path):
     from relsegcore.data.readers import folder_fingerprints
 
     monkeypatch.setenv("RELSEG_HOME", str(tmp_path))
     train = shared_data / "covid-semiseg" / "train"
-    expected = folder_fingerprints(train / "images", train / "masks")
-    for name in ("covid-infection-2d", "covid-infection-2d-target-only"):
-        assert zoo.find_model(name).training["image_fingerprints"] == expected
+    assert zoo.find_model("covid-semiseg-2d").training["image_fingerprints"] == folder_fingerprints(
+        train / "images", train / "masks")
+    ctseg = shared_data / "covid-ct-seg-2d"
+    expected = sorted(folder_fingerprints(ctseg / "images", ctseg / "masks"))
+    for name in ("covid-infection-2d", "covid-lungs-2d"):
+        assert sorted(zoo.find_model(name).training["image_fingerprints"]) == expected
 
 
-@pytest.mark.parametrize("name", ["covid-infection-2d", "covid-infection-2d-target-only"])
+@pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_model_card_command_still_means_its_recorded_training(name, monkeypatch, tmp_path):
     """The card's command is how the model is reproduced: today's ``relseg`` must read it as the same
     configuration the model was trained with (a renamed flag or a changed default would break that)."""
@@ -127,7 +140,7 @@ def test_relseg_models_use_changes_the_model_segment_runs_and_rollback_restores_
 
     monkeypatch.setenv("RELSEG_HOME", str(tmp_path))
     registry = ModelRegistry()
-    registry.use("covid-infection-2d-target-only")
-    assert zoo.find_model(None).name == "covid-infection-2d-target-only"
+    registry.use("covid-semiseg-2d")
+    assert zoo.find_model(None).name == "covid-semiseg-2d"
     registry.rollback()
     assert zoo.find_model(None).name == "covid-infection-2d"
