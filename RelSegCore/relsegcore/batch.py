@@ -138,7 +138,7 @@ def run_batch(
     tta: bool = False,
     workers: int = 1,
     progress: Progress | None = None,
-    lung_model: str | os.PathLike = "auto",
+    lung_model: str | os.PathLike = "hu",
     high_opacity_hu: float = HIGH_OPACITY_HU,
 ) -> list[CaseOutcome]:
     """Segment every unfinished case, then write ``summary.csv``; failures are recorded, not raised.
@@ -207,7 +207,7 @@ def _init_worker(threads: int) -> None:
 
 
 def segment_case(case: Case, out_dir: str, model_card: str, device: str, tta: bool,
-                 high_opacity_hu: float = HIGH_OPACITY_HU, lung_model: str = "auto",
+                 high_opacity_hu: float = HIGH_OPACITY_HU, lung_model: str = "hu",
                  progress: Progress | None = None) -> CaseOutcome:
     """Segment one case and write its outputs; any failure becomes a ``failed`` outcome (``Cancelled`` excepted)."""
     from .pipeline import segment_file

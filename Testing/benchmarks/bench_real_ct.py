@@ -88,7 +88,7 @@ def network_seconds(model: str | None, count: int, device: str) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--lungs", default="auto", help="lungs method passed to relseg segment --lungs")
+    parser.add_argument("--lungs", default="hu", help="lungs method passed to relseg segment --lungs")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()

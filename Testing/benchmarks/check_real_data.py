@@ -159,7 +159,7 @@ def _label_voxels(path: Path) -> int:
     return int(np.count_nonzero(sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))))
 
 
-def run(model: str, device: str, quick: bool, lung_model: str = "auto", overviews: Path | None = None) -> dict:
+def run(model: str, device: str, quick: bool, lung_model: str = "hu", overviews: Path | None = None) -> dict:
     loaded = zoo.load_model(model, select_device(device))
     results: dict = {"model": {"name": loaded.card.name, "version": loaded.card.version}, "lungs": lung_model}
     results["covid_hu_lungs"] = lung_dice(DATA / "covid-hu-slices", lung_model)
@@ -238,7 +238,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="the first effusion volume and the larger tumour only")
     parser.add_argument("--json", type=Path, help="also write the numbers as JSON")
     parser.add_argument("--card", action="store_true", help="also state the figures in the model's card")
-    parser.add_argument("--lungs", default="auto", help="lungs method: auto, hu or a lung model (see relseg segment)")
+    parser.add_argument("--lungs", default="hu", help="lungs method: auto, hu or a lung model (see relseg segment)")
     parser.add_argument("--overviews", type=Path, help="write each non-COVID CT's overview PNG here")
     args = parser.parse_args()
     if args.card and args.quick:

@@ -34,9 +34,10 @@ def register(subparsers) -> None:
                              "covid-infection-2d unless changed with 'relseg models use')")
     add_device_argument(parser)
     parser.add_argument("--tta", action="store_true", help="average with left-right flipped predictions (2x time)")
-    parser.add_argument("--lungs", default="auto", metavar="auto|hu|MODEL",
-                        help="how the lungs are found: auto (the learned covid-lungs-2d when installed), hu (HU "
-                             "thresholds, no network), or a lung model's name or path")
+    parser.add_argument("--lungs", default="hu", metavar="hu|auto|MODEL",
+                        help="how the lungs are found: hu (HU thresholds, no network; the default, measured better "
+                             "at keeping effusion out), auto (the learned covid-lungs-2d when installed), or a "
+                             "lung model's name or path")
     parser.add_argument("--high-opacity-hu", type=float, default=HIGH_OPACITY_HU, metavar="HU",
                         help="infection at or above this HU is consolidation and counts in the percentage of "
                              f"high opacity (PHO); below it is ground-glass (default: {HIGH_OPACITY_HU:g})")
