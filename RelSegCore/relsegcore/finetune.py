@@ -486,7 +486,7 @@ def _child_card(parent: ModelCard, trained: FinetuneSlices, held: FinetuneSlices
         file="", sha256="", architecture=dict(parent.architecture), classes=list(parent.classes),
         preprocessing=dict(parent.preprocessing),
         training={
-            "role": "fine-tuned",
+            "role": parent.role, "fine_tuned": True,
             "parent": {"name": parent.name, "version": parent.version, "sha256": parent.sha256},
             "corrections": {
                 "source": trained.source, "cases": sorted(set(trained.cases)), "slices": len(trained),

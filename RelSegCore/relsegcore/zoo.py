@@ -55,7 +55,8 @@ class ModelCard:
     def role(self) -> str:
         """What the model segments: ``infection`` (the default, and every card without a role), ``lungs`` (the
         lungs step) or ``general-encoder`` (stage 1 of the dual model)."""
-        return str(self.training.get("role", "infection"))
+        role = str(self.training.get("role", "infection"))
+        return "infection" if role == "fine-tuned" else role  # fine-tuned cards before 2.0 were all infection
 
     @property
     def infection_classes(self) -> list[str]:

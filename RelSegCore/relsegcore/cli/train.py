@@ -254,9 +254,10 @@ def run_train(args: argparse.Namespace) -> int:
     if pooled is not None:
         training_data += f"; pooled non-COVID lesions as infection: {', '.join(args.pooled)} ({len(pooled)} slices)"
     if negatives is not None:
-        volumes = sorted({name.split(":")[0] for name in negatives.names})
-        training_data += (f"; negatives (no infection): {', '.join(args.negatives)} ({len(negatives)} slices of "
-                          f"{', '.join(volumes)}; {args.negative_fraction:g} of each batch)")
+        volumes = sorted({name.split(":")[0] for name in negatives.names if ":" in name})  # CASE:zN of volumes
+        which = f" of {', '.join(volumes)};" if volumes else ","
+        training_data += (f"; negatives (no infection): {', '.join(args.negatives)} ({len(negatives)} slices{which} "
+                          f"{args.negative_fraction:g} of each batch)")
     _export(args, result, config, classes=classes, training_data=training_data,
             role="lungs" if args.target == "lungs" else "infection", recipe=_recipe(args),
             fingerprints=_fingerprints(args, data))
