@@ -9,7 +9,7 @@ Two recipes, named by ``preprocessing["recipe"]`` in a model card:
   slices did not, and min-max would let one voxel change the whole picture, so before the
   recipe the slice is made robust: everything below -1024 HU (scanner padding outside the
   circular field of view at -3024 or -2048) becomes -1024, and voxels above 3071 HU (the top
-  of the 12-bit CT scale: metal) take the highest value of the rest. A slice without such
+  of the 12-bit CT scale: metal) take the median of the slice's tissue. A slice without such
   voxels is left exactly as it is.
 - ``lung-crop`` (the COVID-SemiSeg screenshots, models 1.x): lung window, cropped to the
   box around both lungs, stretched to the square; measured as follows.
@@ -163,12 +163,16 @@ def recipe_of(preprocessing: dict) -> str:
 
 
 def robust_hu(hu_slice: np.ndarray) -> np.ndarray:
-    """float32 copy of an HU slice with padding raised to air and metal lowered to the slice's highest tissue."""
+    """float32 copy of an HU slice with padding raised to air and metal made soft tissue.
+
+    Metal (ECG electrodes, wires, clips) becomes the median of the slice's tissue (0..3071 HU): set to the
+    slice's highest other value instead, a 3x3 electrode survives the resize brighter than any thin bone
+    and still rescales the whole picture (measured on LUNG1-013: mean change 2.4 grey levels)."""
     hu = np.maximum(np.asarray(hu_slice, dtype=np.float32), np.float32(AIR_HU))
     too_high = hu > CT_SCALE_MAX_HU
     if too_high.any():
-        rest = hu[~too_high]
-        hu[too_high] = rest.max() if rest.size else CT_SCALE_MAX_HU
+        tissue = hu[(hu >= 0) & ~too_high]
+        hu[too_high] = np.median(tissue) if tissue.size else 0.0
     return hu
 
 
@@ -211,7 +215,8 @@ def preprocessing_for(recipe: str, size: int = 256) -> dict:
     """The ``preprocessing`` entry of a model card for a recipe."""
     if recipe == FULL_SLICE_CLAHE:
         return {"recipe": FULL_SLICE_CLAHE, "input_size": size, "clip_limit": CLAHE_CLIP_LIMIT,
-                "robust": {"below_hu_to": AIR_HU, "above_hu_to_slice_max_below": CT_SCALE_MAX_HU}}
+                "robust": {"below_hu_to": AIR_HU, "above_hu": CT_SCALE_MAX_HU,
+                           "above_to": "median of the slice's tissue (0..3071 HU)"}}
     if recipe == LUNG_CROP:
         return {"recipe": LUNG_CROP, "input_size": size, "window": list(DEFAULT_WINDOW), "crop": "lungs"}
     raise InputError(f"unknown preprocessing recipe {recipe!r}; choose from {', '.join(RECIPES)}")
