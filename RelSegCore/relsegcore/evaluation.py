@@ -78,18 +78,18 @@ def evaluate_ctseg2d(loaded: LoadedModel, root: Path, target: str = "infection",
     """``evaluate_image_folder`` on a ``covid-ct-seg-2d`` folder (slices upright, never transposed), with each
     slice's case and the mean Dice per patient (slices of one patient are not independent). ``cases`` keeps
     only those cases or patients."""
-    from .data.ctseg import CTSEG_TARGETS, patient_of, read_cases_csv
+    from .data.ctseg import CTSEG_TARGETS, patient_of, read_cases_csv, selected_rows
     from .data.intensity import FULL_SLICE_CLAHE, recipe_of
 
     if target not in CTSEG_TARGETS:
         raise InputError(f"--target must be one of {', '.join(CTSEG_TARGETS)}, not {target!r}")
     root = Path(root)
-    case_of = {Path(row["file"]).stem: row["case"] for row in read_cases_csv(root)}
+    rows = read_cases_csv(root)
+    case_of = {Path(row["file"]).stem: row["case"] for row in rows}
     stems = None
     if cases is not None:
-        stems = {stem for stem, case in case_of.items() if case in cases or patient_of(case) in cases}
-        if not stems:
-            raise InputError(f"{root}: no case or patient named {', '.join(cases)} in cases.csv")
+        stems = {Path(row["file"]).stem for row, chosen in zip(rows, selected_rows(rows, cases, root), strict=True)
+                 if chosen}
     result = evaluate_image_folder(loaded, root / "images", root / CTSEG_TARGETS[target], tta=tta,
                                    orientation="as-is", progress=progress, stems=stems)
     by_patient: dict[str, list[float]] = {}

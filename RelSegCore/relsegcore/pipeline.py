@@ -33,7 +33,7 @@ from .progress import Progress
 SLICES_PER_CHUNK = 32  # probabilities of one chunk at most: 32 x C x 256 x 256 float32 = 16 MB for C=2
 LUNG_BOX_MARGIN_VOXELS = 8  # context around the lungs for a 3D model
 VOLUME_BATCH_SIZE = 4  # 3D patches per forward pass
-STAGE_SPANS = {"Reading": (0.0, 0.05), "Lungs": (0.05, 0.4), "Infection": (0.4, 0.95), "Report": (0.95, 1.0)}
+STAGE_SPANS = {"Reading": (0.0, 0.05), "Lungs": (0.05, 0.2), "Infection": (0.2, 0.95), "Report": (0.95, 1.0)}
 LUNG_MODEL = "covid-lungs-2d"  # the learned lungs ("auto": used when installed)
 # The default lungs: the HU method. Measured against covid-lungs-2d 1.0.0 (Testing/benchmarks/README.md) it
 # keeps pleural effusion out of the lungs (the model counts 30-51 % of four patients' effusion as lung) and

@@ -65,6 +65,30 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def ctseg_folder(spec: str, command: str, instead: str):
+    """The folder of ``--data ctseg2d:DIR``: the one ``--data`` kind of ``train``, ``evaluate`` and ``finetune``
+    (its slices carry patients and slice order); ``instead`` says what to give for other data."""
+    from ..data.general import parse_data_spec
+    from ..errors import InputError
+
+    kind, path = parse_data_spec(spec)
+    if kind != "ctseg2d":
+        raise InputError(f"relseg {command} reads --data ctseg2d:DIR, not {kind}; give {instead}")
+    return path
+
+
+def case_list(text: str | None) -> list[str] | None:
+    """``--cases "A,B"`` -> ``["A", "B"]``; None (every slice) without ``--cases``."""
+    if text is None:
+        return None
+    cases = [case.strip() for case in text.split(",") if case.strip()]
+    if not cases:
+        from ..errors import InputError
+
+        raise InputError("--cases needs at least one case or patient name")
+    return cases
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"),

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import add_device_argument
+from . import add_device_argument, case_list, ctseg_folder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,14 +39,11 @@ def run(args: argparse.Namespace) -> int:
     from ..zoo import load_model
 
     if args.data:
-        from ..data.general import parse_data_spec
         from ..evaluation import evaluate_ctseg2d
 
-        kind, path = parse_data_spec(args.data)
-        if kind != "ctseg2d":
-            raise RelSegError(f"relseg evaluate --data takes ctseg2d:DIR, not {kind}: (use --images/--masks)")
+        path = ctseg_folder(args.data, "evaluate", "picture folders as --images/--masks, or --volumes")
         result = evaluate_ctseg2d(load_model(args.model, select_device(args.device)), path, args.target, tta=args.tta,
-                                  cases=args.cases.split(",") if args.cases else None)
+                                  cases=case_list(args.cases))
     elif args.images is None or args.masks is None:
         raise RelSegError("give --data ctseg2d:DIR, or --images DIR and --masks DIR")
     elif args.volumes:

@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 
 from ..errors import InputError
-from . import add_device_argument
+from . import add_device_argument, case_list, ctseg_folder
 
 OPTIONS_IN_COMMAND = ("model", "data", "cases", "store", "images", "masks", "holdout_images", "holdout_masks", "out",
                       "iterations", "batch_size", "lr", "edited_weight", "seed", "device")
@@ -67,8 +67,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     if args.holdout_images is not None:
         holdout = slices_from_folder(args.holdout_images, args.holdout_masks, size, multiclass)
     if args.data is not None:
-        data, guard = slices_from_ctseg2d(ctseg_folder(args.data), parent, case_list(args.cases),
-                                          guard=holdout is None, seed=args.seed)
+        folder = ctseg_folder(args.data, "finetune", "other corrections as --images/--masks or --store")
+        data, guard = slices_from_ctseg2d(folder, parent, case_list(args.cases), guard=holdout is None,
+                                          seed=args.seed)
         holdout = guard if holdout is None else holdout
     elif args.store is not None:
         data = slices_from_store(args.store, size, parent.preprocessing.get("window"))
@@ -106,27 +107,6 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise InputError("--make-default applies to registered models; it cannot be used with --out")
     if args.iterations < 1 or args.batch_size < 1:
         raise InputError("--iterations and --batch-size must be at least 1")
-
-
-def ctseg_folder(spec: str) -> Path:
-    """The folder of ``--data ctseg2d:DIR`` (the one kind whose slices carry cases and slice order)."""
-    from ..data.general import parse_data_spec
-
-    kind, path = parse_data_spec(spec)
-    if kind != "ctseg2d":
-        raise InputError(f"relseg finetune reads --data ctseg2d:DIR, not {kind}; give other corrections "
-                         "as --images/--masks or --store")
-    return path
-
-
-def case_list(text: str | None) -> list[str] | None:
-    """``"A,B"`` -> ``["A", "B"]``; None (every slice) without ``--cases``."""
-    if text is None:
-        return None
-    cases = [case.strip() for case in text.split(",") if case.strip()]
-    if not cases:
-        raise InputError("--cases needs at least one case or patient name")
-    return cases
 
 
 def command_line(args: argparse.Namespace) -> str:

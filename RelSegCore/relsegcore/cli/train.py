@@ -15,7 +15,7 @@ from ..crossval import summarise_folds, train_val_split, write_summary
 from ..data.intensity import FULL_SLICE_CLAHE, LUNG_CROP, RECIPES
 from ..models import NetworkConfig
 from ..training import RELATION_READINGS, RelationConfig, TrainConfig, distributed_context, train
-from . import add_device_argument
+from . import add_device_argument, case_list, ctseg_folder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -163,13 +163,9 @@ def _load_target(args: argparse.Namespace):
 
     if args.data:
         from ..data.ctseg import read_ctseg2d
-        from ..data.general import parse_data_spec
 
-        kind, path = parse_data_spec(args.data)
-        if kind != "ctseg2d":
-            raise RelSegError(f"relseg train --data takes ctseg2d:DIR, not {kind}: (use --images/--masks for folders)")
-        cases = args.cases.split(",") if args.cases else None
-        return read_ctseg2d(path, target=args.target, size=args.size, cases=cases)
+        return read_ctseg2d(ctseg_folder(args.data, "train", "picture folders as --images/--masks"),
+                            target=args.target, size=args.size, cases=case_list(args.cases))
     if args.images is None or args.masks is None:
         raise RelSegError("give --data ctseg2d:DIR, or --images DIR and --masks DIR")
     from ..data.readers import read_image_folder
@@ -254,7 +250,7 @@ def run_train(args: argparse.Namespace) -> int:
     if pooled is not None:
         training_data += f"; pooled non-COVID lesions as infection: {', '.join(args.pooled)} ({len(pooled)} slices)"
     if negatives is not None:
-        volumes = sorted({name.split(":")[0] for name in negatives.names if ":" in name})  # CASE:zN of volumes
+        volumes = _volumes_of(negatives)
         which = f" of {', '.join(volumes)};" if volumes else ","
         training_data += (f"; negatives (no infection): {', '.join(args.negatives)} ({len(negatives)} slices{which} "
                           f"{args.negative_fraction:g} of each batch)")
@@ -299,10 +295,15 @@ def _read_negatives(args: argparse.Namespace):
                                                    recipe=_recipe(args)) for spec in args.negatives])
     if not len(negatives):
         raise RelSegError(f"--negatives {' '.join(args.negatives)}: no slices found")
-    cases = sorted({name.split(":")[0] for name in negatives.names})
-    print(f"negatives: {len(negatives)} slices of {len(cases)} volumes ({', '.join(cases)}), "
-          f"{args.negative_fraction:g} of each batch")
+    volumes = _volumes_of(negatives)
+    which = f" of {len(volumes)} volumes ({', '.join(volumes)})" if volumes else ""
+    print(f"negatives: {len(negatives)} slices{which}, {args.negative_fraction:g} of each batch")
     return negatives
+
+
+def _volumes_of(slices) -> list[str]:
+    """The volumes a SliceSet's slices come from (volume readers name slices ``CASE:zN``), [] for pictures."""
+    return sorted({name.split(":")[0] for name in slices.names if ":" in name})
 
 
 def _with_negatives(images, masks, negatives, fraction: float):
@@ -370,10 +371,9 @@ def _fingerprints(args: argparse.Namespace, data) -> list[str]:
     from ..data.readers import folder_fingerprints, picture_fingerprint
 
     if args.data:  # the stored pictures, as relseg evaluate reads them (not resized to --size)
-        from ..data.general import parse_data_spec
         from ..data.readers import read_gray_picture
 
-        images = parse_data_spec(args.data)[1] / "images"
+        images = ctseg_folder(args.data, "train", "picture folders as --images/--masks") / "images"
         return [picture_fingerprint(read_gray_picture(images / name.split("/", 1)[1])) for name in data.names]
     return folder_fingerprints(args.images, args.masks)
 

@@ -55,10 +55,8 @@ def read_general_sets(
         spec = GENERAL_DATASETS[name]
         for relative in spec.paths:
             path = Path(data_root) / relative
-            options = dict(spec.options)
-            if spec.kind == "pairs" and recipe != LUNG_CROP:
-                options["recipe"] = recipe
-            part = read_kind(spec.kind, path, size=size, cache_dir=cache_dir, limit=limit, **options)
+            part = read_kind(spec.kind, path, size=size, cache_dir=cache_dir, limit=limit, recipe=recipe,
+                             **spec.options)
             parts.append(dataclasses.replace(part, source=name))
     return SliceSet.concat(parts)
 
@@ -83,15 +81,15 @@ def read_dataset_spec(spec: str, size: int = 256, cache_dir: str | os.PathLike |
     kind, path = parse_data_spec(spec)
     if not path.exists() and not (kind == "ct" and path.parent.is_dir()):
         raise InputError(f"--data {spec!r}: {path} does not exist")
-    options = {"recipe": recipe} if kind in ("ct", "pairs") and recipe != LUNG_CROP else {}
-    return read_kind(kind, path, size=size, cache_dir=cache_dir, **options)
+    return read_kind(kind, path, size=size, cache_dir=cache_dir, recipe=recipe)
 
 
 def read_kind(kind: str, path: Path, size: int = 256, cache_dir: str | os.PathLike | None = None,
-              limit: int | None = None, **options) -> SliceSet:
-    """Dispatch to the reader of ``kind`` (folders of pictures and npz files are quick and not cached)."""
+              limit: int | None = None, recipe: str = LUNG_CROP, **options) -> SliceSet:
+    """Dispatch to the reader of ``kind`` (folders of pictures and npz files are quick and not cached); the
+    readers of HU volumes render whole-chest slices by ``recipe``, the others are pictures already."""
     if kind == "pairs":
-        return read_volume_pairs(path, size=size, cache_dir=cache_dir, limit=limit, **options)
+        return read_volume_pairs(path, size=size, cache_dir=cache_dir, limit=limit, recipe=recipe, **options)
     if kind == "decathlon":
         return read_decathlon(path, size=size, cache_dir=cache_dir, limit=limit, **options)
     if kind == "folder":
@@ -101,7 +99,7 @@ def read_kind(kind: str, path: Path, size: int = 256, cache_dir: str | os.PathLi
     if kind == "npz":
         return read_patches_npz(path, size=size, limit=limit, **options)
     if kind == "ct":  # CT volumes without masks: all background (negatives)
-        return read_ct_volumes(path, size=size, limit=limit, cache_dir=cache_dir, **options)
+        return read_ct_volumes(path, size=size, limit=limit, cache_dir=cache_dir, recipe=recipe, **options)
     if kind == "ctseg2d":  # the covid-ct-seg-2d layout (already rendered slices)
         return read_ctseg2d(path, size=size, **options)
     raise InputError(f"unknown data kind {kind!r}; choose from {', '.join(DATA_KINDS)}")

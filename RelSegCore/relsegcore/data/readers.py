@@ -351,7 +351,8 @@ def volume_slices(
         width_mm = min(volume.shape[1] * spacing[1], volume.shape[2] * spacing[0])
         context = "lungs" if width_mm >= WHOLE_CHEST_MIN_MM else "lesion"
     if context == "lungs":
-        lungs = (lung_segmenter or default_lung_segmenter())(volume, spacing) if z_indices else None
+        needs_lungs = z_indices and options.recipe == LUNG_CROP  # whole slices need no lung box
+        lungs = (lung_segmenter or default_lung_segmenter())(volume, spacing) if needs_lungs else None
         images, masks = _lung_crops(volume, labels, z_indices, lungs, options)
     elif context == "lesion":
         windowed = [_to_uint8(volume[z], options.window) for z in z_indices]
@@ -401,7 +402,7 @@ def read_ct_volumes(
     images = ct_volume_files(folder)[:limit]
     options = VolumeOptions(size, None, True, "lungs", LESION_FIELD_MM, tuple(window), slices_per_volume, recipe)
     segmenter = lung_segmenter or default_lung_segmenter()
-    source = Path(str(folder)).name if not any(c in str(folder) for c in "*?[") else Path(str(folder)).parent.name
+    source = Path(str(folder)).parent.name if _is_glob(folder) else Path(str(folder)).name
 
     def build() -> SliceSet:
         sets = [_ct_lung_slices(_volume_stem(path), path, options, segmenter) for path in images]
@@ -416,9 +417,8 @@ def read_ct_volumes(
 
 def ct_volume_files(folder: str | os.PathLike) -> list[Path]:
     """The CT volumes in a folder (or matching a glob), label volumes left out."""
-    text = str(folder)
-    if any(c in text for c in "*?["):
-        parent, pattern = Path(text).parent, Path(text).name
+    if _is_glob(folder):
+        parent, pattern = Path(str(folder)).parent, Path(str(folder)).name
         candidates = [p for p in _volumes(parent) if fnmatch.fnmatch(p.name, pattern)]
     elif Path(folder).is_file():
         candidates = [Path(folder)]
@@ -461,6 +461,10 @@ def _chosen_slices(labels: np.ndarray, options: VolumeOptions) -> list[int]:
 
 def _to_uint8(slice_2d: np.ndarray, window: Sequence[float]) -> np.ndarray:
     return slice_2d if slice_2d.dtype == np.uint8 else window_hu(slice_2d, window)
+
+
+def _is_glob(path: str | os.PathLike) -> bool:
+    return any(c in str(path) for c in "*?[")
 
 
 def _lung_crops(volume, labels, z_indices, lungs, options: VolumeOptions):
