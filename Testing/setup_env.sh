@@ -14,8 +14,9 @@ if ! python -c "import torch" 2>/dev/null; then
   echo "== installing PyTorch"
   python -m pip install -q "torch==2.13.0"
 fi
-extras=""
-[ "${1:-}" = "test" ] && extras="[test]"
+# fast: OpenVINO, the faster CPU engine (relsegcore.engines); the tests check its labels against PyTorch's.
+extras="[fast]"
+[ "${1:-}" = "test" ] && extras="[test,fast]"
 stamp="$venv/.relsegcore-installed$extras"
 if [ ! -f "$stamp" ] || [ RelSegCore/pyproject.toml -nt "$stamp" ]; then
   echo "== installing relsegcore$extras"

@@ -52,13 +52,14 @@ def install_torch() -> None:
 
 
 def install_relsegcore() -> None:
-    """pip-install the relsegcore copy shipped with the extension (its other requirements come with it)."""
+    """pip-install the relsegcore copy shipped with the extension (its other requirements come with it), with
+    the ``fast`` extra: OpenVINO runs the network 1.7x faster than PyTorch on the CPU (``relsegcore.engines``)."""
     source = bundled_relsegcore_dir()
     if source is None:
         raise DependencyError(f"The extension's copy of relsegcore was not found next to {MODULE_DIR}.")
     import slicer
 
-    slicer.util.pip_install([str(source)])
+    slicer.util.pip_install([f"{source}[fast]"])
 
 
 INSTALLERS: dict[str, Callable[[], None]] = {"torch": install_torch, "relsegcore": install_relsegcore}

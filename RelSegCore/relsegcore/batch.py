@@ -140,6 +140,7 @@ def run_batch(
     progress: Progress | None = None,
     lung_model: str | os.PathLike = "hu",
     high_opacity_hu: float = HIGH_OPACITY_HU,
+    engine: str = "auto",
 ) -> list[CaseOutcome]:
     """Segment every unfinished case, then write ``summary.csv``; failures are recorded, not raised.
 
@@ -157,7 +158,7 @@ def run_batch(
     pending = [case for case in cases if case not in outcomes]
     if outcomes:
         log.info("Skipping %d finished case(s) in %s", len(outcomes), out_dir)
-    job = (str(out_dir), str(card.path.with_suffix(".json")), device, tta, high_opacity_hu, str(lung_model))
+    job = (str(out_dir), str(card.path.with_suffix(".json")), device, tta, high_opacity_hu, str(lung_model), engine)
     try:
         if workers <= 1 or len(pending) <= 1:
             _run_here(pending, job, progress, outcomes, len(cases))
@@ -207,14 +208,15 @@ def _init_worker(threads: int) -> None:
 
 
 def segment_case(case: Case, out_dir: str, model_card: str, device: str, tta: bool,
-                 high_opacity_hu: float = HIGH_OPACITY_HU, lung_model: str = "hu",
+                 high_opacity_hu: float = HIGH_OPACITY_HU, lung_model: str = "hu", engine: str = "auto",
                  progress: Progress | None = None) -> CaseOutcome:
     """Segment one case and write its outputs; any failure becomes a ``failed`` outcome (``Cancelled`` excepted)."""
     from .pipeline import segment_file
 
     try:
         segment_file(case.path, out_dir, model=model_card, device=device, tta=tta, series=case.series,
-                     progress=progress, name=case.name, high_opacity_hu=high_opacity_hu, lung_model=lung_model)
+                     progress=progress, name=case.name, high_opacity_hu=high_opacity_hu, lung_model=lung_model,
+                     engine=engine)
     except Cancelled:
         raise
     except RelSegError as error:

@@ -18,26 +18,36 @@ import numpy as np
 import torch
 
 from .device import autocast, is_cuda_oom
+from .engines import forward_of
 from .progress import Progress
 from .zoo import LoadedModel
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 16
+DEFAULT_BATCH_SIZE = 16  # on a GPU
+# On the CPU one slice at a time is fastest: 63 ms a 256x256 slice against 112-130 ms in batches of 16 (2 cores,
+# covid-infection-2d, Testing/benchmarks/bench_engines.py): a batch's activations outgrow the caches.
+CPU_BATCH_SIZE = 1
 DEFAULT_OVERLAP = 0.5
+
+
+def batch_size_for(device: torch.device) -> int:
+    """Slices per forward pass: what the device runs fastest (``CPU_BATCH_SIZE``, ``DEFAULT_BATCH_SIZE``)."""
+    return CPU_BATCH_SIZE if device.type == "cpu" else DEFAULT_BATCH_SIZE
 
 
 def predict_slices(
     loaded: LoadedModel,
     images: np.ndarray,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     tta: bool = False,
     progress: Progress | None = None,
     progress_span: tuple[float, float] = (0.0, 1.0),
 ) -> np.ndarray:
     """Class probabilities float32 ``(N, C, S, S)`` for uint8 images ``(N, S, S)``.
 
-    ``tta`` averages with the horizontally flipped prediction. ``progress`` gets updates
+    ``batch_size`` defaults to ``batch_size_for`` the model's device. ``tta`` averages with the horizontally
+    flipped prediction. ``progress`` gets updates
     mapped into ``progress_span`` and is asked about cancelling between batches.
     """
     images = np.asarray(images)
@@ -45,7 +55,7 @@ def predict_slices(
         raise ValueError(f"expected uint8 images (N, S, S), got shape {images.shape}")
     num_classes = loaded.card.architecture.get("num_classes", len(loaded.card.classes))
     probabilities = np.empty((len(images), num_classes, *images.shape[1:]), dtype=np.float32)
-    runner = _BatchRunner(loaded, batch_size)
+    runner = _BatchRunner(loaded, batch_size or batch_size_for(loaded.device))
     done = 0
     while done < len(images):
         if progress is not None:
@@ -149,11 +159,12 @@ class _BatchRunner:
         if batch.dtype == torch.uint8:
             x = x / 255.0
         flip_axis = -1  # left-right in both (N, 1, H, W) and (N, 1, D, H, W)
+        network = forward_of(self.loaded)
         with torch.inference_mode(), autocast(device, allow_float16=True):
-            logits = self.loaded.network(x)
+            logits = network(x)
             probs = torch.softmax(logits.float(), dim=1)
             if tta:
-                flipped = self.loaded.network(torch.flip(x, dims=(flip_axis,)))
+                flipped = network(torch.flip(x, dims=(flip_axis,)))
                 probs = 0.5 * (probs + torch.flip(torch.softmax(flipped.float(), dim=1), dims=(flip_axis,)))
         return probs.cpu().numpy()
 
@@ -164,6 +175,7 @@ class _BatchRunner:
         )
         self.loaded.network.to("cpu")
         self.loaded.device = torch.device("cpu")
+        self.loaded.engine = "torch"
 
 
 def _release_cuda_cache() -> None:

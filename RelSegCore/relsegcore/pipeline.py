@@ -26,7 +26,7 @@ from . import imageio, opacity, outputs, zoo
 from .data import intensity
 from .device import describe_device, select_device
 from .errors import InputError, ModelError
-from .inference import DEFAULT_BATCH_SIZE, batches, predict_slices, predict_volume
+from .inference import batches, predict_slices, predict_volume
 from .lungs import lungs_from_mask, segment_lungs_array
 from .progress import Progress
 
@@ -42,6 +42,8 @@ HU_LUNGS = "hu"
 # The lungs change slowly along z: the lung model sees one slice in this many mm and each other slice takes the
 # labels of the nearest slice it saw (a 1 mm CT costs a third of its slices; 2.5 mm and thicker, every slice).
 LUNG_MODEL_STEP_MM = 2.5
+KEPT_MODELS = 2  # an infection and a lung model
+_LOADED: dict[tuple, zoo.LoadedModel] = {}  # load_model_cached's models, oldest first
 
 
 @dataclass
@@ -78,6 +80,7 @@ def segment(
     lungs: sitk.Image | None = None,
     lung_model: str | os.PathLike = "hu",
     high_opacity_hu: float = opacity.HIGH_OPACITY_HU,
+    engine: str = "auto",
 ) -> SegmentationResult:
     """Lungs (1 left, 2 right), infection (1 ground-glass, 2 consolidation) and report for a CT in HU.
 
@@ -88,6 +91,7 @@ def segment(
     ``lungs`` may give known lung labels on ``image``'s grid (skipping lung segmentation).
     ``lung_model``: ``"hu"`` (the HU method, the default), ``"auto"`` (the learned ``covid-lungs-2d`` when
     installed, else the HU method) or a lung model's name or path; the report's ``lungs_method`` says which ran.
+    ``engine`` runs the networks on the CPU (``engines``: "auto" is OpenVINO when installed); the report says which.
     ``progress`` receives the stages "Lungs", "Infection", "Report" and may cancel between
     chunks of slices (``errors.Cancelled``).
     """
@@ -96,7 +100,7 @@ def segment(
     started = time.perf_counter()
     with timer.stage("checks"):
         imageio.validate_ct(image)
-        loaded = zoo.load_model(model, select_device(device))  # model problems surface before slow work
+        loaded = load_model_cached(model, select_device(device), engine)  # model problems surface before slow work
         _check_role(loaded.card, "infection")
         canonical = imageio.to_canonical(image)
         hu = sitk.GetArrayViewFromImage(canonical)
@@ -106,7 +110,7 @@ def segment(
             lung_labels, lungs_method, lung_seconds = _canonical_lungs(lungs, image), "given", 0.0
         else:
             lung_labels, lungs_method, lung_seconds = lung_labels_for(hu, canonical.GetSpacing(), lung_model,
-                                                                      loaded.device, progress)
+                                                                      loaded.device, progress, engine)
     if not lung_labels.any():
         raise InputError("No lungs were found in the image: is it a chest CT?")
     progress.update(STAGE_SPANS["Infection"][0], "Infection")
@@ -130,12 +134,26 @@ def segment(
     report.update(
         model={"name": loaded.card.name, "version": loaded.card.version, "sha256": loaded.card.sha256},
         device=describe_device(loaded.device),
+        engine=loaded.engine,
         tta=bool(tta),
         lungs_method=lungs_method,
         timing_s=timer.seconds,
     )
     progress.update(1.0, "Report")
     return SegmentationResult(lungs_image, infection_image, class_names, report)
+
+
+def load_model_cached(model: str | os.PathLike | None, device: torch.device, engine: str) -> zoo.LoadedModel:
+    """``zoo.load_model``, kept for the next call with the same weights, device and engine: a batch of CTs or a
+    second Segment press in Slicer neither re-reads the weights nor converts them for the engine again."""
+    card = zoo.find_model(model)
+    key = (str(card.path), card.sha256, str(device), engine)
+    loaded = _LOADED.get(key)
+    if loaded is None or loaded.device != device:  # a GPU that ran out of memory moved the network to the CPU
+        while len(_LOADED) >= KEPT_MODELS:
+            _LOADED.pop(next(iter(_LOADED)))  # the oldest
+        _LOADED[key] = loaded = zoo.load_model(card.path, device, engine)
+    return loaded
 
 
 def lung_model_card(lung_model: str | os.PathLike = "hu") -> zoo.ModelCard | None:
@@ -150,7 +168,7 @@ def lung_model_card(lung_model: str | os.PathLike = "hu") -> zoo.ModelCard | Non
 
 def lung_labels_for(
     hu: np.ndarray, spacing_xyz: tuple[float, float, float], lung_model: str | os.PathLike = "hu",
-    device: torch.device | str = "auto", progress: Progress | None = None,
+    device: torch.device | str = "auto", progress: Progress | None = None, engine: str = "auto",
 ) -> tuple[np.ndarray, str, float]:
     """Lung labels uint8 ``(z, y, x)`` (1 left, 2 right) of a canonical HU volume, the method that found them,
     and the seconds spent in a network."""
@@ -158,7 +176,7 @@ def lung_labels_for(
     if card is None:
         return segment_lungs_array(hu, spacing_xyz), "hu-threshold", 0.0
     _check_role(card, "lungs")
-    loaded = zoo.load_model(card.path or card.name, select_device(device))
+    loaded = load_model_cached(card.path or card.name, select_device(device), engine)
     seen = slices_every(len(hu), spacing_xyz[2], LUNG_MODEL_STEP_MM)
     mask, seconds = slice_labels_2d(loaded, hu, seen, None, progress=progress, span=STAGE_SPANS["Lungs"])
     mask = mask[nearest_of(seen, len(hu))]
@@ -189,12 +207,14 @@ def _check_role(card: zoo.ModelCard, role: str) -> None:
                          if role == "infection" else f"{card.name} is a {card.role} model, not a lung model")
 
 
-def segment_lungs(image: sitk.Image, model: str | os.PathLike = HU_LUNGS, device: str = "auto") -> sitk.Image:
+def segment_lungs(image: sitk.Image, model: str | os.PathLike = HU_LUNGS, device: str = "auto",
+                  engine: str = "auto") -> sitk.Image:
     """Lung labels (1 left, 2 right) on ``image``'s exact grid: the HU method, or a lung model (``"auto"``: the
     learned ``covid-lungs-2d`` when installed)."""
     imageio.validate_ct(image)
     canonical = imageio.to_canonical(image)
-    labels, _, _ = lung_labels_for(sitk.GetArrayViewFromImage(canonical), canonical.GetSpacing(), model, device)
+    labels, _, _ = lung_labels_for(sitk.GetArrayViewFromImage(canonical), canonical.GetSpacing(), model, device,
+                                   engine=engine)
     return _on_input_grid(labels, _Grid.of(canonical), image)
 
 
@@ -234,7 +254,7 @@ def slice_labels_2d(
         fraction = (span[0] + (span[1] - span[0]) * chunk.start / len(z_indices),
                     span[0] + (span[1] - span[0]) * chunk.stop / len(z_indices))
         start = time.perf_counter()
-        probabilities = predict_slices(loaded, images, DEFAULT_BATCH_SIZE, tta, progress, fraction)
+        probabilities = predict_slices(loaded, images, None, tta, progress, fraction)
         network_seconds += time.perf_counter() - start
         with _one_torch_thread():
             for z, (_, box), slice_probabilities in zip(chunk_z, prepared, probabilities, strict=True):
@@ -347,13 +367,14 @@ def segment_file(
     name: str | None = None,
     lung_model: str | os.PathLike = "hu",
     high_opacity_hu: float = opacity.HIGH_OPACITY_HU,
+    engine: str = "auto",
 ) -> dict[str, Path]:
     """Read a CT file or DICOM folder, segment it and write all outputs (all or nothing)."""
     progress = progress or Progress()
     progress.update(0.0, "Reading")
     image = imageio.read_image(path, series)
     result = segment(image, model=model, device=device, tta=tta, progress=progress, high_opacity_hu=high_opacity_hu,
-                     lung_model=lung_model)
+                     lung_model=lung_model, engine=engine)
     result.report["input"] = str(path)
     chosen = imageio.last_series_choice
     if chosen is not None:  # say which DICOM series was segmented

@@ -19,11 +19,13 @@ import datetime as _dt
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .engines import resolve_engine
 from .errors import ModelError
 from .fileutil import atomic_path, atomic_write_text, sha256_of
 from .models import DualEncoderUNet, NetworkConfig
@@ -82,6 +84,8 @@ class LoadedModel:
     network: DualEncoderUNet
     card: ModelCard
     device: torch.device
+    engine: str = "torch"  # what runs predict_slices' forward passes (``engines``): "torch" or "openvino"
+    compiled: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)  # the engine's forward
 
 
 def user_home() -> Path:
@@ -160,7 +164,9 @@ def load_state_dict_verified(path: Path, sha256: str) -> dict:
         raise ModelError(f"cannot load model weights {path.name}: {error}") from None
 
 
-def load_model(name_or_path: str | os.PathLike | None, device: torch.device) -> LoadedModel:
+def load_model(name_or_path: str | os.PathLike | None, device: torch.device, engine: str = "torch") -> LoadedModel:
+    """The verified network on ``device``; ``engine`` ("auto", "torch", "openvino": see ``engines``) says what
+    runs its forward passes in ``inference``."""
     card = find_model(name_or_path)
     network = build_network(card)
     try:
@@ -168,7 +174,8 @@ def load_model(name_or_path: str | os.PathLike | None, device: torch.device) -> 
     except RuntimeError as error:
         raise ModelError(f"weights of {card.name} do not match its architecture: {error}") from None
     network.to(device).eval()
-    return LoadedModel(network=network, card=card, device=device)
+    resolved = resolve_engine(engine, device, int(card.architecture.get("dims", 2)))
+    return LoadedModel(network=network, card=card, device=device, engine=resolved)
 
 
 def save_model(network: torch.nn.Module, card: ModelCard, directory: str | os.PathLike) -> Path:

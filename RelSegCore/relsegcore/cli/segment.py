@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..engines import ENGINES
 from ..errors import InputError
 from ..opacity import HIGH_OPACITY_HU
 from ..progress import Progress, line_progress
@@ -33,6 +34,10 @@ def register(subparsers) -> None:
                         help="model name or model card/weights path (default: the registry's default, "
                              "covid-infection-2d unless changed with 'relseg models use')")
     add_device_argument(parser)
+    parser.add_argument("--engine", default="auto", choices=ENGINES,
+                        help="what runs the network on the CPU: auto (OpenVINO when installed, about 1.7x faster "
+                             "than PyTorch on 2 cores; pip install 'relsegcore[fast]'), torch (the reference) or "
+                             "openvino (default: auto)")
     parser.add_argument("--tta", action="store_true", help="average with left-right flipped predictions (2x time)")
     parser.add_argument("--lungs", default="hu", metavar="hu|auto|MODEL",
                         help="how the lungs are found: hu (HU thresholds, no network; the default, measured better "
@@ -96,7 +101,7 @@ def run_single(args: argparse.Namespace, progress: Progress) -> int:
 
     paths = segment_file(args.input, args.out, model=args.model, device=args.device, tta=args.tta,
                          series=args.series, progress=progress, high_opacity_hu=args.high_opacity_hu,
-                         lung_model=args.lungs)
+                         lung_model=args.lungs, engine=args.engine)
     print_outputs(paths)
     return 0
 
@@ -106,7 +111,7 @@ def run_batch(args: argparse.Namespace, progress: Progress) -> int:
 
     outcomes = run_batch(list_cases(args.input, args.out), args.out, model=args.model, device=args.device, tta=args.tta,
                          workers=args.workers, progress=progress, high_opacity_hu=args.high_opacity_hu,
-                         lung_model=args.lungs)
+                         lung_model=args.lungs, engine=args.engine)
     for outcome in outcomes:
         detail = f": {outcome.error}" if outcome.error else ""
         opacity = outcome.report.get("percent_opacity", {}).get("overall") if outcome.report else None
@@ -128,7 +133,7 @@ def run_demo(args: argparse.Namespace, progress: Progress) -> int:
     progress.update(0.0, "Synthetic CT")
     case = make_demo_ct()
     result = segment(case.image, model=args.model, device=args.device, tta=args.tta, progress=progress,
-                     lung_model=args.lungs, high_opacity_hu=args.high_opacity_hu)
+                     lung_model=args.lungs, high_opacity_hu=args.high_opacity_hu, engine=args.engine)
     known_lungs = sitk.GetArrayViewFromImage(case.lungs)
     known_infection = sitk.GetArrayViewFromImage(case.infection)
     found_lungs = sitk.GetArrayViewFromImage(result.lungs)
@@ -174,7 +179,9 @@ def print_outputs(paths: dict[str, Path]) -> None:
     for warning in report.get("warnings", []):
         print(f"Warning: {warning}")
     model = report["model"]
-    print(f"Model: {model['name']} {model['version']} on {report['device']}, {report['timing_s']['total']:.1f} s")
+    engine = f" ({report['engine']})" if report.get("engine") not in (None, "torch") else ""
+    print(f"Model: {model['name']} {model['version']} on {report['device']}{engine}, "
+          f"{report['timing_s']['total']:.1f} s")
     if report.get("lungs_method"):
         print(f"Lungs: {report['lungs_method']}")
 
