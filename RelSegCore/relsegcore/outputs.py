@@ -145,7 +145,8 @@ def _write_seg_nrrd(path: Path, lungs: sitk.Image, infection: sitk.Image, infect
     header = _seg_nrrd_header(lungs, [lung_definitions(), infection_segments])
     with open(path, "wb") as handle:
         handle.write(header.encode("utf-8"))
-        handle.write(gzip.compress(voxels.tobytes(), compresslevel=6))
+        # Level 1: 0.3 s and 1.5 MB for a 512x512x300 CT's two layers, against 1.2 s and 0.6 MB at level 6.
+        handle.write(gzip.compress(voxels.tobytes(), compresslevel=1))
 
 
 def write_seg_nrrd(path: str | os.PathLike, lungs: sitk.Image, infection: sitk.Image,

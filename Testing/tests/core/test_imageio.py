@@ -68,6 +68,21 @@ def test_truncated_nifti_is_input_error(tmp_path):
         imageio.read_image(path)
 
 
+def test_nifti_in_two_gzip_members_is_whole(tmp_path):
+    """The trailer of the last member states only that member's size: the bytes are counted instead."""
+    image = ct_like(shape_zyx=(20, 64, 64))
+    with gzip.open(_write(tmp_path / "one.nii.gz", image)) as handle:
+        data = handle.read()
+    path = tmp_path / "two.nii.gz"
+    path.write_bytes(gzip.compress(data[:1000]) + gzip.compress(data[1000:]))
+    assert imageio._gzip_stated_size(path) != len(data)
+    read = imageio.read_image(path)
+    assert np.array_equal(sitk.GetArrayViewFromImage(read), sitk.GetArrayViewFromImage(image))
+    path.write_bytes(gzip.compress(data[:1000]) + gzip.compress(data[1000:len(data) // 2]))
+    with pytest.raises(InputError, match="truncated"):
+        imageio.read_image(path)
+
+
 def test_truncated_uncompressed_nifti_is_input_error(tmp_path):
     path = tmp_path / "cut.nii"
     with gzip.open(_write(tmp_path / "full.nii.gz", ct_like(shape_zyx=(20, 64, 64)))) as handle:
