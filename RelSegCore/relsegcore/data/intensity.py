@@ -8,7 +8,8 @@ Two recipes, named by ``preprocessing["recipe"]`` in a model card:
   bit from HU (tested on three ``covid-hu-slices``). Real CT holds what those training
   slices did not, and min-max would let one voxel change the whole picture, so before the
   recipe the slice is made robust: everything below -1024 HU (scanner padding outside the
-  circular field of view at -3024 or -2048) becomes -1024, and voxels above 3071 HU (the top
+  circular field of view at -3024 or -2048) takes values drawn from the air of the band just inside
+  it (the scanner's own air around the body), and voxels above 3071 HU (the top
   of the 12-bit CT scale: metal) take the median of the slice's tissue. A slice without such
   voxels is left exactly as it is.
 - ``lung-crop`` (the COVID-SemiSeg screenshots, models 1.x): lung window, cropped to the
@@ -45,9 +46,14 @@ from ..errors import InputError
 FULL_SLICE_CLAHE = "full-slice-clahe"
 LUNG_CROP = "lung-crop"
 RECIPES = (FULL_SLICE_CLAHE, LUNG_CROP)
-AIR_HU = -1024.0  # padding below this (-2048, -3024 outside the scan field) is air for the recipe
+AIR_HU = -1024.0  # padding below this (-2048, -3024 outside the scan field) becomes the slice's air (robust_hu)
+PADDING_BAND_PIXELS = 3  # robust_hu fills padding with the air of this band just inside it...
+PADDING_AIR_BELOW_HU = -900.0  # ...air being below this (not the table, not the skin)
 CT_SCALE_MAX_HU = 3071.0  # above: metal or corrupt voxels, which must not set the slice's maximum
 CLAHE_CLIP_LIMIT = 7.0
+ROBUST = {"below_hu": AIR_HU,
+          "below_to": "values drawn from the air (< -900 HU) of the 3-pixel band just inside the padding (seed 0)",
+          "above_hu": CT_SCALE_MAX_HU, "above_to": "median of the slice's tissue (0..3071 HU)"}  # robust_hu, in cards
 CLAHE_TILES = (8, 8)
 LUNG_WINDOW = (-1250.0, 250.0)  # the benchmark lung window (W1500 / L-500)
 DEFAULT_WINDOW = (-1100.0, 250.0)  # measured against the COVID-SemiSeg JPGs (module docstring)
@@ -163,12 +169,26 @@ def recipe_of(preprocessing: dict) -> str:
 
 
 def robust_hu(hu_slice: np.ndarray) -> np.ndarray:
-    """float32 copy of an HU slice with padding raised to air and metal made soft tissue.
+    """float32 copy of an HU slice with padding made the slice's own air and metal made soft tissue.
 
+    Padding (below -1024 HU: -3024 or -2048 outside the circular scan field) takes values drawn from the
+    air (below -900 HU) of the band just inside it: the scanner's air around the body, noise and all
+    (deterministic, seed 0). Against the same CT unpadded, infection Dice 0.995 on real COVID-19 slices
+    and 0.983 on LUNG1-013's false positives; -1024 everywhere gave 0.981 / 0.987, the median of the air
+    0.997 / 0.957 (``test_ctseg.py``): CLAHE equalises the corner tiles by their histograms, and a constant
+    there shifts the mapping of the lung periphery.
     Metal (ECG electrodes, wires, clips) becomes the median of the slice's tissue (0..3071 HU): set to the
     slice's highest other value instead, a 3x3 electrode survives the resize brighter than any thin bone
     and still rescales the whole picture (measured on LUNG1-013: mean change 2.4 grey levels)."""
-    hu = np.maximum(np.asarray(hu_slice, dtype=np.float32), np.float32(AIR_HU))
+    import cv2
+
+    hu = np.asarray(hu_slice, dtype=np.float32).copy()
+    padding = hu < AIR_HU
+    if padding.any():
+        near = cv2.dilate(padding.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=PADDING_BAND_PIXELS)
+        band = hu[(near > 0) & ~padding]
+        band = band[band < PADDING_AIR_BELOW_HU]
+        hu[padding] = np.random.default_rng(0).choice(band, int(padding.sum())) if band.size else AIR_HU
     too_high = hu > CT_SCALE_MAX_HU
     if too_high.any():
         tissue = hu[(hu >= 0) & ~too_high]
@@ -215,8 +235,7 @@ def preprocessing_for(recipe: str, size: int = 256) -> dict:
     """The ``preprocessing`` entry of a model card for a recipe."""
     if recipe == FULL_SLICE_CLAHE:
         return {"recipe": FULL_SLICE_CLAHE, "input_size": size, "clip_limit": CLAHE_CLIP_LIMIT,
-                "robust": {"below_hu_to": AIR_HU, "above_hu": CT_SCALE_MAX_HU,
-                           "above_to": "median of the slice's tissue (0..3071 HU)"}}
+                "robust": ROBUST}
     if recipe == LUNG_CROP:
         return {"recipe": LUNG_CROP, "input_size": size, "window": list(DEFAULT_WINDOW), "crop": "lungs"}
     raise InputError(f"unknown preprocessing recipe {recipe!r}; choose from {', '.join(RECIPES)}")
