@@ -39,6 +39,7 @@ from .zoo import ModelCard, build_network, find_model, load_state_dict_verified,
 DEFAULT_ITERATIONS = 60  # 16 real 256 px slices, batch 8: 352 CPU-seconds, about 3 min on 2 free cores
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_LEARNING_RATE = 5e-4  # a quarter of stage 2's: adjust the model, do not retrain it
+DEFAULT_TRAINABLE = "all"  # the target encoder, decoder and head (training.TRAINABLE)
 EDITED_WEIGHT = 3.0  # an edited slice is drawn this many times as often as an unedited one
 HOLDOUT_FRACTION = 0.25
 GUARD_GAP = 3  # slices of one case closer than this to a corrected slice are near copies of it
@@ -329,6 +330,8 @@ def finetune(
     batch_size: int = DEFAULT_BATCH_SIZE,
     learning_rate: float = DEFAULT_LEARNING_RATE,
     edited_weight: float = EDITED_WEIGHT,
+    trainable: str = DEFAULT_TRAINABLE,
+    replay: tuple[np.ndarray, np.ndarray] | None = None,
     relation: str | None = None,
     augment_strength: float = 1.0,
     source: str = "",
@@ -348,6 +351,8 @@ def finetune(
     ``out`` (``NAME.pt``) writes the model there; without it the model
     goes into the registry at ``registry_home`` and becomes the default only when
     ``make_default`` is asked *and* it is not worse on the held-out slices.
+    ``trainable``: which parameters learn (``training.TRAINABLE``). ``replay``: (images, masks) of the parent's
+    own training slices, drawn as unedited slices beside the corrections so the model keeps what it knew.
     ``relation``: the relation-loss reading (default ``encoders`` when the model has a
     general encoder).
     """
@@ -386,10 +391,16 @@ def finetune(
             learning_rate=learning_rate, warmup_iterations=max(1, iterations // 10), seed=seed,
             freeze_general=True, relation=RelationConfig(reading=reading), augment_strength=augment_strength,
             validate_every=max(1, math.ceil(iterations / 6)), checkpoint_every=iterations, device=device,
+            trainable=trainable,
         )
-        result = train(config, trained.images, trained.masks, progress=_span(progress, 0.05, 0.95),
-                       resume=False, initial_state=parent_state,
-                       sample_weights=sample_weights(trained.edited, edited_weight))
+        images, masks, edited = trained.images, trained.masks, trained.edited
+        if replay is not None:
+            replayed = _as_slices(replay[0], replay[1], np.zeros(len(replay[0]), bool), None, size, num_classes,
+                                  "replay")
+            images, masks = np.concatenate([images, replayed.images]), np.concatenate([masks, replayed.masks])
+            edited = np.concatenate([edited, replayed.edited])
+        result = train(config, images, masks, progress=_span(progress, 0.05, 0.95),
+                       resume=False, initial_state=parent_state, sample_weights=sample_weights(edited, edited_weight))
     progress.update(0.95, "Scoring the fine-tuned model")
     dice_after = holdout_dice(result.network, held, torch_device)
     accepted = dice_after >= dice_before

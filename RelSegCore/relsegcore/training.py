@@ -82,6 +82,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     device: str = "auto"
     amp: bool = True
+    trainable: str = "all"  # with initial_state (fine-tuning): which parameters learn (TRAINABLE)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -163,6 +164,25 @@ def build_network(config: TrainConfig) -> DualEncoderUNet:
             network.target_encoder.load_state_dict(encoder)
         network.freeze_general_encoder(config.freeze_general)
     return network
+
+
+TRAINABLE = ("all", "decoder", "norm")
+
+
+def limit_trainable(network: DualEncoderUNet, trainable: str) -> None:
+    """Freeze all but ``trainable``'s parameters: ``all`` (whatever is not frozen already: the target encoder,
+    decoder and head), ``decoder`` (decoder and head), ``norm`` (the normalisation layers' scales and shifts)."""
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}, not {trainable!r}")
+    if trainable == "all":
+        return
+    norms = {name for name, module in network.named_modules()
+             if isinstance(module, (torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d))}
+    for name, parameter in network.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        keep = name.startswith(("decoder.", "head.")) if trainable == "decoder" else module in norms
+        if not keep:
+            parameter.requires_grad_(False)
 
 
 def make_optimizer(network: DualEncoderUNet, config: TrainConfig) -> torch.optim.Optimizer:
@@ -316,6 +336,7 @@ def train(config: TrainConfig, train_images: np.ndarray, train_masks: np.ndarray
     if initial_state is not None:
         network.load_state_dict(initial_state)
         network.freeze_general_encoder(config.freeze_general)
+        limit_trainable(network, config.trainable)
     network.to(device)
     optimizer = make_optimizer(network, config)
     teacher = None

@@ -19,6 +19,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
     mkdir -p .whl .gpu/data
     ls .whl/*.whl >/dev/null 2>&1 || pip download --no-deps -d .whl SimpleITK  # see README: repack under 32 MB
     cp -r ../shared/data/covid-semiseg .gpu/data/
+    mkdir -p .gpu/data/lung-tumor-volumes && cp ../shared/data/lung-tumor-volumes/lung2_image.nrrd .gpu/data/lung-tumor-volumes/
     test -f work-dirs/recipe/general/covid-general-encoder.pt || echo "missing work-dirs/recipe/general (stage 1)"
     du -sh .whl .gpu work-dirs/recipe/general/covid-general-encoder.pt
     exit 0

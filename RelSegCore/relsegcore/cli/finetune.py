@@ -14,7 +14,14 @@ OPTIONS_IN_COMMAND = ("model", "data", "cases", "store", "images", "masks", "hol
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..finetune import DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_LEARNING_RATE, EDITED_WEIGHT
+    from ..finetune import (
+        DEFAULT_BATCH_SIZE,
+        DEFAULT_ITERATIONS,
+        DEFAULT_LEARNING_RATE,
+        DEFAULT_TRAINABLE,
+        EDITED_WEIGHT,
+    )
+    from ..training import TRAINABLE
 
     parser = subparsers.add_parser(
         "finetune", help="fine-tune a model on corrected cases (new model version, checked on held-out cases)",
@@ -47,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=DEFAULT_LEARNING_RATE)
     parser.add_argument("--edited-weight", type=float, default=EDITED_WEIGHT,
                         help="how much more often an edited slice is drawn than an unedited one")
+    parser.add_argument("--trainable", choices=TRAINABLE, default=DEFAULT_TRAINABLE,
+                        help="which layers learn: all (target encoder, decoder and head), decoder (and head), norm "
+                             f"(the normalisation layers' scales and shifts) (default: {DEFAULT_TRAINABLE})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", choices=("bar", "lines", "none"), default="bar",
                         help="progress display; 'lines' prints 'PROGRESS <fraction> <stage>' for tools")
@@ -87,7 +97,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             holdout_cases=holdout.cases if holdout else None,
             make_default=args.make_default, device=args.device, iterations=args.iterations,
             batch_size=args.batch_size, learning_rate=args.lr, edited_weight=args.edited_weight,
-            source=data.source, command=command_line(args), progress=progress, seed=args.seed,
+            trainable=args.trainable, source=data.source, command=command_line(args), progress=progress, seed=args.seed,
         )
     print(f"model written: {result.path} ({result.card.name} {result.card.version}, {result.seconds:.0f} s)")
     print(f"Dice on held-out slices: before {result.dice_before:.4f}, after {result.dice_after:.4f}; "

@@ -92,6 +92,47 @@ def test_general_encoder_stays_frozen(tmp_path, untrained):
     assert any(not torch.equal(before[k], after[k]) for k in target)
 
 
+@pytest.mark.parametrize("trainable", ["decoder", "norm"])
+def test_only_the_chosen_layers_learn(tmp_path, untrained, trainable):
+    images, masks = squares()
+    result = ft.finetune(untrained, images, masks, out=tmp_path / "f.pt", trainable=trainable,
+                         **{**FAST, "iterations": 5})
+    before = load_model(untrained, torch.device("cpu")).network
+    after = load_model(result.path, torch.device("cpu")).network.state_dict()
+    norms = {name for name, module in before.named_modules() if isinstance(module, torch.nn.InstanceNorm2d)}
+    changed = {k for k, v in before.state_dict().items() if not torch.equal(v, after[k])}
+    assert changed
+    if trainable == "decoder":
+        assert all(k.startswith(("decoder.", "head.")) for k in changed)
+    else:
+        assert all(k.rsplit(".", 1)[0] in norms for k in changed)
+    with pytest.raises(ValueError, match="trainable must be one of"):
+        training.limit_trainable(before, "encoder")
+
+
+def test_replayed_slices_are_drawn_as_unedited_ones(tmp_path, untrained, monkeypatch):
+    images, masks = squares(4)
+    replay_images, replay_masks = squares(4, seed=3)
+    replay_images[:, 0, 0] = 255  # the corner pixel marks a replayed slice
+    images[:, 0, 0] = 0
+    weights = []
+    real_train = ft.train
+
+    def recording_train(config, train_images, train_masks, **kwargs):
+        weights.append((train_images[:, 0, 0].copy(), kwargs["sample_weights"]))
+        return real_train(config, train_images, train_masks, **kwargs)
+
+    monkeypatch.setattr(ft, "train", recording_train)
+    result = ft.finetune(untrained, images, masks, out=tmp_path / "r.pt", replay=(replay_images, replay_masks),
+                         holdout_images=images[:1], holdout_masks=masks[:1], **{**FAST, "iterations": 2})
+    corners, drawn_weights = weights[0]
+    assert corners.tolist() == [0] * 4 + [255] * 4
+    assert drawn_weights.tolist() == [ft.EDITED_WEIGHT] * 4 + [1.0] * 4
+    assert len(result.card.training["image_fingerprints"]) >= 4  # the corrections, not the replayed slices...
+    assert not set(ft.picture_fingerprint(image) for image in replay_images) & set(
+        result.card.training["image_fingerprints"])  # ...which are the parent's own
+
+
 def test_the_guard_refuses_a_worse_model_and_keeps_the_default(tmp_path, trained):
     home = tmp_path / "home"
     registry = ModelRegistry(home)
