@@ -56,5 +56,7 @@ def model_info_text(report: dict | None) -> str:
     report = report or {}
     model = report.get("model", {})
     text = f"Model {model.get('name', '?')} {model.get('version', '')}".strip() + f" on {report.get('device', '?')}"
+    if report.get("engine") not in (None, "torch"):
+        text += f" ({report['engine']})"  # the faster CPU engine ran the network
     lungs = [f"Lungs: {report['lungs_method']}"] if report.get("lungs_method") else []
     return "\n".join([text, *lungs, *(f"Warning: {warning}" for warning in report.get("warnings", []))])

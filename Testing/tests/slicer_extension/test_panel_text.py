@@ -67,3 +67,5 @@ def test_model_line_says_which_lungs_the_numbers_are_divided_by():
     report = {"model": {"name": "covid-infection-2d", "version": "2.0.0"}, "device": "cpu",
               "lungs_method": "covid-lungs-2d 1.0.0"}
     assert panel.model_info_text(report) == "Model covid-infection-2d 2.0.0 on cpu\nLungs: covid-lungs-2d 1.0.0"
+    report["engine"] = "openvino"
+    assert panel.model_info_text(report).startswith("Model covid-infection-2d 2.0.0 on cpu (openvino)\n")
