@@ -126,7 +126,7 @@ def scores(network, card, site: Site, sets: dict[str, np.ndarray]) -> dict[str, 
 
 
 def run_direction(name: str, spec: dict, site: Site, bases: Path, study: bool) -> dict:
-    base_card = zoo.find_model(bases / f"{spec['base']}.pt")
+    base_card = zoo.find_model(bases / spec["base"] / f"{spec['base']}.pt")  # relseg train --export writes it there
     base = zoo.load_model(base_card.path, torch.device("cpu"), "torch")
     kept = site.of(spec["kept"])
     other = site.of(spec["other"])

@@ -43,9 +43,10 @@ def test_one_slice_at_a_time_on_the_cpu_batches_on_the_gpu():
 
 
 @needs_openvino
-def test_a_failed_conversion_falls_back_to_pytorch_with_a_warning(monkeypatch, caplog):
+def test_a_failed_conversion_falls_back_to_pytorch_with_a_warning(monkeypatch, caplog, tmp_path):
     import openvino
 
+    monkeypatch.setenv("RELSEG_HOME", str(tmp_path))  # no cached conversion
     def refuse(*args, **kwargs):
         raise RuntimeError("unsupported operation")
 
@@ -57,6 +58,30 @@ def test_a_failed_conversion_falls_back_to_pytorch_with_a_warning(monkeypatch, c
     assert loaded.engine == "torch" and loaded.compiled is loaded.network
     assert "unsupported operation" in caplog.text
     assert probabilities.shape == (1, 2, 256, 256)
+
+
+@needs_openvino
+def test_the_conversion_is_cached_and_a_tampered_cache_is_converted_again(monkeypatch, caplog, tmp_path):
+    import openvino
+
+    monkeypatch.setenv("RELSEG_HOME", str(tmp_path))
+    conversions = []
+    real_convert = openvino.convert_model
+    monkeypatch.setattr(openvino, "convert_model", lambda *a, **k: conversions.append(1) or real_convert(*a, **k))
+    images = np.random.default_rng(1).integers(0, 256, (2, 256, 256), dtype=np.uint8)
+    first = predict_slices(zoo.load_model("covid-infection-2d", CPU, "openvino"), images)
+    assert len(conversions) == 1 and len(list(engines.cache_dir().glob("*.xml"))) == 1
+    again = predict_slices(zoo.load_model("covid-infection-2d", CPU, "openvino"), images)
+    assert len(conversions) == 1 and np.allclose(first, again, atol=1e-5)  # read from the cache
+
+    weights = next(engines.cache_dir().glob("*.bin"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 4096] = bytes(4096)  # other weights under the same name
+    weights.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        tampered = predict_slices(zoo.load_model("covid-infection-2d", CPU, "openvino"), images)
+    assert "disagrees with the weights" in caplog.text and len(conversions) == 2
+    assert np.allclose(first, tampered, atol=1e-5)
 
 
 def test_the_loaded_model_is_kept_for_the_next_call_until_its_weights_change(tmp_path, monkeypatch):
