@@ -82,7 +82,7 @@ def lungs_from_mask(mask: np.ndarray, hu: np.ndarray, spacing_xyz: tuple[float, 
     voxel_ml = spacing_xyz[0] * spacing_xyz[1] * spacing_xyz[2] / 1000.0
     air = hu < AIR_HU
     airway = _airway(hu, air & ~_border_connected_per_slice(air), spacing_xyz)
-    candidates = mask & ~ndimage.binary_dilation(airway, _disk(1)) if airway.any() else mask
+    candidates = mask & ~_dilate_in_plane(airway, [_disk(1)[0]]) if airway.any() else mask
     return _lung_components(candidates, hu, voxel_ml, midline_x=_body_midline_x(hu))
 
 
@@ -105,7 +105,7 @@ def _lung_labels(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndar
     air = hu < AIR_HU
     inside_air = air & ~_border_connected_per_slice(air)
     airway = _airway(hu, inside_air, spacing)
-    candidates = inside_air & ~ndimage.binary_dilation(airway, _disk(1))
+    candidates = inside_air & ~_dilate_in_plane(airway, [_disk(1)[0]])
     lungs = _lung_components(candidates, hu, voxel_ml, midline_x=_body_midline_x(hu))
     labels = np.zeros(hu.shape, np.uint8)
     for side in (LEFT_LUNG, RIGHT_LUNG):
@@ -331,14 +331,20 @@ def _fill_lung(lung: np.ndarray, hu: np.ndarray, spacing: tuple[float, float, fl
 def _close_along_z(mask: np.ndarray, spacing_z: float) -> np.ndarray:
     """Voxels with lung both above and below within ``Z_CLOSING_MM``: fills pleural consolidation.
 
-    The liver dome and the heart have lung on one side only along z, so they stay out.
+    The liver dome and the heart have lung on one side only along z, so they stay out. Computed by OpenCV
+    on the (z, y*x) view with a vertical kernel: the same voxels as scipy's 3D closing, several times faster.
     """
     steps = int(Z_CLOSING_MM / spacing_z)
     if steps < 1 or mask.shape[0] < 3:
         return mask
-    structure = np.ones((2 * steps + 1, 1, 1), bool)
-    padded = np.pad(mask, ((steps, steps), (0, 0), (0, 0)), mode="edge")
-    return ndimage.binary_erosion(ndimage.binary_dilation(padded, structure), structure)[steps:-steps]
+    import cv2
+
+    padded = np.pad(mask, ((steps, steps), (0, 0), (0, 0)), mode="edge").astype(np.uint8)
+    columns = padded.reshape(len(padded), -1)
+    kernel = np.ones((2 * steps + 1, 1), np.uint8)
+    border = {"borderType": cv2.BORDER_CONSTANT, "borderValue": 0}  # scipy's: outside is background
+    closed = cv2.erode(cv2.dilate(columns, kernel, **border), kernel, **border)
+    return closed.reshape(padded.shape)[steps:-steps].astype(bool)
 
 
 def _fill_lung_holes(mask: np.ndarray, hu: np.ndarray, pixel_cm2: float) -> np.ndarray:
@@ -367,11 +373,29 @@ def _disk(radius: int) -> np.ndarray:
 
 def _dilate_disk(mask: np.ndarray, radius: int) -> np.ndarray:
     """In-plane dilation by about ``radius`` pixels, as alternating cross / square steps (an octagon)."""
-    cross = ndimage.generate_binary_structure(2, 1)[None]
-    square = ndimage.generate_binary_structure(2, 2)[None]
-    for step in range(radius):
-        mask = ndimage.binary_dilation(mask, cross if step % 2 == 0 else square)
-    return mask
+    cross, square = _disk(1)[0], np.ones((3, 3), bool)
+    return _dilate_in_plane(mask, [cross if step % 2 == 0 else square for step in range(radius)])
+
+
+def _dilate_in_plane(mask: np.ndarray, kernels: list[np.ndarray]) -> np.ndarray:
+    """``mask`` (z, y, x) dilated in-plane by each 3x3 kernel in turn, background outside each slice.
+
+    OpenCV on all slices at once, stacked along y with a background row after each slice that is cleared
+    after every step (a 3x3 kernel reaches one row): the voxels of scipy's binary_dilation with (1, 3, 3)
+    structures (tested), several times faster (the lung step spent half its time there).
+    """
+    import cv2
+
+    depth, rows, cols = mask.shape
+    if not kernels or depth == 0:
+        return np.asarray(mask, bool)
+    stacked = np.zeros((depth, rows + 1, cols), np.uint8)
+    stacked[:, :rows] = mask
+    plane = stacked.reshape(depth * (rows + 1), cols)
+    for kernel in kernels:
+        plane = cv2.dilate(plane, kernel.astype(np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+        plane.reshape(depth, rows + 1, cols)[:, rows] = 0
+    return plane.reshape(depth, rows + 1, cols)[:, :rows].astype(bool)
 
 
 def _erode_disk(mask: np.ndarray, radius: int) -> np.ndarray:

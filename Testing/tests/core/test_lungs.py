@@ -171,3 +171,26 @@ def test_fast_resampling_matches_the_scipy_and_numpy_definitions(factor):
     upsampled = _upsample_linear(_upsample_linear(coarse, factor, axis=1), factor, axis=2)
     assert upsampled.shape == expected.shape
     assert np.allclose(upsampled, expected, atol=1e-6)
+
+
+def test_opencv_morphology_gives_scipys_voxels():
+    """The lung step's in-plane dilations and z-closing run in OpenCV for speed; they must equal scipy's."""
+    from scipy import ndimage
+
+    from relsegcore import lungs
+
+    rng = np.random.default_rng(0)
+    mask = ndimage.binary_opening(rng.random((7, 40, 33)) > 0.7)
+    mask[:, :4, :], mask[:, -1, :] = False, True  # a slice's last row would leak into the next one's first
+    cross, square = ndimage.generate_binary_structure(2, 1)[None], ndimage.generate_binary_structure(2, 2)[None]
+    expected = mask
+    for step in range(3):
+        expected = ndimage.binary_dilation(expected, cross if step % 2 == 0 else square)
+    assert np.array_equal(lungs._dilate_disk(mask, 3), expected)
+    assert np.array_equal(lungs._erode_disk(mask, 2), ~ndimage.binary_dilation(
+        ndimage.binary_dilation(~mask, cross), square))
+    steps = 2
+    structure = np.ones((2 * steps + 1, 1, 1), bool)
+    padded = np.pad(mask, ((steps, steps), (0, 0), (0, 0)), mode="edge")
+    closed = ndimage.binary_erosion(ndimage.binary_dilation(padded, structure), structure)[steps:-steps]
+    assert np.array_equal(lungs._close_along_z(mask, lungs.Z_CLOSING_MM / steps), closed)
