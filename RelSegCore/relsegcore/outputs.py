@@ -200,11 +200,6 @@ def write_report_json(path: str | os.PathLike, report: dict) -> None:
 # --- report -----------------------------------------------------------------------------
 
 
-def _ml(mask: np.ndarray, voxel_mm3: float) -> float:
-    # Multiply before dividing, so that a count times a round voxel volume stays exact.
-    return int(np.count_nonzero(mask)) * voxel_mm3 / 1000
-
-
 def _percent(part_ml: float, whole_ml: float) -> float | None:
     return 100.0 * part_ml / whole_ml if whole_ml > 0 else None
 
@@ -262,19 +257,23 @@ def compute_report(lungs: sitk.Image, infection: sitk.Image, class_names: list[s
     lung_array = _label_array(lungs, "lung", 2)
     infection_array = _label_array(infection, "infection", len(definitions))
     voxel_mm3 = math.prod(lungs.GetSpacing())
-    regions = {"left": lung_array == 1, "right": lung_array == 2}
+    labels = len(definitions) + 1
+    # One pass: voxels per (lung label, infection label) pair (the masks one by one took 0.7 s on 512x512x300).
+    counts = np.bincount((lung_array.astype(np.int64) * labels + infection_array).ravel(),
+                         minlength=3 * labels).reshape(-1, labels)[:3]  # rows: outside, left, right lung
 
-    def volumes(mask: np.ndarray) -> dict[str, float]:
-        per_lung = {f"{side}_ml": _ml(mask & region, voxel_mm3) for side, region in regions.items()}
-        return {**per_lung, "total_ml": per_lung["left_ml"] + per_lung["right_ml"]}
+    def volumes(per_lung_label: np.ndarray) -> dict[str, float]:
+        """mL in the left and right lung from voxel counts per lung label (0 outside, 1 left, 2 right)."""
+        left, right = (int(per_lung_label[i]) * voxel_mm3 / 1000 for i in (1, 2))  # count x volume: exact
+        return {"left_ml": left, "right_ml": right, "total_ml": left + right}
 
-    lung_ml = volumes(lung_array > 0)
-    infected = volumes(infection_array > 0)
+    lung_ml = volumes(counts.sum(axis=1))
+    infected = volumes(counts[:, 1:].sum(axis=1))
     classes = {
-        definition.key: {"name": definition.name, "label": label, **volumes(infection_array == label)}
+        definition.key: {"name": definition.name, "label": label, **volumes(counts[:, label])}
         for label, definition in enumerate(definitions, start=1)
     }
-    outside = _ml((infection_array > 0) & (lung_array == 0), voxel_mm3)
+    outside = int(counts[0, 1:].sum()) * voxel_mm3 / 1000
 
     def percentages(part: dict[str, float]) -> dict[str, float | None]:
         return {
@@ -286,7 +285,8 @@ def compute_report(lungs: sitk.Image, infection: sitk.Image, class_names: list[s
     high = None
     if ct is not None:
         _check_same_grid(ct, lungs, "lung")
-        high = percentages(volumes(high_opacity(infection_array > 0, sitk.GetArrayViewFromImage(ct), high_opacity_hu)))
+        high_mask = high_opacity(infection_array > 0, sitk.GetArrayViewFromImage(ct), high_opacity_hu)
+        high = percentages(volumes(np.bincount(lung_array[high_mask], minlength=3)))
     return {
         "voxel_volume_ml": voxel_mm3 / 1000,
         "lungs": lung_ml,
