@@ -262,3 +262,16 @@ def test_infection_class_names_map_to_definitions():
     assert keys == ["ground_glass", "consolidation"]
     custom = terminology.infection_definitions(["Crazy paving"])[0]
     assert custom.name == "Crazy paving" and custom.type == ("SCT", "23583003", "Inflammation")
+
+
+def test_label_pair_counts_are_exact_beyond_float32_precision():
+    """OpenCV counts in float32, exact only below 2**24: 21 M voxels of one pair must still count exactly."""
+    from relsegcore.outputs import label_pair_counts
+
+    rng = np.random.default_rng(0)
+    lungs = rng.integers(0, 3, (100, 512, 512), dtype=np.uint8)
+    infection = rng.integers(0, 3, lungs.shape, dtype=np.uint8)
+    lungs[:80] = infection[:80] = 0  # one pair above 2**24 voxels
+    expected = np.bincount((lungs.astype(np.int64) * 3 + infection).ravel(), minlength=9).reshape(3, 3)
+    assert expected.max() > 2**24
+    assert np.array_equal(label_pair_counts(lungs, infection, 3), expected)
