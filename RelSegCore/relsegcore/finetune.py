@@ -110,12 +110,14 @@ def slices_from_folder(images_dir: str | os.PathLike, masks_dir: str | os.PathLi
                           folder_fingerprints(images_dir, masks_dir))
 
 
-def slices_from_store(store_dir: str | os.PathLike, size: int, window: Sequence[float] | None = None,
+def slices_from_store(store_dir: str | os.PathLike, preprocessing: dict,
                       case_ids: Iterable[str] | None = None) -> FinetuneSlices:
-    """Every axial slice with lung of every stored case, prepared exactly as ``pipeline.segment`` prepares it.
+    """Every axial slice with lung of every stored case, prepared exactly as ``pipeline.segment`` prepares it
+    for a model whose card has this ``preprocessing``.
 
-    HU slices are windowed and cropped to the lungs (``intensity.to_model_input`` with the
-    lungs of ``lungs.segment_lungs_array``); 8-bit slices are already in the model's appearance.
+    HU slices go through the model's recipe (``intensity.model_input``: whole CLAHE slices for the 2.x
+    models, lung-window crops with the lungs of ``lungs.segment_lungs_array`` for 1.x); 8-bit slices are
+    taken as already in the model's appearance (only resized).
     """
     from .corrections import CorrectionStore
 
@@ -123,7 +125,7 @@ def slices_from_store(store_dir: str | os.PathLike, size: int, window: Sequence[
         raise InputError(f"the correction store {store_dir} does not exist")
     images, masks, edited, cases = [], [], [], []
     for case in CorrectionStore(store_dir).training_slices(case_ids):
-        for z, (image, mask) in _case_inputs(case.images, case.masks, case.spacing, size, window):
+        for z, (image, mask) in _case_inputs(case.images, case.masks, case.spacing, preprocessing):
             images.append(image)
             masks.append(mask)
             edited.append(bool(case.edited[z]))
@@ -189,7 +191,7 @@ def case_orders(rows: list[dict[str, str]]) -> list[int]:
     return orders
 
 
-def _case_inputs(volume: np.ndarray, labels: np.ndarray, spacing, size: int, window):
+def _case_inputs(volume: np.ndarray, labels: np.ndarray, spacing, preprocessing: dict):
     """(z, (image, mask)) for each slice with lung; masks are cropped with the image's box."""
     if volume.dtype == np.uint8:
         lungs = np.ones(volume.shape, np.uint8)  # already windowed and cropped slices
@@ -198,8 +200,8 @@ def _case_inputs(volume: np.ndarray, labels: np.ndarray, spacing, size: int, win
 
         lungs = segment_lungs_array(volume, spacing)
     for z in np.flatnonzero(lungs.reshape(len(lungs), -1).any(axis=1)):
-        image, box = intensity.to_model_input(volume[z], lungs[z], size, window)
-        yield int(z), (image, intensity.crop_resize(labels[z], box, size, order=0))
+        image, box = intensity.model_input(volume[z], lungs[z], preprocessing)
+        yield int(z), (image, intensity.crop_resize(labels[z], box, len(image), order=0))
 
 
 def holdout_split(cases: Sequence[str], fraction: float = HOLDOUT_FRACTION,

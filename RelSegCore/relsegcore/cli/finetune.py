@@ -82,7 +82,7 @@ def run_finetune(args: argparse.Namespace) -> int:
                                           seed=args.seed)
         holdout = guard if holdout is None else holdout
     elif args.store is not None:
-        data = slices_from_store(args.store, size, parent.preprocessing.get("window"))
+        data = slices_from_store(args.store, {"input_size": size, **parent.preprocessing})
     else:
         data = slices_from_folder(args.images, args.masks, size, multiclass)
     print(f"fine-tuning {parent.name} {parent.version} on {len(data)} slices "

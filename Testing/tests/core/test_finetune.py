@@ -16,6 +16,7 @@ from relsegcore import finetune as ft
 from relsegcore import training
 from relsegcore.cli import main
 from relsegcore.corrections import CorrectionStore
+from relsegcore.data import intensity
 from relsegcore.demo import make_demo_ct
 from relsegcore.errors import InputError
 from relsegcore.losses import segmentation_loss
@@ -221,7 +222,7 @@ def demo_case(seed: int) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
 def test_finetune_from_a_correction_store_with_two_cases(tmp_path, untrained):
     store = CorrectionStore(tmp_path / "store")
     records = [store.save(f"case-{seed}", *demo_case(seed), {"name": "tiny"}) for seed in (0, 1)]
-    data = ft.slices_from_store(store.root, SIZE)
+    data = ft.slices_from_store(store.root, {"input_size": SIZE})
 
     assert data.images.dtype == np.uint8 and data.images.shape[1:] == (SIZE, SIZE)
     assert set(data.cases) == {"case-0", "case-1"}
@@ -245,11 +246,31 @@ def test_store_of_windowed_slices_is_used_as_is(tmp_path):
     original = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
     original.CopyInformation(ct)
     CorrectionStore(tmp_path / "store").save("slices", ct, corrected, original, {"name": "tiny"})
-    data = ft.slices_from_store(tmp_path / "store", 48)
+    data = ft.slices_from_store(tmp_path / "store", {"input_size": 48})
     assert np.array_equal(data.images, images) and np.array_equal(data.masks, masks)
     assert data.edited.all()
     with pytest.raises(InputError, match="does not exist"):
-        ft.slices_from_store(tmp_path / "absent", 48)
+        ft.slices_from_store(tmp_path / "absent", {"input_size": 48})
+
+    clahe = ft.slices_from_store(tmp_path / "store", intensity.preprocessing_for(intensity.FULL_SLICE_CLAHE, 64))
+    assert clahe.images.shape == (3, 64, 64)  # 8-bit slices of a full-slice model: only resized
+
+
+def test_store_slices_of_a_full_slice_model_are_its_input_as_segment_renders_it(tmp_path):
+    """The default 2.x models see whole CLAHE slices: the radiologist's corrections must train them on
+    exactly that input, not on the 1.x lung-window crops."""
+    from relsegcore import imageio, pipeline
+
+    store = CorrectionStore(tmp_path / "store")
+    store.save("case-0", *demo_case(0), {"name": "covid-infection-2d"})
+    preprocessing = intensity.preprocessing_for(intensity.FULL_SLICE_CLAHE, 256)
+    data = ft.slices_from_store(store.root, preprocessing)
+    hu = sitk.GetArrayFromImage(imageio.to_canonical(demo_case(0)[0]))
+    with_lung = np.flatnonzero(pipeline.segment_lungs_array(hu, demo_case(0)[0].GetSpacing()).any(axis=(1, 2)))
+    assert len(data) == len(with_lung)
+    for image, z in zip(data.images, with_lung, strict=True):
+        assert np.array_equal(image, intensity.model_input(hu[z], None, preprocessing)[0])
+    assert data.masks.shape[1:] == (256, 256) and data.masks[data.edited].any()
 
 
 def write_folder(root: Path, images: np.ndarray, masks: np.ndarray) -> tuple[Path, Path]:
