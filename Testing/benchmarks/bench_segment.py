@@ -149,9 +149,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="relseg-bench-") as scratch:
         scratch = Path(scratch)
         model = args.model or default_model(scratch)
-        loaded = zoo.load_model(model, select_device(args.device))
+        loaded = zoo.load_model(model, select_device(args.device), "auto")  # the engine segment() picks
         print(f"model: {loaded.card.name} ({count_parameters(loaded.network) / 1e6:.2f} M parameters), "
-              f"device: {describe_device(loaded.device)}, torch threads: {torch.get_num_threads()}")
+              f"device: {describe_device(loaded.device)}, engine {loaded.engine}, "
+              f"torch threads: {torch.get_num_threads()}")
 
         if not args.skip_timing:
             compare_with_network(model, loaded, args)
