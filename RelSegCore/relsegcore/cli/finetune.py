@@ -37,6 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--data", metavar="ctseg2d:DIR",
                         help="a covid-ct-seg-2d folder (needs a full-slice-clahe model); the guard scores "
                              "its other cases, never slices within 2 of a corrected one")
+    parser.add_argument("--guard", metavar="ctseg2d:DIR",
+                        help="with --data: score the guard on this covid-ct-seg-2d folder (e.g. the other slices "
+                             "of the corrected patients) and train on every correction; without it, a folder of "
+                             "corrections only holds a quarter of its patients out")
     parser.add_argument("--cases", metavar="A,B",
                         help="with --data: the corrected cases or patients (default: every slice of DIR)")
     parser.add_argument("--masks", type=Path, metavar="DIR", help="masks with the images' names (sibling folder)")
@@ -65,7 +69,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from ..finetune import finetune, slices_from_ctseg2d, slices_from_folder, slices_from_store
+    import numpy as np
+
+    from ..finetune import (
+        GUARD_MAX_SLICES,
+        finetune,
+        slices_from_ctseg2d,
+        slices_from_folder,
+        slices_from_store,
+        spread,
+    )
     from ..zoo import find_model
     from .segment import progress_display
 
@@ -78,6 +91,10 @@ def run_finetune(args: argparse.Namespace) -> int:
         holdout = slices_from_folder(args.holdout_images, args.holdout_masks, size, multiclass)
     if args.data is not None:
         folder = ctseg_folder(args.data, "finetune", "other corrections as --images/--masks or --store")
+        if args.guard is not None:
+            guard_folder = ctseg_folder(args.guard, "finetune --guard", "--holdout-images/--holdout-masks")
+            guard_slices, _ = slices_from_ctseg2d(guard_folder, parent, None, guard=False)
+            holdout = guard_slices.subset(spread(np.arange(len(guard_slices)), GUARD_MAX_SLICES))
         data, guard = slices_from_ctseg2d(folder, parent, case_list(args.cases), guard=holdout is None,
                                           seed=args.seed)
         holdout = guard if holdout is None else holdout
@@ -109,6 +126,8 @@ def run_finetune(args: argparse.Namespace) -> int:
 def _check_arguments(args: argparse.Namespace) -> None:
     if (args.images is None) != (args.masks is None):
         raise InputError("give --images and --masks together")
+    if args.guard is not None and (args.data is None or args.holdout_images is not None):
+        raise InputError("--guard goes with --data ctseg2d:DIR, instead of --holdout-images")
     if args.cases is not None and args.data is None:
         raise InputError("--cases selects the corrected cases of --data ctseg2d:DIR")
     if (args.holdout_images is None) != (args.holdout_masks is None):

@@ -219,6 +219,19 @@ def test_cli_on_every_slice_holds_out_whole_patients(tmp_path):
     assert not {patients[c] for c in corrections["cases"]} & {patients[c] for c in corrections["holdout_cases"]}
 
 
+def test_cli_trains_on_every_correction_when_given_a_guard_folder(tmp_path, capsys):
+    """A folder of corrected slices only (the radiologist's batch) and the other slices as --guard."""
+    corrected = write_ctseg2d(tmp_path / "corrected", {"coronacases_001": 3, "radiopaedia_7_1": 3})
+    other = write_ctseg2d(tmp_path / "other", {"coronacases_002": 5})
+    model = write_model(tmp_path / "parent", CLAHE, [])
+    assert finetune_cli(model, corrected, tmp_path / "g.pt", "--guard", f"ctseg2d:{other}") == 0
+    printed = capsys.readouterr().out
+    assert "on 6 slices (6 edited) from 2 case(s)" in printed and "guard: 5 held-out slices of 1 case(s)" in printed
+    assert main(["finetune", "--model", str(model), "--images", str(other / "images"), "--masks",
+                 str(other / "masks"), "--guard", f"ctseg2d:{other}"]) == 2
+    assert "--guard goes with --data" in capsys.readouterr().err
+
+
 def test_cli_refuses_a_lung_crop_model_and_stray_cases(tmp_path, capsys):
     root = write_ctseg2d(tmp_path / "site", {"a": 2, "b": 2})
     lung_crop = write_model(tmp_path / "parent", {"input_size": SIZE}, [])
