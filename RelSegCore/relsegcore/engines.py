@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import RelSegError
+from .registry import default_home
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ def compile_forward(network: torch.nn.Module, engine: str, input_size: int,
 
 
 def cache_dir() -> Path:
-    """Converted models, by the weights' SHA-256 and the OpenVINO version (``RELSEG_HOME``/cache/openvino)."""
-    return Path(os.environ.get("RELSEG_HOME", Path.home() / ".relseg")) / "cache" / "openvino"
+    """Converted models, by the weights' SHA-256 and the OpenVINO version (``$RELSEG_HOME/cache/openvino``)."""
+    return default_home() / "cache" / "openvino"
 
 
 def _openvino_forward(network: torch.nn.Module, input_size: int, weights_sha256: str) -> Forward:

@@ -196,7 +196,8 @@ class ModelRegistry:
 
 
 def default_home() -> Path:
-    """``$RELSEG_HOME`` or ``~/.relseg`` (the same rule as ``zoo.user_home``, without importing torch)."""
+    """``$RELSEG_HOME`` or ``~/.relseg``: the one rule for the user's folder (models, registry, caches); here
+    because this module does not import torch."""
     return Path(os.environ.get("RELSEG_HOME", Path.home() / ".relseg"))
 
 

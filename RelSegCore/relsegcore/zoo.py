@@ -29,6 +29,7 @@ from .engines import resolve_engine
 from .errors import ModelError
 from .fileutil import atomic_path, atomic_write_text, sha256_of
 from .models import DualEncoderUNet, NetworkConfig
+from .registry import default_home
 
 DEFAULT_MODEL = "covid-infection-2d"
 PACKAGED_MODELS_DIR = Path(__file__).resolve().parent / "shipped_models"
@@ -89,7 +90,8 @@ class LoadedModel:
 
 
 def user_home() -> Path:
-    return Path(os.environ.get("RELSEG_HOME", Path.home() / ".relseg"))
+    """``$RELSEG_HOME`` or ``~/.relseg`` (``registry.default_home``)."""
+    return default_home()
 
 
 def models_dirs() -> list[Path]:

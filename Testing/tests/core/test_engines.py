@@ -101,7 +101,8 @@ def test_the_loaded_model_is_kept_for_the_next_call_until_its_weights_change(tmp
     assert len(pipeline._LOADED) <= pipeline.KEPT_MODELS
 
 
-def _real_cts(shared_data) -> dict[str, np.ndarray]:
+@pytest.fixture(scope="module")
+def real_cts(shared_data) -> dict[str, np.ndarray]:
     """Every EVERY_NTH_SLICE-th slice (canonical HU) of the real CTs in ../shared/data, and the COVID-19 slices."""
     paths = sorted((shared_data / "pleural-effusion").glob("*_ct.nii.gz"))
     paths += sorted((shared_data / "lung-tumor-volumes").glob("*_image.nrrd"))
@@ -117,11 +118,11 @@ def _real_cts(shared_data) -> dict[str, np.ndarray]:
 
 @needs_openvino
 @pytest.mark.parametrize("model", ["covid-infection-2d", "covid-lungs-2d"])
-def test_openvino_labels_match_pytorch_on_real_ct(shared_data, model):
+def test_openvino_labels_match_pytorch_on_real_ct(real_cts, model):
     reference = zoo.load_model(model, CPU, "torch")
     fast = zoo.load_model(model, CPU, "openvino")
     pooled_reference, pooled_fast, scores = [], [], {}
-    for name, hu in _real_cts(shared_data).items():
+    for name, hu in real_cts.items():
         z = np.arange(len(hu))
         expected, _ = pipeline.slice_labels_2d(reference, hu, z, None)
         found, _ = pipeline.slice_labels_2d(fast, hu, z, None)
