@@ -44,6 +44,11 @@ def common(args: argparse.Namespace) -> list[str]:
             "--cache-dir", str(args.out / "cache")]
 
 
+def fold_common(args: argparse.Namespace) -> list[str]:
+    """The held-out patients are scored once, by ``relseg evaluate`` (with NSD), not also while training."""
+    return [*common(args), "--no-validation"]
+
+
 def stage1(args: argparse.Namespace) -> tuple[list[str], Path]:
     out = args.out / "general"
     command = relseg("pretrain-general", "--shared-data", str(args.shared_data), "--sets", GENERAL_SETS,
@@ -55,7 +60,7 @@ def fold_run(args: argparse.Namespace, method: str, fold: int, general: Path) ->
     out = args.out / _slug(method) / f"fold{fold}"
     extra = [a.format(shared=args.shared_data, general=general) for a in METHODS[method]]
     command = relseg("train", "--data", f"ctseg2d:{args.data}", "--fold", str(fold), "--folds", str(args.folds),
-                     "--few-shot", "--out", str(out), "--export", "model", *extra, *common(args))
+                     "--few-shot", "--out", str(out), "--export", "model", *extra, *fold_common(args))
     return command, out
 
 
@@ -123,12 +128,14 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     args = parser.parse_args()
-    command, general = stage1(args)
-    if not general.is_file():
-        run_all([command], 1, args.out / "logs" / "stage1")
+    general_command, general = stage1(args)
     runs = [fold_run(args, method, fold, general) for method in METHODS for fold in range(args.folds)]
-    run_all([command for command, out in runs if not (out / "fold_result.json").is_file()], args.jobs,
-            args.out / "logs" / "train")
+    needs_general = [command for command, out in runs if str(general) in command]
+    todo = [command for command, out in runs if not (out / "fold_result.json").is_file()]
+    # the general encoder trains alongside the runs that do not need it; the dual runs follow
+    first = ([] if general.is_file() else [general_command]) + [c for c in todo if c not in needs_general]
+    run_all(first, args.jobs, args.out / "logs" / "train")
+    run_all([c for c in todo if c in needs_general], args.jobs, args.out / "logs" / "train-dual")
     evaluations = [evaluation(args, out) for _, out in runs]
     run_all([command for command, out in evaluations if not out.is_file()], args.jobs, args.out / "logs" / "evaluate")
     write_table(args, table(args))

@@ -136,11 +136,13 @@ def slices_from_store(store_dir: str | os.PathLike, preprocessing: dict,
 
 
 def slices_from_ctseg2d(root: str | os.PathLike, card: ModelCard, cases: Sequence[str] | None = None,
-                        guard: bool = True, seed: int = 0) -> tuple[FinetuneSlices, FinetuneSlices | None]:
+                        guard: bool = True, seed: int = 0, fingerprint: bool = True,
+                        ) -> tuple[FinetuneSlices, FinetuneSlices | None]:
     """The corrected slices of a ``covid-ct-seg-2d`` folder (those of ``cases``, cases or patients; every
     slice when None) and the guard's slices from the rest (``corrections_and_guard``; None without ``guard``).
 
-    Fingerprints are of the pictures as stored, as ``relseg evaluate`` computes them.
+    Fingerprints (of the pictures as stored, as ``relseg evaluate`` computes them) go to the model card;
+    ``fingerprint=False`` skips them for slices that only score the guard.
     """
     from .data.ctseg import patient_of, read_cases_csv, read_ctseg2d, selected_rows
     from .data.readers import read_gray_picture
@@ -157,7 +159,8 @@ def slices_from_ctseg2d(root: str | os.PathLike, card: ModelCard, cases: Sequenc
     else:
         trained, held = np.flatnonzero(corrected), None
     site = FinetuneSlices(data.images, data.masks, np.ones(len(rows), bool), names, f"ctseg2d:{root}")
-    prints = [picture_fingerprint(read_gray_picture(root / "images" / rows[i]["file"])) for i in trained]
+    prints = ([picture_fingerprint(read_gray_picture(root / "images" / rows[i]["file"])) for i in trained]
+              if fingerprint else None)
     corrections = dataclasses.replace(site.subset(trained), fingerprints=prints)
     return corrections, None if held is None else site.subset(held)
 

@@ -152,7 +152,7 @@ def load_model_cached(model: str | os.PathLike | None, device: torch.device, eng
     if loaded is None or loaded.device != device:  # a GPU that ran out of memory moved the network to the CPU
         while len(_LOADED) >= KEPT_MODELS:
             _LOADED.pop(next(iter(_LOADED)))  # the oldest
-        _LOADED[key] = loaded = zoo.load_model(card.path, device, engine)
+        _LOADED[key] = loaded = zoo.load_model(card, device, engine)
     return loaded
 
 

@@ -166,10 +166,11 @@ def load_state_dict_verified(path: Path, sha256: str) -> dict:
         raise ModelError(f"cannot load model weights {path.name}: {error}") from None
 
 
-def load_model(name_or_path: str | os.PathLike | None, device: torch.device, engine: str = "torch") -> LoadedModel:
+def load_model(name_or_path: str | os.PathLike | ModelCard | None, device: torch.device,
+               engine: str = "torch") -> LoadedModel:
     """The verified network on ``device``; ``engine`` ("auto", "torch", "openvino": see ``engines``) says what
-    runs its forward passes in ``inference``."""
-    card = find_model(name_or_path)
+    runs its forward passes in ``inference``. A card already found is used as it is."""
+    card = name_or_path if isinstance(name_or_path, ModelCard) else find_model(name_or_path)
     network = build_network(card)
     try:
         network.load_state_dict(load_state_dict_verified(card.path, card.sha256))

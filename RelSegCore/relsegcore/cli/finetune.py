@@ -93,7 +93,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         folder = ctseg_folder(args.data, "finetune", "other corrections as --images/--masks or --store")
         if args.guard is not None:
             guard_folder = ctseg_folder(args.guard, "finetune --guard", "--holdout-images/--holdout-masks")
-            guard_slices, _ = slices_from_ctseg2d(guard_folder, parent, None, guard=False)
+            guard_slices, _ = slices_from_ctseg2d(guard_folder, parent, None, guard=False, fingerprint=False)
             holdout = guard_slices.subset(spread(np.arange(len(guard_slices)), GUARD_MAX_SLICES))
         data, guard = slices_from_ctseg2d(folder, parent, case_list(args.cases), guard=holdout is None,
                                           seed=args.seed)

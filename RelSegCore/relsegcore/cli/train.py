@@ -103,6 +103,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                              "see whole slices)")
     parser.add_argument("--augment", type=float, default=1.0, help="augmentation strength (0 = none)")
     parser.add_argument("--validate-every", type=int, default=250)
+    parser.add_argument("--no-validation", action="store_true",
+                        help="with --fold: do not score the held-out slices while training (score them "
+                             "afterwards with relseg evaluate, which also gives NSD)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     parser.add_argument("--export", metavar="NAME", help="also write the final model NAME.pt + NAME.json here")
     parser.add_argument("--model-dir", type=Path, help="folder for --export (default: the run folder)")
@@ -222,7 +225,8 @@ def run_train(args: argparse.Namespace) -> int:
         train_idx, val_idx = _split(args, data.names)
         images, train_masks = _with_pooled(data.images[train_idx], masks[train_idx], pooled)
         images, train_masks, weights = _with_negatives(images, train_masks, negatives, args.negative_fraction)
-        result = train(config, images, train_masks, data.images[val_idx], masks[val_idx],
+        val_images, val_masks = (None, None) if args.no_validation else (data.images[val_idx], masks[val_idx])
+        result = train(config, images, train_masks, val_images, val_masks,
                        resume=not args.no_resume, show_bar=True, sample_weights=weights)
         summary = {"fold": args.fold, "val_dice": result.final_val_dice, "best_val_dice": result.best_val_dice,
                    "val_cases": [data.names[i] for i in val_idx], "seconds": round(result.seconds, 1),

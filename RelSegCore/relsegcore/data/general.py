@@ -91,7 +91,7 @@ def read_kind(kind: str, path: Path, size: int = 256, cache_dir: str | os.PathLi
     if kind == "pairs":
         return read_volume_pairs(path, size=size, cache_dir=cache_dir, limit=limit, recipe=recipe, **options)
     if kind == "decathlon":
-        return read_decathlon(path, size=size, cache_dir=cache_dir, limit=limit, **options)
+        return read_decathlon(path, size=size, cache_dir=cache_dir, limit=limit, recipe=recipe, **options)
     if kind == "folder":
         return read_image_folder(path, size=size, limit=limit, **options)
     if kind == "slices":  # a prepared SliceSet (relseg pretrain-general --save-slices): train anywhere

@@ -189,6 +189,23 @@ def test_decathlon_layout(tmp_path: Path) -> None:
         read_decathlon(tmp_path)
 
 
+def test_decathlon_volumes_are_rendered_by_the_recipe_asked_for(tmp_path: Path) -> None:
+    """A full-slice model's general/pooled data from a Decathlon folder must look like its own input,
+    not like lung-window crops (the reader once ignored ``recipe``)."""
+    hu, mask = _chest_volume()
+    for folder in ("imagesTr", "labelsTr"):
+        (tmp_path / folder).mkdir()
+    _write_volume(tmp_path / "imagesTr" / "c1.nii.gz", hu, spacing=(2.5, 2.5, 3.0))
+    _write_volume(tmp_path / "labelsTr" / "c1.nii.gz", mask, spacing=(2.5, 2.5, 3.0), pixel=sitk.sitkUInt8)
+    (tmp_path / "dataset.json").write_text(json.dumps(
+        {"training": [{"image": "./imagesTr/c1.nii.gz", "label": "./labelsTr/c1.nii.gz"}]}))
+    full = read_dataset_spec(f"decathlon:{tmp_path}", size=64, recipe="full-slice-clahe")
+    same = read_volume_pairs(tmp_path / "imagesTr", tmp_path / "labelsTr", size=64, recipe="full-slice-clahe")
+    crop = read_dataset_spec(f"decathlon:{tmp_path}", size=64)
+    assert np.array_equal(full.images, same.images) and full.masks.any()
+    assert not np.array_equal(full.images, crop.images)
+
+
 def test_patches_npz_scale_float_to_8bit_and_skip_empty_patches(tmp_path: Path) -> None:
     images = np.full((3, 1, 48, 48), 0.5, np.float32)
     labels = np.zeros((3, 1, 48, 48), np.uint8)
