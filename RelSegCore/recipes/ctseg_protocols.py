@@ -131,7 +131,7 @@ def main() -> int:
     general_command, general = stage1(args)
     runs = [fold_run(args, method, fold, general) for method in METHODS for fold in range(args.folds)]
     needs_general = [command for command, out in runs if str(general) in command]
-    todo = [command for command, out in runs if not (out / "fold_result.json").is_file()]
+    todo = [command for command, out in runs if not (out / "model.pt").is_file()]  # resumed if interrupted
     # the general encoder trains alongside the runs that do not need it; the dual runs follow
     first = ([] if general.is_file() else [general_command]) + [c for c in todo if c not in needs_general]
     run_all(first, args.jobs, args.out / "logs" / "train")

@@ -239,18 +239,28 @@ def run_train(args: argparse.Namespace) -> int:
         if distributed_context()[0] == 0:
             write_summary(args.out / "fold_result.json", summary)
         print(json.dumps({k: v for k, v in summary.items() if k != "val_cases"}))
+        # the fold's model, for scoring its held-out patients with relseg evaluate (the protocols recipe)
+        _export_trained(args, result, config, [data.names[i] for i in train_idx], pooled, negatives)
         return 0
     images, train_masks = _with_pooled(data.images, masks, pooled)
     images, train_masks, weights = _with_negatives(images, train_masks, negatives, args.negative_fraction)
     result = train(config, images, train_masks, resume=not args.no_resume, show_bar=True, sample_weights=weights)
+    _export_trained(args, result, config, data.names, pooled, negatives)
+    return 0
+
+
+def _export_trained(args: argparse.Namespace, result, config: TrainConfig, names: list[str], pooled,
+                    negatives) -> None:
+    """``_export`` with the card's account of what trained the model: the target slices ``names``, the pooled
+    lesions and the negatives."""
     classes = (["background", "ground-glass opacity", "consolidation"] if args.multiclass
                else ["background", "lung"] if args.target == "lungs" else ["background", "infection"])
     if args.data:
-        patients = sorted({name.split("/")[0] for name in data.names})
-        training_data = (f"{args.data} {args.target} masks ({len(data)} slices of {len(patients)} CT series: "
+        patients = sorted({name.split("/")[0] for name in names})
+        training_data = (f"{args.data} {args.target} masks ({len(names)} slices of {len(patients)} CT series: "
                          f"{', '.join(patients)})")
     else:
-        training_data = f"{args.images} + {args.masks} ({len(data)} slices)"
+        training_data = f"{args.images} + {args.masks} ({len(names)} slices)"
     if pooled is not None:
         training_data += f"; pooled non-COVID lesions as infection: {', '.join(args.pooled)} ({len(pooled)} slices)"
     if negatives is not None:
@@ -260,8 +270,7 @@ def run_train(args: argparse.Namespace) -> int:
                           f"{args.negative_fraction:g} of each batch)")
     _export(args, result, config, classes=classes, training_data=training_data,
             role="lungs" if args.target == "lungs" else "infection", recipe=_recipe(args),
-            fingerprints=_fingerprints(args, data))
-    return 0
+            fingerprints=_fingerprints(args, names))
 
 
 def _read_pooled(args: argparse.Namespace):
@@ -368,18 +377,18 @@ def _drop_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def _fingerprints(args: argparse.Namespace, data) -> list[str]:
-    """Fingerprints of the training pictures as stored, so ``relseg evaluate`` can spot them."""
+def _fingerprints(args: argparse.Namespace, names: list[str]) -> list[str]:
+    """Fingerprints of the training pictures ``names`` as stored, so ``relseg evaluate`` can spot them."""
     if not args.export:
         return []
-    from ..data.readers import folder_fingerprints, picture_fingerprint
+    from ..data.readers import find_picture_pairs, picture_fingerprint, read_gray_picture
 
     if args.data:  # the stored pictures, as relseg evaluate reads them (not resized to --size)
-        from ..data.readers import read_gray_picture
-
         images = ctseg_folder(args.data, "train", "picture folders as --images/--masks") / "images"
-        return [picture_fingerprint(read_gray_picture(images / name.split("/", 1)[1])) for name in data.names]
-    return folder_fingerprints(args.images, args.masks)
+        return [picture_fingerprint(read_gray_picture(images / name.split("/", 1)[1])) for name in names]
+    stems = {name.rsplit("/", 1)[-1] for name in names}  # a fold trains on some of the folder's pictures
+    return [picture_fingerprint(read_gray_picture(image))
+            for stem, image, _ in find_picture_pairs(args.images, args.masks) if stem in stems]
 
 
 def _export(args, result, config: TrainConfig, classes: list[str], training_data: str, role: str,

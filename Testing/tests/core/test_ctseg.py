@@ -163,12 +163,17 @@ def test_few_shot_fold_trains_on_its_patients_and_is_scored_on_the_others(tmp_pa
         out = tmp_path / f"run-{few_shot}"
         argv = ["train", "--data", f"ctseg2d:{root}", "--fold", "0", "--folds", "2", "--out", str(out), *tiny]
         # the few-shot run, as the protocols recipe runs it, leaves the scoring to relseg evaluate
-        assert main([*argv, "--few-shot", "--no-validation"] if few_shot else argv) == 0
+        assert main([*argv, "--few-shot", "--no-validation", "--export", "fold"] if few_shot else argv) == 0
         results[few_shot] = json.loads((out / "fold_result.json").read_text())
         assert (results[few_shot]["val_dice"] is None) == few_shot
+        assert (out / "fold.pt").is_file() == few_shot  # the fold's model, to be scored on the other patients
         assert not set(results[few_shot]["train_patients"]) & set(results[few_shot]["val_patients"])
         assert len(results[few_shot]["train_patients"]) + len(results[few_shot]["val_patients"]) == 4
     assert sorted(results[True]["train_patients"]) == sorted(results[False]["val_patients"])
+    fold_card = json.loads((tmp_path / "run-True" / "fold.json").read_text())
+    assert len(fold_card["training"]["image_fingerprints"]) == results[True]["train_slices"]
+    assert all(p in fold_card["training"]["data"] for p in results[True]["train_patients"])
+    assert not any(p in fold_card["training"]["data"] for p in results[True]["val_patients"])
     model_argv = ["--export", "tiny", "--out", str(tmp_path / "model")]
     assert main(["train", "--data", f"ctseg2d:{root}", *tiny, *model_argv]) == 0
     scored = tmp_path / "scored.json"
