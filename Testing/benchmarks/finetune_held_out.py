@@ -1,25 +1,28 @@
-"""Does ``relseg finetune`` on 16 new real slices improve a dual model on other unseen slices?
+"""The radiologist's loop on patients a model never saw: correct 16 slices, fine-tune, score the rest.
 
-The shipped ``covid-infection-2d`` was trained on all 50 COVID-SemiSeg training slices, so
-on this project's machines there are no unseen real slices to fine-tune and score it on (the
-48 test slices are kept elsewhere). This benchmark stands in for that: the 50 slices are split
-by the cross-validation folds (``crossval.fold_indices(50, 5, seed=0)``) into
+Issue 15's done-when, run with its own commands on patients held out of a base model's training. The
+shipped default has seen all 12 patients of ``covid-ct-seg-2d``, so the base here is a model trained
+by the default's recipe on a patient-level fold (``relseg train --data ctseg2d:DIR --fold K --folds N
+--export NAME``); its held-out patients stand in for a new site's. The script
 
-- ``base`` (24 slices: folds 3, 4 and 4 slices of fold 2): a dual model trained with the
-  shipped recipe's configuration (general encoder frozen, relation loss ``encoders`` w 10);
-- ``finetune`` (16 slices: fold 0 and 6 slices of fold 1): what the site corrects;
-- ``holdout`` (10 slices: the rest of folds 1 and 2): never seen by either model.
+1. writes two ``covid-ct-seg-2d`` folders (links to the data, their own ``cases.csv``): ``corrected``,
+   ``--k`` slices spread evenly over the held-out patients' slices, and ``other``, every other slice of
+   those patients at least ``--gap`` slices away from a corrected slice of its case;
+2. runs ``relseg finetune --model BASE --data ctseg2d:corrected --out ft.pt --device cpu`` (timed:
+   the issue allows 300 s on 2 CPU cores);
+3. runs ``relseg evaluate --data ctseg2d:other --json`` for the base and the fine-tuned model and prints
+   the mean per-slice Dice before and after.
 
-It runs the plain commands (printed), then ``relseg evaluate`` of both models on ``holdout``,
-and prints mean Dice before/after and the fine-tuning wall time.
+Not part of pytest::
 
-    python Testing/benchmarks/finetune_held_out.py --data ../shared/data/covid-semiseg/train \\
-        --general work-dirs/recipe/general/covid-general-encoder.pt --out work-dirs/ft-held-out --device cpu
+    python Testing/benchmarks/finetune_held_out.py --data ../shared/data/covid-ct-seg-2d \\
+        --base work-dirs/cv/infection-fold0/fold0.pt --out work-dirs/ft-held-out
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shlex
@@ -28,34 +31,41 @@ import sys
 import time
 from pathlib import Path
 
-from relsegcore.crossval import fold_indices
-from relsegcore.data.readers import read_image_folder
+import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "RelSegCore" / "recipes"))
-from shipped_models import CONFIGS  # noqa: E402  (the recipe's own arguments: one definition of "shipped dual")
-
-SHIPPED_DUAL = CONFIGS["dual-frozen+relation-encoders"]  # the configuration of covid-infection-2d 1.0.0
+from relsegcore.data.ctseg import patient_of, read_cases_csv
+from relsegcore.finetune import case_orders
 
 
-def split(data: Path, out: Path) -> dict[str, list[str]]:
-    """Link the 50 slices into ``out/{base,finetune,holdout}/{images,masks}`` by fold."""
-    names = [name.split("/")[-1] for name in read_image_folder(data, size=32).names]
-    parts = fold_indices(len(names), 5, seed=0)
-    groups = {"base": [*parts[3], *parts[4], *parts[2][:4]], "finetune": [*parts[0], *parts[1][:6]],
-              "holdout": [*parts[1][6:], *parts[2][4:]]}
-    for group, indices in groups.items():
-        for sub in ("images", "masks"):
-            (out / group / sub).mkdir(parents=True, exist_ok=True)
-            for index in indices:
-                source = next((data / sub).glob(names[index] + ".*")).resolve()
-                target = out / group / sub / source.name
-                if not target.exists():
-                    os.symlink(source, target)
-    return {group: sorted(names[i] for i in indices) for group, indices in groups.items()}
+def choose_slices(rows: list[dict[str, str]], patients: list[str], k: int, gap: int) -> tuple[list[int], list[int]]:
+    """(corrected, other) row indices: ``k`` slices spread evenly over the patients' slices, and the
+    patients' slices at least ``gap`` away from every corrected slice of the same case."""
+    orders = case_orders(rows)
+    mine = [i for i, row in enumerate(rows) if patient_of(row["case"]) in patients]
+    corrected = [mine[int(i)] for i in np.linspace(0, len(mine) - 1, k + 2)[1:-1].round()]
+    near = {(rows[i]["case"], orders[i]) for i in corrected}
+    other = [i for i in mine if i not in corrected
+             and all((rows[i]["case"], orders[i] + d) not in near for d in range(-gap + 1, gap))]
+    return corrected, other
+
+
+def write_folder(data: Path, rows: list[dict[str, str]], indices: list[int], out: Path) -> Path:
+    """A covid-ct-seg-2d folder of the chosen rows: links to the pictures and their own cases.csv."""
+    for sub in ("images", "masks", "lungs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        for i in indices:
+            target = out / sub / rows[i]["file"]
+            if not target.exists():
+                os.symlink((data / sub / rows[i]["file"]).resolve(), target)
+    with open(out / "cases.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows[i] for i in indices)
+    return out
 
 
 def relseg(*args: str) -> float:
-    """Run one ``relseg`` command (printed); returns its wall time in seconds."""
+    """Run one ``relseg`` command (printed); its wall time in seconds."""
     print("$ relseg " + shlex.join(args), flush=True)
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "relsegcore.cli", *args], check=True)
@@ -63,38 +73,45 @@ def relseg(*args: str) -> float:
 
 
 def evaluate(model: Path, folder: Path, out: Path, device: str) -> float:
-    relseg("evaluate", "--model", str(model), "--images", str(folder / "images"), "--masks", str(folder / "masks"),
-           "--json", str(out), "--device", device)
+    relseg("evaluate", "--model", str(model), "--data", f"ctseg2d:{folder}", "--json", str(out), "--device", device)
     return json.loads(out.read_text())["mean_dice"]
+
+
+def held_out_patients(base: Path) -> list[str]:
+    """The patients of ``fold_result.json`` beside the base model that it was not trained on."""
+    result = base.parent / "fold_result.json"
+    if not result.is_file():
+        raise SystemExit(f"no {result}: give --patients")
+    return json.loads(result.read_text())["val_patients"]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="COVID-SemiSeg train folder (images/, masks/)")
-    parser.add_argument("--general", type=Path, required=True, help="the recipe's stage-1 model (.pt)")
+    parser.add_argument("--data", type=Path, required=True, help="a covid-ct-seg-2d folder")
+    parser.add_argument("--base", type=Path, required=True, help="a model trained without --patients (.pt)")
+    parser.add_argument("--patients", help="comma-separated (default: the base's fold_result.json val_patients)")
+    parser.add_argument("--k", type=int, default=16, help="corrected slices")
+    parser.add_argument("--gap", type=int, default=3, help="scored slices lie at least this far from a correction")
     parser.add_argument("--out", type=Path, default=Path("work-dirs/ft-held-out"))
-    parser.add_argument("--iterations", type=int, default=300, help="training of the base model")
-    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    groups = split(args.data, args.out)
-    base_dir = args.out / "base"
-    base = base_dir / "run" / "base-model.pt"
-    if not base.is_file():
-        relseg("train", "--images", str(base_dir / "images"), "--masks", str(base_dir / "masks"),
-               *[a.replace("{general}", str(args.general)) for a in SHIPPED_DUAL],
-               "--iterations", str(args.iterations), "--batch-size", str(args.batch_size), "--device", args.device,
-               "--out", str(base_dir / "run"), "--export", "base-model")
-    tuned = args.out / "finetuned.pt"
-    seconds = relseg("finetune", "--model", str(base), "--images", str(args.out / "finetune" / "images"),
-                     "--masks", str(args.out / "finetune" / "masks"), "--out", str(tuned), "--device", args.device)
-    before = evaluate(base, args.out / "holdout", args.out / "before.json", args.device)
-    after = evaluate(tuned, args.out / "holdout", args.out / "after.json", args.device)
-    result = {"groups": groups, "holdout_dice_before": before, "holdout_dice_after": after,
-              "finetune_seconds": round(seconds, 1), "device": args.device}
+    patients = args.patients.split(",") if args.patients else held_out_patients(args.base)
+    rows = read_cases_csv(args.data)
+    corrected, other = choose_slices(rows, patients, args.k, args.gap)
+    corrected_dir = write_folder(args.data, rows, corrected, args.out / "corrected")
+    other_dir = write_folder(args.data, rows, other, args.out / "other")
+    print(f"{len(corrected)} corrected slices and {len(other)} scored slices of {', '.join(patients)}")
+    tuned = args.out / "ft.pt"
+    seconds = relseg("finetune", "--model", str(args.base), "--data", f"ctseg2d:{corrected_dir}", "--out", str(tuned),
+                     "--device", args.device)
+    before = evaluate(args.base, other_dir, args.out / "before.json", args.device)
+    after = evaluate(tuned, other_dir, args.out / "after.json", args.device)
+    result = {"patients": patients, "corrected": [rows[i]["file"] for i in corrected], "scored_slices": len(other),
+              "dice_before": before, "dice_after": after, "finetune_seconds": round(seconds, 1),
+              "device": args.device, "cpu_threads": os.environ.get("OMP_NUM_THREADS")}
     (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"held-out Dice (10 unseen slices): base {before:.4f} -> fine-tuned {after:.4f} "
-          f"({after - before:+.4f}); fine-tuning took {seconds:.0f} s on {args.device}")
+    print(f"mean Dice on {len(other)} other slices: base {before:.4f} -> fine-tuned {after:.4f} "
+          f"({100 * (after - before):+.1f} points); relseg finetune took {seconds:.0f} s on {args.device}")
     return 0
 
 
