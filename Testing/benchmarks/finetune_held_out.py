@@ -93,6 +93,7 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=16, help="corrected slices")
     parser.add_argument("--gap", type=int, default=3, help="scored slices lie at least this far from a correction")
     parser.add_argument("--out", type=Path, default=Path("work-dirs/ft-held-out"))
+    parser.add_argument("--lr", help="relseg finetune --lr (default: its own)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     patients = args.patients.split(",") if args.patients else held_out_patients(args.base)
@@ -101,15 +102,17 @@ def main() -> int:
     corrected_dir = write_folder(args.data, rows, corrected, args.out / "corrected")
     other_dir = write_folder(args.data, rows, other, args.out / "other")
     print(f"{len(corrected)} corrected slices and {len(other)} scored slices of {', '.join(patients)}")
-    tuned = args.out / "ft.pt"
+    tuned = args.out / (f"ft-lr{args.lr}.pt" if args.lr else "ft.pt")
     seconds = relseg("finetune", "--model", str(args.base), "--data", f"ctseg2d:{corrected_dir}", "--out", str(tuned),
-                     "--device", args.device)
-    before = evaluate(args.base, other_dir, args.out / "before.json", args.device)
-    after = evaluate(tuned, other_dir, args.out / "after.json", args.device)
+                     "--device", args.device, *(["--lr", args.lr] if args.lr else []))
+    scored = args.out / "before.json"  # the base's score, kept across runs with other --lr
+    before = json.loads(scored.read_text())["mean_dice"] if scored.is_file() else evaluate(
+        args.base, other_dir, scored, args.device)
+    after = evaluate(tuned, other_dir, tuned.with_suffix(".scored.json"), args.device)
     result = {"patients": patients, "corrected": [rows[i]["file"] for i in corrected], "scored_slices": len(other),
               "dice_before": before, "dice_after": after, "finetune_seconds": round(seconds, 1),
-              "device": args.device, "cpu_threads": os.environ.get("OMP_NUM_THREADS")}
-    (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+              "lr": args.lr, "device": args.device, "cpu_threads": os.environ.get("OMP_NUM_THREADS")}
+    tuned.with_suffix(".result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"mean Dice on {len(other)} other slices: base {before:.4f} -> fine-tuned {after:.4f} "
           f"({100 * (after - before):+.1f} points); relseg finetune took {seconds:.0f} s on {args.device}")
     return 0
