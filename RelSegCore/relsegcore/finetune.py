@@ -262,7 +262,8 @@ def corrections_and_guard(cases: Sequence[str], orders: Sequence[int], corrected
                           limit: int = GUARD_MAX_SLICES, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(trained, guard) slice indices of a site's folder: the corrected slices, and at most ``limit`` of
     the ``guard_candidates``. When there are none (every slice corrected), whole patients of the
-    corrections are held out instead, as ``holdout_split`` does."""
+    corrections are held out instead, as ``holdout_split`` does; with one patient only, some of its
+    corrected slices far enough from the others (``spaced_holdout``)."""
     corrected = np.asarray(corrected, bool)
     if not corrected.any():
         raise InputError("no corrected slice selected")
@@ -270,9 +271,30 @@ def corrections_and_guard(cases: Sequence[str], orders: Sequence[int], corrected
     trained = np.flatnonzero(corrected)
     if len(candidates):
         return trained, spread(candidates, limit)
-    groups = list(cases if patients is None else patients)
-    kept, held = holdout_split([groups[i] for i in trained], seed=seed)
+    groups = [list(cases if patients is None else patients)[i] for i in trained]
+    if len(set(groups)) < 2:
+        kept, held = spaced_holdout([cases[i] for i in trained], [orders[i] for i in trained], gap)
+    else:
+        kept, held = holdout_split(groups, seed=seed)
     return trained[kept], spread(trained[held], limit)
+
+
+def spaced_holdout(cases: Sequence[str], orders: Sequence[int], gap: int = GUARD_GAP,
+                   fraction: float = HOLDOUT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices of one patient's corrected slices: every ``1/fraction``-th slice in order
+    is held out when no kept slice of its case lies within ``gap`` of it (a near copy would flatter the
+    guard). Corrections too close together for that are refused, with what to do instead."""
+    rank = sorted(range(len(cases)), key=lambda i: (cases[i], orders[i]))
+    step = max(2, round(1 / fraction))
+    chosen = set(rank[step // 2::step])
+    held = [i for i in chosen if all(abs(orders[i] - orders[j]) >= gap for j in range(len(cases))
+                                     if j not in chosen and cases[j] == cases[i])]
+    if not held:
+        raise InputError(f"the corrections come from one patient and lie within {gap} slices of each other, so "
+                         "none can be held out for the before/after check: give the other slices of the patient "
+                         "as --guard ctseg2d:DIR (or --holdout-images/--holdout-masks)")
+    is_held = np.isin(np.arange(len(cases)), held)
+    return np.flatnonzero(~is_held), np.flatnonzero(is_held)
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--guard", metavar="ctseg2d:DIR",
                         help="with --data: score the guard on this covid-ct-seg-2d folder (e.g. the other slices "
                              "of the corrected patients) and train on every correction; without it, a folder of "
-                             "corrections only holds a quarter of its patients out")
+                             "corrections only holds a quarter of its patients out (of one patient: a quarter of "
+                             "its slices, each at least 3 from a kept one)")
     parser.add_argument("--cases", metavar="A,B",
                         help="with --data: the corrected cases or patients (default: every slice of DIR)")
     parser.add_argument("--masks", type=Path, metavar="DIR", help="masks with the images' names (sibling folder)")

@@ -78,6 +78,19 @@ def test_corrections_and_guard_caps_the_guard_evenly_and_falls_back_to_whole_pat
         ft.corrections_and_guard(["a"], [0], np.zeros(1, bool))
 
 
+def test_corrections_of_one_patient_hold_out_spaced_slices_of_it():
+    """A folder of 16 corrected slices of one patient: a quarter held out, none near a kept one."""
+    cases, orders = ["p"] * 16, [6 * i for i in range(16)]  # corrections 6 slices apart
+    trained, guard = ft.corrections_and_guard(cases, orders, np.ones(16, bool))
+    assert len(guard) == 4 and len(trained) == 12 and not set(trained) & set(guard)
+    assert min(abs(orders[g] - orders[t]) for g in guard for t in trained) >= ft.GUARD_GAP
+    trained, guard = ft.corrections_and_guard(cases, orders[:4] + [100, 101, 102, 103, 104, 105, 106, 107, 108,
+                                                                   109, 110, 111], np.ones(16, bool))
+    assert guard.tolist() == [2]  # of the 4 chosen, those among consecutive slices would be near copies: trained
+    with pytest.raises(InputError, match="one patient"):
+        ft.corrections_and_guard(["p"] * 4, [0, 1, 2, 3], np.ones(4, bool))
+
+
 def write_model(directory: Path, preprocessing: dict, fingerprints: list[str]) -> Path:
     """A tiny untrained model whose card says what its parent training saw."""
     torch.manual_seed(0)
