@@ -187,16 +187,19 @@ def _upsample_linear(array: np.ndarray, factor: int, axis: int) -> np.ndarray:
 
 def _border_connected_per_slice(mask: np.ndarray) -> np.ndarray:
     """Parts of ``mask`` touching the in-plane image border, slice by slice: air outside the body."""
-    structure = np.zeros((3, 3, 3), bool)
-    structure[1] = ndimage.generate_binary_structure(2, 1)
-    components, _ = ndimage.label(mask, structure)
-    border_ids = np.unique(
-        np.concatenate(
-            [components[:, 0, :].ravel(), components[:, -1, :].ravel(),
-             components[:, :, 0].ravel(), components[:, :, -1].ravel()]
-        )
-    )
-    return np.isin(components, border_ids[border_ids > 0])
+    import cv2  # 2D labelling by OpenCV, slice by slice: the same components as scipy's, several times faster
+
+    out = np.zeros(mask.shape, bool)
+    for z, plane in enumerate(mask.astype(np.uint8)):
+        count, components = cv2.connectedComponents(plane, connectivity=4)
+        if count < 2:
+            continue
+        touching = np.zeros(count, bool)
+        for edge in (components[0], components[-1], components[:, 0], components[:, -1]):
+            touching[edge] = True
+        touching[0] = False
+        out[z] = touching[components]
+    return out
 
 
 def _body_midline_x(hu: np.ndarray) -> float:

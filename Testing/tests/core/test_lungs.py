@@ -194,3 +194,21 @@ def test_opencv_morphology_gives_scipys_voxels():
     padded = np.pad(mask, ((steps, steps), (0, 0), (0, 0)), mode="edge")
     closed = ndimage.binary_erosion(ndimage.binary_dilation(padded, structure), structure)[steps:-steps]
     assert np.array_equal(lungs._close_along_z(mask, lungs.Z_CLOSING_MM / steps), closed)
+
+
+def test_border_air_per_slice_is_scipys_border_connected_components():
+    """Air outside the body: in-plane 4-connected components touching the slice border (OpenCV per slice)."""
+    from scipy import ndimage
+
+    from relsegcore import lungs
+
+    rng = np.random.default_rng(1)
+    mask = rng.random((5, 30, 41)) > 0.45  # many components, some touching the border, some enclosed
+    mask[2] = False  # an empty slice
+    structure = np.zeros((3, 3, 3), bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)
+    components, _ = ndimage.label(mask, structure)
+    edges = np.concatenate([components[:, [0, -1], :].ravel(), components[:, :, [0, -1]].ravel()])
+    expected = np.isin(components, edges[edges > 0])
+    found = lungs._border_connected_per_slice(mask)
+    assert np.array_equal(found, expected) and found.any() and (mask & ~found).any()
