@@ -3,9 +3,9 @@
 COVID-19-CT-Seg's Task 1 trains on few COVID cases (4 of 20) and tests on the rest; Task 3 pools
 non-COVID lesion data with the same COVID cases; the paper's dual encoder adds a general encoder
 trained on the non-COVID lesions, and the relation loss. Here, in 2D on the 12 patients of
-``covid-ct-seg-2d``: the patients are dealt into ``--folds`` folds (``relsegcore.data.ctseg.
-patient_folds``); for each fold, every method trains on that fold's patients only
-(``relseg train --fold k --few-shot``) and is scored on all the other patients' slices with
+``covid-ct-seg-2d``: the patients are dealt into ``--folds`` folds (``relsegcore.data.ctseg.patient_folds``;
+3 folds: 4 patients each, as Task 1's 4 training cases); for each fold, every method trains on that
+fold's patients only (``relseg train --fold k --few-shot``) and is scored on all the other patients' slices with
 ``relseg evaluate --data ctseg2d:DIR --cases ...`` (Dice, and NSD in pixels: the slices carry no
 spacing). Non-COVID data goes through the same ``full-slice-clahe`` recipe as the COVID slices, so
 the network cannot tell the sources apart by appearance.
@@ -14,7 +14,7 @@ Every step is a plain ``relseg`` command, printed as it runs; finished steps are
 recipe can be stopped and resumed. Writes ``protocols.md`` and ``protocols.json`` in ``--out``::
 
     python RelSegCore/recipes/ctseg_protocols.py --data ../shared/data/covid-ct-seg-2d \\
-        --shared-data ../shared/data --out work-dirs/protocols --folds 4 --iterations 2000 --device cuda --jobs 4
+        --shared-data ../shared/data --out work-dirs/protocols --folds 3 --iterations 2000 --device cuda --jobs 4
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, required=True, help="a covid-ct-seg-2d folder")
     parser.add_argument("--shared-data", type=Path, required=True, help="the folder holding the non-COVID sets")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--folds", type=int, default=4)
+    parser.add_argument("--folds", type=int, default=3, help="3: 4 training patients a fold, as Task 1's 4 cases")
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--patch-size", type=int, default=160)
