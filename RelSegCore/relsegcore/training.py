@@ -355,6 +355,7 @@ def train(config: TrainConfig, train_images: np.ndarray, train_masks: np.ndarray
             teacher.load_state_dict(state["teacher"])
         start_iteration = int(state["iteration"])
         history = list(state.get("history", []))
+        started -= history[-1]["seconds"] if history else 0.0  # seconds count the whole run, not this part
         log.info("resumed from %s at iteration %d", checkpoint_path, start_iteration)
     model = network
     if world > 1:

@@ -17,7 +17,14 @@ from synthetic_slices import squares
 from relsegcore.errors import Cancelled
 from relsegcore.models import NetworkConfig
 from relsegcore.progress import Progress
-from relsegcore.training import RelationConfig, TrainConfig, encoder_state_from, train
+from relsegcore.training import (
+    RelationConfig,
+    TrainConfig,
+    encoder_state_from,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
 
 TINY = NetworkConfig(base_channels=4, depth=3)
 
@@ -47,8 +54,14 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
     stop_halfway = Progress(should_cancel=lambda: (tmp_path / "split" / "checkpoint.pt").is_file())
     with pytest.raises(Cancelled):
         train(config(tmp_path / "split"), images, masks, progress=stop_halfway)
+    checkpoint = tmp_path / "split" / "checkpoint.pt"
+    state = load_checkpoint(checkpoint)
+    state["history"][-1]["seconds"] = 1000.0  # as if the first part had taken 1000 s
+    save_checkpoint(checkpoint, state)
     resumed = train(config(tmp_path / "split"), images, masks)  # picks up the iteration-20 checkpoint
     assert [r["iteration"] for r in resumed.history] == [20, 40]
+    # the run's seconds include the part before the interruption (model cards report them)
+    assert resumed.seconds >= 1000 and resumed.history[1]["seconds"] >= 1000
     for key, value in whole.network.state_dict().items():
         assert torch.allclose(value, resumed.network.state_dict()[key], atol=1e-5), key
 
