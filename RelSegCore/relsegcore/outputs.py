@@ -467,6 +467,6 @@ def write_outputs(out_dir: str | os.PathLike, name: str, ct: sitk.Image, lungs: 
                 (_write_overview_png, tmp["overview"], ct, lungs, infection, OVERVIEW_SLICES, class_names)]
         # side by side: compression and PNG encoding release the GIL (1.8 s -> see bench_real_ct's "write")
         with ThreadPoolExecutor(max_workers=WRITER_THREADS) as pool:
-            for future in [pool.submit(job[0], *job[1:]) for job in jobs]:
+            for future in [pool.submit(*job) for job in jobs]:
                 future.result()  # the first error, after every writer stopped; no file is renamed into place
     return paths

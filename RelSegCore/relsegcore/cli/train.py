@@ -381,14 +381,12 @@ def _fingerprints(args: argparse.Namespace, names: list[str]) -> list[str]:
     """Fingerprints of the training pictures ``names`` as stored, so ``relseg evaluate`` can spot them."""
     if not args.export:
         return []
-    from ..data.readers import find_picture_pairs, picture_fingerprint, read_gray_picture
+    from ..data.readers import folder_fingerprints, picture_fingerprint, read_gray_picture
 
     if args.data:  # the stored pictures, as relseg evaluate reads them (not resized to --size)
         images = ctseg_folder(args.data, "train", "picture folders as --images/--masks") / "images"
         return [picture_fingerprint(read_gray_picture(images / name.split("/", 1)[1])) for name in names]
-    stems = {name.rsplit("/", 1)[-1] for name in names}  # a fold trains on some of the folder's pictures
-    return [picture_fingerprint(read_gray_picture(image))
-            for stem, image, _ in find_picture_pairs(args.images, args.masks) if stem in stems]
+    return folder_fingerprints(args.images, args.masks, stems={name.rsplit("/", 1)[-1] for name in names})
 
 
 def _export(args, result, config: TrainConfig, classes: list[str], training_data: str, role: str,

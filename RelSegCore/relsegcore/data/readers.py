@@ -158,9 +158,12 @@ def picture_fingerprint(image: np.ndarray) -> str:
     return hashlib.sha256(repr(image.shape).encode() + image.tobytes()).hexdigest()[:16]
 
 
-def folder_fingerprints(images_dir: str | os.PathLike, masks_dir: str | os.PathLike) -> list[str]:
-    """``picture_fingerprint`` of every image that has a mask, as model cards record their training slices."""
-    return [picture_fingerprint(read_gray_picture(image)) for _, image, _ in find_picture_pairs(images_dir, masks_dir)]
+def folder_fingerprints(images_dir: str | os.PathLike, masks_dir: str | os.PathLike,
+                        stems: set[str] | None = None) -> list[str]:
+    """``picture_fingerprint`` of every image that has a mask (of those named ``stems`` only, when given: a fold
+    trains on some of a folder's pictures), as model cards record their training slices."""
+    pairs = find_picture_pairs(images_dir, masks_dir)
+    return [picture_fingerprint(read_gray_picture(image)) for stem, image, _ in pairs if stems is None or stem in stems]
 
 
 def _pictures(folder: Path) -> dict[str, Path]:

@@ -198,3 +198,20 @@ def test_cuda_out_of_memory_during_training_is_one_clear_message(monkeypatch, ca
     assert code == 2
     err = capsys.readouterr().err
     assert err.strip() == "relseg: error: the GPU ran out of memory; lower --batch-size or run with --device cpu"
+
+
+def test_a_fold_model_of_a_picture_folder_fingerprints_its_training_pictures_only(tmp_path):
+    """relseg evaluate must not call the fold's held-out pictures training data."""
+    from relsegcore.cli import main
+    from relsegcore.data.readers import folder_fingerprints
+
+    images, masks = squares(9, size=32)
+    data = write_picture_folder(tmp_path / "data", images, masks)
+    out = tmp_path / "fold"
+    assert main(["train", "--images", str(data / "images"), "--masks", str(data / "masks"), "--iterations", "2",
+                 "--batch-size", "2", "--size", "32", "--base-channels", "4", "--depth", "2", "--device", "cpu",
+                 "--fold", "0", "--folds", "3", "--no-validation", "--export", "m", "--out", str(out)]) == 0
+    trained = json.loads((out / "m.json").read_text())["training"]["image_fingerprints"]
+    every = folder_fingerprints(data / "images", data / "masks")
+    assert len(trained) == json.loads((out / "fold_result.json").read_text())["train_slices"] == 6
+    assert set(trained) < set(every)
