@@ -80,8 +80,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="with --fold and --data: train on this fold's patients only and validate on all the "
                              "others (COVID-19-CT-Seg's Task 1, limited annotations, by patient)")
     stage2.add_argument("--pooled", action="append", default=[], metavar="KIND:PATH",
-                        help="non-COVID lesion data (a kind of pretrain-general --data) pooled into the training "
-                             "slices with its lesions as infection (COVID-19-CT-Seg's Task 3, naive pooling)")
+                        help="labelled slices pooled into the training slices, any lesion as infection: non-COVID "
+                             "lesion data (a kind of pretrain-general --data; COVID-19-CT-Seg's Task 3, naive "
+                             "pooling) or another appearance of COVID-19 infection, e.g. the COVID-SemiSeg "
+                             "screenshots as folder:DIR (images/ + masks/, fingerprinted in the card)")
     stage2.add_argument("--cross-validate", action="store_true", help="run every fold and summarise")
     stage2.add_argument("--jobs", type=int, default=1, help="folds run in parallel processes")
     _add_common(stage2)
@@ -262,7 +264,7 @@ def _export_trained(args: argparse.Namespace, result, config: TrainConfig, names
     else:
         training_data = f"{args.images} + {args.masks} ({len(names)} slices)"
     if pooled is not None:
-        training_data += f"; pooled non-COVID lesions as infection: {', '.join(args.pooled)} ({len(pooled)} slices)"
+        training_data += f"; pooled, their lesions as infection: {', '.join(args.pooled)} ({len(pooled)} slices)"
     if negatives is not None:
         volumes = _volumes_of(negatives)
         which = f" of {', '.join(volumes)};" if volumes else ","
@@ -274,7 +276,8 @@ def _export_trained(args: argparse.Namespace, result, config: TrainConfig, names
 
 
 def _read_pooled(args: argparse.Namespace):
-    """The ``--pooled`` lesion slices (masks: any lesion is class 1), rendered like the training data; or None."""
+    """The ``--pooled`` slices (masks: any lesion is class 1), HU volumes rendered like the training data; or
+    None."""
     if not args.pooled:
         return None
     from ..data.general import read_dataset_spec
@@ -282,7 +285,7 @@ def _read_pooled(args: argparse.Namespace):
 
     pooled = SliceSet.concat([read_dataset_spec(spec, size=args.size, cache_dir=args.cache_dir,
                                                 recipe=_recipe(args)) for spec in args.pooled])
-    print(f"pooled: {len(pooled)} non-COVID lesion slices ({pooled.source})")
+    print(f"pooled: {len(pooled)} labelled slices ({pooled.source})")
     return pooled
 
 
@@ -381,12 +384,18 @@ def _fingerprints(args: argparse.Namespace, names: list[str]) -> list[str]:
     """Fingerprints of the training pictures ``names`` as stored, so ``relseg evaluate`` can spot them."""
     if not args.export:
         return []
+    from ..data.general import parse_data_spec
     from ..data.readers import folder_fingerprints, picture_fingerprint, read_gray_picture
 
+    # pooled picture folders are training pictures too (e.g. COVID-SemiSeg screenshots beside covid-ct-seg-2d)
+    pooled = []
+    for kind, path in map(parse_data_spec, args.pooled):
+        if kind == "folder":
+            pooled += folder_fingerprints(path / "images", path / "masks")
     if args.data:  # the stored pictures, as relseg evaluate reads them (not resized to --size)
         images = ctseg_folder(args.data, "train", "picture folders as --images/--masks") / "images"
-        return [picture_fingerprint(read_gray_picture(images / name.split("/", 1)[1])) for name in names]
-    return folder_fingerprints(args.images, args.masks, stems={name.rsplit("/", 1)[-1] for name in names})
+        return [picture_fingerprint(read_gray_picture(images / name.split("/", 1)[1])) for name in names] + pooled
+    return folder_fingerprints(args.images, args.masks, stems={name.rsplit("/", 1)[-1] for name in names}) + pooled
 
 
 def _export(args, result, config: TrainConfig, classes: list[str], training_data: str, role: str,

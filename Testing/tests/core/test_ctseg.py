@@ -186,6 +186,35 @@ def test_few_shot_fold_trains_on_its_patients_and_is_scored_on_the_others(tmp_pa
     assert len(card["training"]["image_fingerprints"]) == 10
 
 
+
+def test_screenshots_pooled_into_a_ctseg_training_are_in_its_card(tmp_path, one_torch_thread) -> None:
+    """COVID-SemiSeg screenshots pooled beside covid-ct-seg-2d train the model, so its card must name and
+    fingerprint them: relseg evaluate on those screenshots then warns that they are not held out."""
+    import json
+
+    from synthetic_slices import squares
+
+    from relsegcore.cli import main
+
+    root = make_ctseg_folder(tmp_path / "set")
+    screenshots = tmp_path / "semiseg"
+    for folder in ("images", "masks"):
+        (screenshots / folder).mkdir(parents=True)
+    for index, (image, mask) in enumerate(zip(*squares(count=3, size=40), strict=True)):
+        Image.fromarray(image).save(screenshots / "images" / f"{index}.jpg", quality=95)
+        Image.fromarray(mask * 255).save(screenshots / "masks" / f"{index}.png")
+    assert main(["train", "--data", f"ctseg2d:{root}", "--pooled", f"folder:{screenshots}", "--iterations", "2",
+                 "--batch-size", "2", "--size", "32", "--base-channels", "4", "--depth", "2", "--device", "cpu",
+                 "--validate-every", "2", "--out", str(tmp_path / "model"), "--export", "tiny"]) == 0
+    card = json.loads((tmp_path / "model" / "tiny.json").read_text())
+    assert f"pooled, their lesions as infection: folder:{screenshots} (3 slices)" in card["training"]["data"]
+    assert len(card["training"]["image_fingerprints"]) == 10 + 3
+    scored = tmp_path / "scored.json"
+    assert main(["evaluate", "--model", str(tmp_path / "model" / "tiny.pt"), "--images", str(screenshots / "images"),
+                 "--masks", str(screenshots / "masks"), "--json", str(scored), "--device", "cpu"]) == 0
+    assert json.loads(scored.read_text())["cases_seen_in_training"] == 3
+
+
 def _padded_with_metal(clean: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
     """``clean`` with an ECG electrode of metal (6000 HU) on the skin, and that CT also padded with -3024
     outside a circular scan field that holds the body and the table, as scanners store it."""
