@@ -1,4 +1,4 @@
-"""Losses: Dice + cross-entropy for segmentation, and the relation-consistency regulariser.
+"""Losses: Dice + cross-entropy for segmentation, the relation-consistency regulariser, and distillation.
 
 The relation loss follows the sample-relation consistency of SRC-MT (Liu et al., IEEE TMI
 2020), the nearest public definition of the paper's "relation-driven collaborative
@@ -57,3 +57,17 @@ def relation_loss(features_a: torch.Tensor, features_b: torch.Tensor) -> torch.T
     if features_a.shape[0] != features_b.shape[0]:
         raise ValueError("relation_loss needs the same batch on both sides")
     return F.mse_loss(relation_matrix(features_a), relation_matrix(features_b))
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float = 2.0) -> torch.Tensor:
+    """Per-pixel KL divergence from the teacher's softened class probabilities to the student's, times T^2
+    (Hinton et al. 2015): 0 when the two agree. A small network learns a larger one's predictions, so the
+    product runs at the small network's speed."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ")
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    per_pixel = (log_teacher.exp() * (log_teacher - log_student)).sum(dim=1)
+    return per_pixel.mean() * temperature**2

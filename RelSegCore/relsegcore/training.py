@@ -3,7 +3,9 @@
 Stage 1 (``relseg pretrain-general``) trains a single-encoder network on non-COVID lung
 lesions; its encoder becomes the *general encoder*. Stage 2 (``relseg train``) trains the
 dual-encoder network on COVID-19 slices with that general encoder loaded (frozen, or at a
-reduced learning rate) and, optionally, the relation-consistency loss.
+reduced learning rate) and, optionally, the relation-consistency loss. A trained model can also be
+distilled into the network being trained (``TrainConfig.teacher``): it learns the teacher's softened
+predictions beside the masks.
 
 The training slices live in memory as one uint8 tensor on the training device and batches
 are augmented there (``data.augment.augment_batch``), so loading never starves the network,
@@ -31,7 +33,7 @@ import torch.distributed as dist
 from .data.augment import augment_batch
 from .device import autocast, select_device
 from .fileutil import atomic_path
-from .losses import relation_loss, segmentation_loss
+from .losses import distillation_loss, relation_loss, segmentation_loss
 from .models import DualEncoderUNet, NetworkConfig
 from .progress import Progress
 
@@ -83,6 +85,9 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     trainable: str = "all"  # with initial_state (fine-tuning): which parameters learn (TRAINABLE)
+    teacher: str | None = None  # a model (name or .pt with its card) whose predictions are distilled
+    distill_weight: float = 1.0
+    distill_temperature: float = 2.0
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -344,6 +349,7 @@ def train(config: TrainConfig, train_images: np.ndarray, train_masks: np.ndarray
         teacher = copy.deepcopy(network).eval()
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
+    distill_from = load_teacher(config.teacher, device) if config.teacher else None
     history: list[dict] = []
     start_iteration = 0
     checkpoint_path = out_dir / "checkpoint.pt"
@@ -395,15 +401,23 @@ def train(config: TrainConfig, train_images: np.ndarray, train_masks: np.ndarray
             logits, features = model(batch_images, return_features=True)
             seg = segmentation_loss(logits, batch_masks)
             rel = _relation_term(config, features, teacher, batch_images, generator)
+            distill = None
+            if distill_from is not None:
+                with torch.no_grad():
+                    teacher_logits = distill_from(batch_images)
+                distill = distillation_loss(_finest(logits), teacher_logits, config.distill_temperature)
         weight = relation_weight_at(iteration, config)
         loss = seg + weight * rel if rel is not None else seg
+        if distill is not None:
+            loss = loss + config.distill_weight * distill
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
         optimizer.step()
         if teacher is not None:
             _update_ema(teacher, network, config.relation.ema_decay)
-        for key, value in (("loss", loss), ("segmentation_loss", seg), ("relation_loss", rel)):
+        for key, value in (("loss", loss), ("segmentation_loss", seg), ("relation_loss", rel),
+                           ("distill_loss", distill)):
             if value is not None:
                 running[key] = running.get(key, 0.0) + float(value.detach())
         running["n"] = running.get("n", 0) + 1
@@ -437,6 +451,21 @@ def train(config: TrainConfig, train_images: np.ndarray, train_masks: np.ndarray
     vals = [row["val_dice"] for row in history if "val_dice" in row]
     return TrainResult(network=network, history=history, final_val_dice=vals[-1] if vals else None,
                        best_val_dice=max(vals) if vals else None, seconds=time.perf_counter() - started)
+
+
+def load_teacher(model: str | os.PathLike, device: torch.device) -> torch.nn.Module:
+    """The frozen network of a shipped or trained model (verified against its card), in eval mode."""
+    from .zoo import load_model
+
+    network = load_model(model, device).network.eval()
+    for parameter in network.parameters():
+        parameter.requires_grad_(False)
+    return network
+
+
+def _finest(logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """The full-resolution logits (deep supervision returns a list, finest first)."""
+    return logits[0] if isinstance(logits, list) else logits
 
 
 def _relation_term(config: TrainConfig, features: dict, teacher, batch_images, generator):

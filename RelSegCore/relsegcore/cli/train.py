@@ -67,6 +67,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stage2.add_argument("--relation-weight", type=float, default=1.0)
     stage2.add_argument("--relation-level", type=int, default=-1, help="encoder level compared (-1 = bottleneck)")
     stage2.add_argument("--fusion-levels", default="all", help="levels whose general features reach the decoder")
+    stage2.add_argument("--teacher", metavar="MODEL",
+                        help="a trained model (name or .pt with its card, same recipe and classes) whose softened "
+                             "predictions the network learns beside the masks: e.g. a dual-encoder model "
+                             "distilled into a target-only network that runs at its speed")
+    stage2.add_argument("--distill-weight", type=float, default=1.0, help="with --teacher: the distillation "
+                        "loss's weight beside Dice + cross-entropy")
+    stage2.add_argument("--distill-temperature", type=float, default=2.0, help="with --teacher: softening")
     stage2.add_argument("--negatives", action="append", default=[], metavar="KIND:PATH",
                         help="non-COVID CT taught as containing no infection: ct:DIR (CT volumes, no masks "
                              "needed: up to 16 lung slices each) or a kind of pretrain-general --data (lesion "
@@ -208,6 +215,7 @@ def stage2_config(args: argparse.Namespace) -> TrainConfig:
         general_encoder=args.general_encoder, freeze_general=not args.finetune_general,
         general_lr_scale=args.general_lr_scale, init_target_from_general=args.init_target_from_general,
         relation=RelationConfig(reading=args.relation, weight=args.relation_weight, level=args.relation_level),
+        teacher=args.teacher, distill_weight=args.distill_weight, distill_temperature=args.distill_temperature,
     )
 
 
@@ -221,6 +229,7 @@ def run_train(args: argparse.Namespace) -> int:
     data = _load_target(args)
     masks = data.masks if args.multiclass else (data.masks > 0).astype("uint8")
     config = stage2_config(args)
+    _check_teacher(args)
     negatives = _read_negatives(args)
     pooled = _read_pooled(args)
     if args.fold is not None:
@@ -265,6 +274,11 @@ def _export_trained(args: argparse.Namespace, result, config: TrainConfig, names
         training_data = f"{args.images} + {args.masks} ({len(names)} slices)"
     if pooled is not None:
         training_data += f"; pooled, their lesions as infection: {', '.join(args.pooled)} ({len(pooled)} slices)"
+    if args.teacher:
+        from ..zoo import find_model
+
+        teacher = find_model(args.teacher)
+        training_data += f"; distilled from {teacher.name} {teacher.version} (sha256 {teacher.sha256[:12]})"
     if negatives is not None:
         volumes = _volumes_of(negatives)
         which = f" of {', '.join(volumes)};" if volumes else ","
@@ -273,6 +287,23 @@ def _export_trained(args: argparse.Namespace, result, config: TrainConfig, names
     _export(args, result, config, classes=classes, training_data=training_data,
             role="lungs" if args.target == "lungs" else "infection", recipe=_recipe(args),
             fingerprints=_fingerprints(args, names))
+
+
+def _check_teacher(args: argparse.Namespace) -> None:
+    """A teacher must see the slices as the network does and predict the same classes: else stop now."""
+    if not args.teacher:
+        return
+    from ..data.intensity import recipe_of
+    from ..errors import RelSegError
+    from ..zoo import find_model
+
+    card = find_model(args.teacher)
+    classes = 3 if args.multiclass else 2
+    size = int(card.preprocessing.get("input_size", 256))
+    if recipe_of(card.preprocessing) != _recipe(args) or size != args.size or len(card.classes) != classes:
+        raise RelSegError(f"--teacher {card.name} sees {recipe_of(card.preprocessing)} slices of {size} px with "
+                          f"{len(card.classes)} classes; this training has {_recipe(args)} slices of {args.size} px "
+                          f"with {classes} classes")
 
 
 def _read_pooled(args: argparse.Namespace):

@@ -56,3 +56,17 @@ def test_segmentation_loss_with_deep_supervision_weights_coarser_levels_less():
     single = segmentation_loss(good, target)
     combined = segmentation_loss([good, bad_coarse], target)
     assert single.item() < combined.item() < segmentation_loss(bad_coarse, target[:, ::2, ::2]).item()
+
+
+def test_distillation_loss_is_zero_when_student_and_teacher_agree_and_grows_with_disagreement():
+    from relsegcore.losses import distillation_loss
+
+    teacher = torch.tensor([[[[2.0]], [[-1.0]]]])  # (1, 2, 1, 1): class 0 likely
+    assert float(distillation_loss(teacher.clone(), teacher)) == pytest.approx(0.0, abs=1e-7)
+    near, far = torch.tensor([[[[1.5]], [[-0.5]]]]), torch.tensor([[[[-2.0]], [[1.0]]]])
+    assert 0 < float(distillation_loss(near, teacher)) < float(distillation_loss(far, teacher))
+    # hand value at T=1: KL(p || q) for p = softmax(teacher), q = softmax(far)
+    p, q = teacher.softmax(1), far.softmax(1)
+    assert float(distillation_loss(far, teacher, temperature=1.0)) == pytest.approx(float((p * (p / q).log()).sum()))
+    with pytest.raises(ValueError, match="differ"):
+        distillation_loss(torch.zeros(1, 3, 1, 1), teacher)

@@ -215,3 +215,54 @@ def test_a_fold_model_of_a_picture_folder_fingerprints_its_training_pictures_onl
     every = folder_fingerprints(data / "images", data / "masks")
     assert len(trained) == json.loads((out / "fold_result.json").read_text())["train_slices"] == 6
     assert set(trained) < set(every)
+
+
+def _constant_teacher(directory: Path, foreground: bool, input_size: int = 32, recipe: str = "lung-crop") -> Path:
+    """A model that predicts the same class everywhere, shipped with its card (a teacher to distil)."""
+    from relsegcore import zoo
+    from relsegcore.models import DualEncoderUNet
+
+    network = DualEncoderUNet(NetworkConfig(base_channels=4, depth=3, use_general_encoder=False))
+    with torch.no_grad():
+        network.head.weight.zero_()
+        network.head.bias.copy_(torch.tensor([0.0, 4.0] if foreground else [4.0, 0.0]))
+    card = zoo.ModelCard(name="teacher", version="1", description="test", file="", sha256="", architecture={},
+                         classes=["background", "infection"],
+                         preprocessing={"recipe": recipe, "input_size": input_size})
+    return zoo.save_model(network, card, directory)
+
+
+def test_a_distilled_network_learns_its_teachers_predictions(tmp_path):
+    """Masks all background, a teacher that says infection everywhere: with the teacher's loss weighted far
+    above the masks' the network follows the teacher, without it the masks."""
+    from relsegcore.training import predict_labels
+
+    images, masks = squares(12, size=32)
+    background = masks * 0
+    teacher = _constant_teacher(tmp_path / "teacher", foreground=True)
+    shares = {}
+    for name, extra in (("plain", {}), ("distilled", {"teacher": str(teacher), "distill_weight": 20.0})):
+        result = train(config(tmp_path / name, iterations=40, **extra), images, background)
+        predicted = predict_labels(result.network.eval(), torch.from_numpy(images)[:, None])
+        shares[name] = float(predicted.float().mean())
+        assert ("distill_loss" in result.history[-1]) == (name == "distilled")
+    assert shares["plain"] < 0.05 and shares["distilled"] > 0.9
+
+
+def test_train_cli_refuses_a_teacher_of_another_recipe_and_names_it_in_the_card(tmp_path, capsys):
+    from relsegcore.cli import main
+    from relsegcore.zoo import find_model
+
+    data = write_picture_folder(tmp_path / "data", *squares(6, size=40))
+    common = ["train", "--images", str(data / "images"), "--masks", str(data / "masks"), "--iterations", "2",
+              "--batch-size", "2", "--size", "32", "--base-channels", "4", "--depth", "3", "--validate-every", "2",
+              "--device", "cpu", "--export", "student"]
+    other = _constant_teacher(tmp_path / "other", foreground=True, recipe="full-slice-clahe")
+    assert main([*common, "--out", str(tmp_path / "refused"), "--teacher", str(other)]) != 0
+    assert "--teacher teacher sees full-slice-clahe slices" in capsys.readouterr().err
+    assert not (tmp_path / "refused" / "student.pt").exists()
+    teacher = _constant_teacher(tmp_path / "teacher", foreground=True)
+    assert main([*common, "--out", str(tmp_path / "run"), "--teacher", str(teacher)]) == 0
+    card = find_model(tmp_path / "run" / "student.pt")
+    assert "distilled from teacher 1 (sha256 " in card.training["data"]
+    assert card.training["config"]["teacher"] == str(teacher)
