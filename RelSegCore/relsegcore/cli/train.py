@@ -91,6 +91,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "lesion data (a kind of pretrain-general --data; COVID-19-CT-Seg's Task 3, naive "
                              "pooling) or another appearance of COVID-19 infection, e.g. the COVID-SemiSeg "
                              "screenshots as folder:DIR (images/ + masks/, fingerprinted in the card)")
+    stage2.add_argument("--pooled-fraction", type=float,
+                        help="with --pooled: their share of the slices drawn for each batch, the others keeping "
+                             "their relative shares (default: drawn like any training slice)")
     stage2.add_argument("--cross-validate", action="store_true", help="run every fold and summarise")
     stage2.add_argument("--jobs", type=int, default=1, help="folds run in parallel processes")
     _add_common(stage2)
@@ -224,6 +227,10 @@ def run_train(args: argparse.Namespace) -> int:
         from ..errors import RelSegError
 
         raise RelSegError(f"--negative-fraction must lie between 0 and 1, not {args.negative_fraction}")
+    if args.pooled_fraction is not None and not (args.pooled and 0.0 < args.pooled_fraction < 1.0):
+        from ..errors import RelSegError
+
+        raise RelSegError(f"--pooled-fraction needs --pooled and a share between 0 and 1, not {args.pooled_fraction}")
     if args.cross_validate:
         return _cross_validate(args)
     data = _load_target(args)
@@ -236,6 +243,7 @@ def run_train(args: argparse.Namespace) -> int:
         train_idx, val_idx = _split(args, data.names)
         images, train_masks = _with_pooled(data.images[train_idx], masks[train_idx], pooled)
         images, train_masks, weights = _with_negatives(images, train_masks, negatives, args.negative_fraction)
+        weights = _pooled_share(weights, len(images), len(train_idx), pooled, args.pooled_fraction)
         val_images, val_masks = (None, None) if args.no_validation else (data.images[val_idx], masks[val_idx])
         result = train(config, images, train_masks, val_images, val_masks,
                        resume=not args.no_resume, show_bar=True, sample_weights=weights)
@@ -255,6 +263,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     images, train_masks = _with_pooled(data.images, masks, pooled)
     images, train_masks, weights = _with_negatives(images, train_masks, negatives, args.negative_fraction)
+    weights = _pooled_share(weights, len(images), len(data.images), pooled, args.pooled_fraction)
     result = train(config, images, train_masks, resume=not args.no_resume, show_bar=True, sample_weights=weights)
     _export_trained(args, result, config, data.names, pooled, negatives)
     return 0
@@ -273,7 +282,9 @@ def _export_trained(args: argparse.Namespace, result, config: TrainConfig, names
     else:
         training_data = f"{args.images} + {args.masks} ({len(names)} slices)"
     if pooled is not None:
-        training_data += f"; pooled, their lesions as infection: {', '.join(args.pooled)} ({len(pooled)} slices)"
+        share = "" if args.pooled_fraction is None else f", {args.pooled_fraction:g} of each batch"
+        training_data += (f"; pooled, their lesions as infection: {', '.join(args.pooled)} "
+                          f"({len(pooled)} slices{share})")
     if args.teacher:
         from ..zoo import find_model
 
@@ -328,6 +339,22 @@ def _with_pooled(images, masks, pooled):
 
     return (np.concatenate([images, pooled.images]),
             np.concatenate([masks, (pooled.masks > 0).astype(masks.dtype)]))
+
+
+def _pooled_share(weights, total: int, start: int, pooled, fraction: float | None):
+    """Draw weights under which the pooled slices (``start`` onwards, before any negatives) are ``fraction`` of
+    the draws and the other slices keep their relative weights; ``weights`` unchanged without a fraction."""
+    if pooled is None or fraction is None:
+        return weights
+    import numpy as np
+
+    weights = np.full(total, 1.0 / total) if weights is None else np.asarray(weights, np.float64).copy()
+    is_pooled = np.zeros(total, bool)
+    is_pooled[start:start + len(pooled)] = True
+    weights[is_pooled] = 0.0
+    weights *= (1.0 - fraction) / weights.sum()
+    weights[is_pooled] = fraction / len(pooled)
+    return weights
 
 
 def _read_negatives(args: argparse.Namespace):

@@ -205,14 +205,30 @@ def test_screenshots_pooled_into_a_ctseg_training_are_in_its_card(tmp_path, one_
         Image.fromarray(mask * 255).save(screenshots / "masks" / f"{index}.png")
     assert main(["train", "--data", f"ctseg2d:{root}", "--pooled", f"folder:{screenshots}", "--iterations", "2",
                  "--batch-size", "2", "--size", "32", "--base-channels", "4", "--depth", "2", "--device", "cpu",
-                 "--validate-every", "2", "--out", str(tmp_path / "model"), "--export", "tiny"]) == 0
+                 "--validate-every", "2", "--out", str(tmp_path / "model"), "--export", "tiny",
+                 "--pooled-fraction", "0.25"]) == 0
     card = json.loads((tmp_path / "model" / "tiny.json").read_text())
-    assert f"pooled, their lesions as infection: folder:{screenshots} (3 slices)" in card["training"]["data"]
+    assert (f"pooled, their lesions as infection: folder:{screenshots} (3 slices, 0.25 of each batch)"
+            in card["training"]["data"])
     assert len(card["training"]["image_fingerprints"]) == 10 + 3
     scored = tmp_path / "scored.json"
     assert main(["evaluate", "--model", str(tmp_path / "model" / "tiny.pt"), "--images", str(screenshots / "images"),
                  "--masks", str(screenshots / "masks"), "--json", str(scored), "--device", "cpu"]) == 0
     assert json.loads(scored.read_text())["cases_seen_in_training"] == 3
+
+
+def test_pooled_slices_get_their_share_of_the_draws_and_the_others_keep_theirs() -> None:
+    from relsegcore.cli.train import _pooled_share
+    from relsegcore.training import share_weights
+
+    # 6 target slices, 2 pooled, 2 negatives at 0.2 of the draws
+    negatives = share_weights(np.arange(10) >= 8, 0.2)
+    weights = _pooled_share(negatives, 10, 6, np.zeros(2), 0.3)
+    assert weights.sum() == pytest.approx(1.0)
+    assert weights[6:8].sum() == pytest.approx(0.3) and weights[6] == weights[7]
+    assert weights[8:].sum() / weights[:6].sum() == pytest.approx(0.2 / (0.8 * 6 / 8))  # as before pooling
+    assert _pooled_share(None, 8, 6, np.zeros(2), 0.5)[6:].sum() == pytest.approx(0.5)
+    assert _pooled_share(negatives, 10, 6, np.zeros(2), None) is negatives
 
 
 def _padded_with_metal(clean: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
