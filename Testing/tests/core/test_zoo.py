@@ -71,6 +71,7 @@ def test_unknown_model_names_the_installed_ones(monkeypatch, tmp_path):
 # name -> (role, the recipe its input is rendered by, the data it names, slices it was trained on)
 SHIPPED = {
     "covid-infection-2d": ("infection", "full-slice-clahe", "covid-ct-seg-2d", 1163),
+    "covid-infection-2d-dual": ("infection", "full-slice-clahe", "covid-ct-seg-2d", 1163),
     "covid-lungs-2d": ("lungs", "full-slice-clahe", "covid-ct-seg-2d", 1163),
     "covid-semiseg-2d": ("infection", "lung-crop", "COVID-SemiSeg", 50),
 }
@@ -88,7 +89,7 @@ def test_shipped_models_load_and_state_their_provenance(name, monkeypatch, tmp_p
     assert (card.role, recipe_of(card.preprocessing)) == (role, recipe)
     assert card.clinical is False
     loaded = zoo.load_model(name, torch.device("cpu"))
-    assert (loaded.network.general_encoder is not None) == (name == "covid-semiseg-2d")
+    assert (loaded.network.general_encoder is not None) == (name in ("covid-semiseg-2d", "covid-infection-2d-dual"))
     assert len(set(card.training["image_fingerprints"])) == slices  # its training slices
     if role == "infection":  # how it behaves on real CT, with the command that measured it (check_real_data.py)
         real = card.metrics["real_data"]
@@ -107,7 +108,7 @@ def test_shipped_cards_fingerprint_exactly_their_training_slices(shared_data, mo
         train / "images", train / "masks")
     ctseg = shared_data / "covid-ct-seg-2d"
     expected = sorted(folder_fingerprints(ctseg / "images", ctseg / "masks"))
-    for name in ("covid-infection-2d", "covid-lungs-2d"):
+    for name in ("covid-infection-2d", "covid-infection-2d-dual", "covid-lungs-2d"):
         assert sorted(zoo.find_model(name).training["image_fingerprints"]) == expected
 
 
