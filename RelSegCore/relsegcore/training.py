@@ -346,9 +346,7 @@ def train(config: TrainConfig, train_images: np.ndarray, train_masks: np.ndarray
     optimizer = make_optimizer(network, config)
     teacher = None
     if config.relation.reading == "ema":
-        teacher = copy.deepcopy(network).eval()
-        for parameter in teacher.parameters():
-            parameter.requires_grad_(False)
+        teacher = frozen(copy.deepcopy(network))
     distill_from = load_teacher(config.teacher, device) if config.teacher else None
     history: list[dict] = []
     start_iteration = 0
@@ -454,13 +452,17 @@ def train(config: TrainConfig, train_images: np.ndarray, train_masks: np.ndarray
 
 
 def load_teacher(model: str | os.PathLike, device: torch.device) -> torch.nn.Module:
-    """The frozen network of a shipped or trained model (verified against its card), in eval mode."""
+    """The frozen network of a shipped or trained model (verified against its card)."""
     from .zoo import load_model
 
-    network = load_model(model, device).network.eval()
+    return frozen(load_model(model, device).network)
+
+
+def frozen(network: torch.nn.Module) -> torch.nn.Module:
+    """``network`` in eval mode with no parameter learning: a teacher that only predicts."""
     for parameter in network.parameters():
         parameter.requires_grad_(False)
-    return network
+    return network.eval()
 
 
 def _finest(logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:

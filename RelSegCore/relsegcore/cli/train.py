@@ -231,12 +231,12 @@ def run_train(args: argparse.Namespace) -> int:
         from ..errors import RelSegError
 
         raise RelSegError(f"--pooled-fraction needs --pooled and a share between 0 and 1, not {args.pooled_fraction}")
+    _check_teacher(args)  # before any data is read or fold process starts
     if args.cross_validate:
         return _cross_validate(args)
     data = _load_target(args)
     masks = data.masks if args.multiclass else (data.masks > 0).astype("uint8")
     config = stage2_config(args)
-    _check_teacher(args)
     negatives = _read_negatives(args)
     pooled = _read_pooled(args)
     if args.fold is not None:

@@ -50,3 +50,22 @@ def make_ctseg_folder(root: Path, size: int = 32) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return root
+
+
+def save_constant_model(directory: Path, foreground: bool, name: str = "constant", preprocessing: dict | None = None,
+                        training: dict | None = None) -> Path:
+    """A tiny network that predicts the same class everywhere (its Dice on any mask is known exactly), saved with
+    its card; returns the weights' path."""
+    import torch
+
+    from relsegcore import zoo
+    from relsegcore.models import DualEncoderUNet, NetworkConfig
+
+    network = DualEncoderUNet(NetworkConfig(base_channels=4, depth=3, use_general_encoder=False))
+    with torch.no_grad():
+        network.head.weight.zero_()
+        network.head.bias.copy_(torch.tensor([0.0, 5.0] if foreground else [5.0, 0.0]))
+    card = zoo.ModelCard(name=name, version="1", description="test", file="", sha256="", architecture={},
+                         classes=["background", "infection"], preprocessing=preprocessing or {"input_size": 32},
+                         training=training or {})
+    return zoo.save_model(network, card, directory)

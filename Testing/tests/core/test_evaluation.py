@@ -8,24 +8,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synthetic_slices import save_constant_model
 
 from relsegcore import zoo
 from relsegcore.cli import main
 from relsegcore.evaluation import evaluate_image_folder
-from relsegcore.models import DualEncoderUNet, NetworkConfig
 
 
 def constant_model(tmp_path, foreground: bool, training: dict | None = None):
     """A network whose output is the same class everywhere: its Dice on any mask is known exactly."""
-    network = DualEncoderUNet(NetworkConfig(base_channels=4, depth=3, use_general_encoder=False))
-    with torch.no_grad():
-        network.head.weight.zero_()
-        network.head.bias.copy_(torch.tensor([0.0, 5.0] if foreground else [5.0, 0.0]))
-    card = zoo.ModelCard(name="constant", version="1", description="test", file="", sha256="", architecture={},
-                         classes=["background", "infection"], preprocessing={"input_size": 32},
-                         training=training or {})
-    zoo.save_model(network, card, tmp_path)
-    return zoo.load_model(tmp_path / "constant.pt", torch.device("cpu"))
+    return zoo.load_model(save_constant_model(tmp_path, foreground, training=training), torch.device("cpu"))
 
 
 def write_folder(root, shapes_and_areas):

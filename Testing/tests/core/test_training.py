@@ -217,19 +217,12 @@ def test_a_fold_model_of_a_picture_folder_fingerprints_its_training_pictures_onl
     assert set(trained) < set(every)
 
 
-def _constant_teacher(directory: Path, foreground: bool, input_size: int = 32, recipe: str = "lung-crop") -> Path:
+def _constant_teacher(directory: Path, foreground: bool, recipe: str = "lung-crop") -> Path:
     """A model that predicts the same class everywhere, shipped with its card (a teacher to distil)."""
-    from relsegcore import zoo
-    from relsegcore.models import DualEncoderUNet
+    from synthetic_slices import save_constant_model
 
-    network = DualEncoderUNet(NetworkConfig(base_channels=4, depth=3, use_general_encoder=False))
-    with torch.no_grad():
-        network.head.weight.zero_()
-        network.head.bias.copy_(torch.tensor([0.0, 4.0] if foreground else [4.0, 0.0]))
-    card = zoo.ModelCard(name="teacher", version="1", description="test", file="", sha256="", architecture={},
-                         classes=["background", "infection"],
-                         preprocessing={"recipe": recipe, "input_size": input_size})
-    return zoo.save_model(network, card, directory)
+    return save_constant_model(directory, foreground, name="teacher",
+                               preprocessing={"recipe": recipe, "input_size": 32})
 
 
 def test_a_distilled_network_learns_its_teachers_predictions(tmp_path):
