@@ -1,7 +1,8 @@
 """Evaluate a model on 2D image folders or CT volumes with expert masks.
 
 2D slices are compared at their native resolution: each image is resized to the model's
-input, predicted, and the probabilities are resized back before the argmax. Volumes go
+input, predicted, and the probabilities are resized back before the labels are decided (the argmax, or the
+card's ``threshold``). Volumes go
 through the same ``pipeline.segment`` as ``relseg segment`` and are scored in mm (NSD at
 3 mm for infection, as the COVID-19-CT-Seg benchmark).
 """
@@ -25,21 +26,27 @@ from .data.readers import (
     read_mask_picture,
 )
 from .errors import InputError
-from .inference import predict_slices
+from .inference import labels_from, predict_slices
 from .metrics import case_metrics, summarise
 from .progress import Progress
 from .zoo import LoadedModel
 
 
-def predict_image(loaded: LoadedModel, image: np.ndarray, tta: bool = False) -> np.ndarray:
-    """Label map at the image's native size for one 8-bit slice already in the training appearance."""
+def native_probabilities(loaded: LoadedModel, image: np.ndarray, tta: bool = False) -> np.ndarray:
+    """Class probabilities ``(C, H, W)`` at the image's native size for one 8-bit slice already in the training
+    appearance: resized to the model's input, predicted, resized back."""
     size = int(loaded.card.preprocessing.get("input_size", 256))
     tensor = torch.from_numpy(image.astype(np.float32))[None, None]
     resized = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)
     resized = resized.clamp(0, 255).round().to(torch.uint8)[:, 0].numpy()
     probabilities = torch.from_numpy(predict_slices(loaded, resized, tta=tta))
-    native = F.interpolate(probabilities, size=image.shape, mode="bilinear", align_corners=False)
-    return native.argmax(1)[0].numpy().astype(np.uint8)
+    return F.interpolate(probabilities, size=image.shape, mode="bilinear", align_corners=False)[0].numpy()
+
+
+def predict_image(loaded: LoadedModel, image: np.ndarray, tta: bool = False) -> np.ndarray:
+    """Label map at the image's native size for one 8-bit slice already in the training appearance, decided
+    as the pipeline decides (the card's ``threshold``)."""
+    return labels_from(native_probabilities(loaded, image, tta), loaded.card.threshold)
 
 
 def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path, tta: bool = False,

@@ -300,10 +300,12 @@ def spaced_holdout(cases: Sequence[str], orders: Sequence[int], gap: int = GUARD
 # ----------------------------------------------------------------------------- scoring
 
 
-def holdout_dice(network: torch.nn.Module, data: FinetuneSlices, device: torch.device) -> float:
-    """Mean over cases of each case's Dice of infection (all its slices pooled; both empty = 1)."""
+def holdout_dice(network: torch.nn.Module, data: FinetuneSlices, device: torch.device,
+                 threshold: float = 0.5) -> float:
+    """Mean over cases of each case's Dice of infection (all its slices pooled; both empty = 1), labels decided
+    at the parent card's ``threshold`` as the pipeline decides them."""
     network.to(device)
-    predicted = predict_labels(network, images_to_tensor(data.images, device)).cpu().numpy() > 0
+    predicted = predict_labels(network, images_to_tensor(data.images, device), threshold=threshold).cpu().numpy() > 0
     reference = data.masks > 0
     scores = []
     for case in dict.fromkeys(data.cases):
@@ -411,7 +413,7 @@ def finetune(
         raise ModelError(f"weights of {parent.name} do not match its architecture: {error}") from None
 
     progress.update(0.0, "Scoring the current model")
-    dice_before = holdout_dice(network, held, torch_device)
+    dice_before = holdout_dice(network, held, torch_device, parent.threshold)
     with tempfile.TemporaryDirectory(prefix="relseg-finetune-") as work:
         config = TrainConfig(
             out_dir=Path(work), network=config_network, iterations=iterations, batch_size=batch_size,
@@ -429,7 +431,7 @@ def finetune(
         result = train(config, images, masks, progress=_span(progress, 0.05, 0.95),
                        resume=False, initial_state=parent_state, sample_weights=sample_weights(edited, edited_weight))
     progress.update(0.95, "Scoring the fine-tuned model")
-    dice_after = holdout_dice(result.network, held, torch_device)
+    dice_after = holdout_dice(result.network, held, torch_device, parent.threshold)
     accepted = dice_after >= dice_before
 
     command = command or f"relsegcore.finetune.finetune(model={str(model)!r}, iterations={iterations}, seed={seed})"
@@ -523,6 +525,7 @@ def _child_card(parent: ModelCard, trained: FinetuneSlices, held: FinetuneSlices
                     f"({verdict} on held-out corrections: Dice {before:.3f} -> {after:.3f})",
         file="", sha256="", architecture=dict(parent.architecture), classes=list(parent.classes),
         preprocessing=dict(parent.preprocessing),
+        postprocessing=dict(parent.postprocessing),  # fine-tuning starts from the parent's calibration
         training={
             "role": parent.role, "fine_tuned": True,
             "parent": {"name": parent.name, "version": parent.version, "sha256": parent.sha256},

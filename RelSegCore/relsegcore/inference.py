@@ -71,6 +71,14 @@ def predict_slices(
     return probabilities
 
 
+def labels_from(probabilities: np.ndarray, threshold: float = 0.5, axis: int = 0) -> np.ndarray:
+    """uint8 labels from class probabilities along ``axis``: the argmax, except that a binary model's foreground
+    needs a probability above ``threshold`` (the card's ``threshold``; 0.5 is the argmax)."""
+    if probabilities.shape[axis] == 2:
+        return (np.take(probabilities, 1, axis=axis) > threshold).astype(np.uint8)
+    return probabilities.argmax(axis=axis).astype(np.uint8)
+
+
 def predict_volume(
     loaded: LoadedModel,
     volume: np.ndarray,

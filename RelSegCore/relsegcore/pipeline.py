@@ -26,7 +26,7 @@ from . import imageio, opacity, outputs, zoo
 from .data import intensity
 from .device import describe_device, select_device
 from .errors import InputError, ModelError
-from .inference import batches, predict_slices, predict_volume
+from .inference import batches, labels_from, predict_slices, predict_volume
 from .lungs import lungs_from_mask, segment_lungs_array
 from .progress import Progress
 
@@ -132,7 +132,8 @@ def segment(
         report = outputs.compute_report(lungs_image, infection_image, class_names, image, high_opacity_hu)
     timer.seconds["total"] = round(time.perf_counter() - started, 3)
     report.update(
-        model={"name": loaded.card.name, "version": loaded.card.version, "sha256": loaded.card.sha256},
+        model={"name": loaded.card.name, "version": loaded.card.version, "sha256": loaded.card.sha256,
+               "threshold": loaded.card.threshold},
         device=describe_device(loaded.device),
         engine=loaded.engine,
         tta=bool(tta),
@@ -258,7 +259,7 @@ def slice_labels_2d(
         network_seconds += time.perf_counter() - start
         with _one_torch_thread():
             for z, (_, box), slice_probabilities in zip(chunk_z, prepared, probabilities, strict=True):
-                labels[z][box] = _argmax_resized(slice_probabilities, _box_shape(box))
+                labels[z][box] = _labels_resized(slice_probabilities, _box_shape(box), loaded.card.threshold)
     return labels, network_seconds
 
 
@@ -271,7 +272,7 @@ def _infection_3d(loaded, hu, lung_labels, tta, progress) -> tuple[np.ndarray, f
                                    progress_span=STAGE_SPANS["Infection"])
     network_seconds = time.perf_counter() - start
     labels = np.zeros(hu.shape, np.uint8)
-    labels[box] = probabilities.argmax(axis=0).astype(np.uint8)
+    labels[box] = labels_from(probabilities, loaded.card.threshold)
     labels[lung_labels == 0] = 0
     return labels, network_seconds
 
@@ -288,16 +289,17 @@ def _one_torch_thread():
         torch.set_num_threads(threads)
 
 
-def _argmax_resized(probabilities: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Labels uint8 at ``shape`` from ``(C, S, S)`` probabilities, resized bilinearly before the argmax.
+def _labels_resized(probabilities: np.ndarray, shape: tuple[int, int], threshold: float = 0.5) -> np.ndarray:
+    """Labels uint8 at ``shape`` from ``(C, S, S)`` probabilities, resized bilinearly before deciding
+    (``inference.labels_from``: the argmax, or a binary model's foreground above ``threshold``).
 
-    Resizing is linear, so for two classes the sign of the resized difference decides
-    exactly as the argmax of both resized channels would, at half the cost.
+    Resizing is linear and keeps p0 + p1 = 1, so for two classes p1 > t is the resized difference
+    p1 - p0 > 2t - 1: one channel resized instead of two.
     """
     if len(probabilities) == 2:
         margin = intensity.resize_slices(probabilities[1:] - probabilities[:1], shape, order=1)[0]
-        return (margin > 0).astype(np.uint8)
-    return intensity.resize_slices(probabilities, shape, order=1).argmax(axis=0).astype(np.uint8)
+        return (margin > 2.0 * threshold - 1.0).astype(np.uint8)
+    return labels_from(intensity.resize_slices(probabilities, shape, order=1))
 
 
 def _box_shape(box: tuple[slice, slice]) -> tuple[int, int]:

@@ -205,15 +205,20 @@ def images_to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict_labels(network: torch.nn.Module, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """Argmax labels for uint8 (N,1,H,W) images."""
+def predict_labels(network: torch.nn.Module, images: torch.Tensor, batch_size: int = 16,
+                   threshold: float = 0.5) -> torch.Tensor:
+    """Labels for uint8 (N,1,H,W) images: the argmax, or a binary network's foreground above ``threshold``."""
     was_training = network.training
     network.eval()
     labels = []
     for start in range(0, images.shape[0], batch_size):
         batch = images[start:start + batch_size].float() / 255.0
         with autocast(batch.device):
-            labels.append(network(batch).argmax(1))
+            logits = network(batch).float()
+        if logits.shape[1] == 2:
+            labels.append((torch.softmax(logits, dim=1)[:, 1] > threshold).long())
+        else:
+            labels.append(logits.argmax(1))
     network.train(was_training)
     return torch.cat(labels)
 

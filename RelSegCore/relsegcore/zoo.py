@@ -18,6 +18,7 @@ import dataclasses
 import datetime as _dt
 import io
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class ModelCard:
     architecture: dict
     classes: list[str]
     preprocessing: dict = field(default_factory=lambda: {"input_size": 256})
+    postprocessing: dict = field(default_factory=dict)  # {"threshold": t, how it was chosen}; {}: the argmax
     training: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     date: str = ""
@@ -60,6 +62,13 @@ class ModelCard:
         lungs step) or ``general-encoder`` (stage 1 of the dual model)."""
         role = str(self.training.get("role", "infection"))
         return "infection" if role == "fine-tuned" else role  # fine-tuned cards before 2.0 were all infection
+
+    @property
+    def threshold(self) -> float:
+        """The foreground probability a binary model's pixel must exceed (``postprocessing["threshold"]``; 0.5,
+        the argmax, when the card names none). Chosen on held-out folds of the training recipe, never on test
+        patients (``Testing/benchmarks/choose_threshold.py``)."""
+        return float(self.postprocessing.get("threshold", 0.5))
 
     @property
     def infection_classes(self) -> list[str]:
@@ -77,7 +86,25 @@ class ModelCard:
         missing = {"name", "version", "description", "file", "sha256", "architecture", "classes"} - data.keys()
         if missing:
             raise ModelError(f"model card is missing {', '.join(sorted(missing))}")
-        return cls(**{k: v for k, v in data.items() if k in known}, path=path)
+        card = cls(**{k: v for k, v in data.items() if k in known}, path=path)
+        _check_threshold(card)
+        return card
+
+
+def _check_threshold(card: ModelCard) -> None:
+    """A threshold applies to a binary model's foreground probability only, strictly between 0 and 1."""
+    if "threshold" not in card.postprocessing:
+        return
+    try:
+        threshold = float(card.postprocessing["threshold"])
+    except (TypeError, ValueError):
+        threshold = math.nan
+    if not 0.0 < threshold < 1.0:
+        raise ModelError(f"model card {card.name}: postprocessing.threshold must lie between 0 and 1, "
+                         f"not {card.postprocessing['threshold']!r}")
+    if len(card.classes) != 2:
+        raise ModelError(f"model card {card.name}: a postprocessing.threshold needs a model of 2 classes, "
+                         f"not {len(card.classes)}")
 
 
 @dataclass

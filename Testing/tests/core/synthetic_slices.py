@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +54,11 @@ def make_ctseg_folder(root: Path, size: int = 32) -> Path:
 
 
 def save_constant_model(directory: Path, foreground: bool, name: str = "constant", preprocessing: dict | None = None,
-                        training: dict | None = None) -> Path:
+                        training: dict | None = None, probability: float | None = None,
+                        postprocessing: dict | None = None) -> Path:
     """A tiny network that predicts the same class everywhere (its Dice on any mask is known exactly), saved with
-    its card; returns the weights' path."""
+    its card; returns the weights' path. ``probability``: the foreground probability it gives every pixel
+    instead (``foreground`` is then ignored)."""
     import torch
 
     from relsegcore import zoo
@@ -64,8 +67,11 @@ def save_constant_model(directory: Path, foreground: bool, name: str = "constant
     network = DualEncoderUNet(NetworkConfig(base_channels=4, depth=3, use_general_encoder=False))
     with torch.no_grad():
         network.head.weight.zero_()
-        network.head.bias.copy_(torch.tensor([0.0, 5.0] if foreground else [5.0, 0.0]))
+        if probability is not None:
+            network.head.bias.copy_(torch.tensor([0.0, math.log(probability / (1.0 - probability))]))
+        else:
+            network.head.bias.copy_(torch.tensor([0.0, 5.0] if foreground else [5.0, 0.0]))
     card = zoo.ModelCard(name=name, version="1", description="test", file="", sha256="", architecture={},
                          classes=["background", "infection"], preprocessing=preprocessing or {"input_size": 32},
-                         training=training or {})
+                         postprocessing=postprocessing or {}, training=training or {})
     return zoo.save_model(network, card, directory)

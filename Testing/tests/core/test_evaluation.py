@@ -140,3 +140,34 @@ def test_evaluate_says_how_many_images_the_model_was_trained_on(tmp_path, capsys
     assert main(arguments) == 0
     assert json.loads((tmp_path / "out.json").read_text())["cases_seen_in_training"] is None
     assert "Warning" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("threshold", "expected_foreground"), [(None, True), (0.6, True), (0.8, False)])
+def test_labels_are_decided_at_the_cards_threshold(tmp_path, threshold, expected_foreground):
+    """A network that gives every pixel a foreground probability of 0.7: the argmax (no threshold in the card)
+    and 0.6 call it infection, a card threshold of 0.8 does not."""
+    from relsegcore.evaluation import predict_image
+
+    postprocessing = None if threshold is None else {"threshold": threshold}
+    loaded = zoo.load_model(save_constant_model(tmp_path, True, probability=0.7, postprocessing=postprocessing),
+                            torch.device("cpu"))
+    labels = predict_image(loaded, np.full((40, 50), 100, np.uint8))
+    assert labels.shape == (40, 50)
+    assert np.all(labels == 1) if expected_foreground else not labels.any()
+
+
+@pytest.mark.parametrize("bad", [{"threshold": 1.0}, {"threshold": 0.0}, {"threshold": "high"}])
+def test_a_threshold_outside_0_1_is_refused_when_the_card_is_read(tmp_path, bad):
+    save_constant_model(tmp_path, True, postprocessing=bad)
+    with pytest.raises(zoo.ModelError, match="threshold must lie between 0 and 1"):
+        zoo.find_model(tmp_path / "constant.pt")
+
+
+def test_a_threshold_on_a_multiclass_model_is_refused(tmp_path):
+    save_constant_model(tmp_path, True)
+    card_path = tmp_path / "constant.json"
+    card = json.loads(card_path.read_text())
+    card.update(classes=["background", "ground-glass", "consolidation"], postprocessing={"threshold": 0.7})
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(zoo.ModelError, match="needs a model of 2 classes"):
+        zoo.find_model(card_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -331,3 +332,22 @@ def test_cli_from_a_store_as_the_slicer_module_runs_it(tmp_path, untrained, monk
     card = ModelRegistry().card("tiny-ft1")
     assert card.training["corrections"]["holdout_cases"] in (["case-0"], ["case-1"])
     assert card.training["command"].startswith("relseg finetune --model ") and "--store" in card.training["command"]
+
+
+def test_a_parents_threshold_decides_the_guard_scores_and_passes_to_the_child(tmp_path, untrained):
+    """The guard scores parent and child as the pipeline will run them: at the parent card's threshold, which
+    the fine-tuned card keeps (fine-tuning starts from the parent's calibration)."""
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    shutil.copy(untrained, parent / untrained.name)
+    card = json.loads(untrained.with_suffix(".json").read_text())
+    card["postprocessing"] = {"threshold": 0.999}
+    (parent / untrained.with_suffix(".json").name).write_text(json.dumps(card))
+    images, masks = squares()
+    result = ft.finetune(parent / untrained.name, images, masks, None, tmp_path / "out" / "tiny-ft.pt", **FAST)
+    child = json.loads(result.path.with_suffix(".json").read_text())
+    assert child["postprocessing"] == {"threshold": 0.999}
+    # at 0.999 the untrained parent calls nothing infection: the Dice of an empty prediction (at the argmax it
+    # finds part of the squares: test_finetuning_lowers_the_loss_and_writes_a_card_with_its_parent)
+    assert result.dice_before == 0.0
+    assert child["metrics"]["holdout_dice_before"] == 0.0

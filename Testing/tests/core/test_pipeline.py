@@ -212,3 +212,16 @@ def test_real_data_infection_lands_on_ground_glass_not_on_effusion_or_tumour(shi
     for row in numbers["pleural_effusion"] + numbers["lung_tumor"]:
         if row["label_ml"] >= 10:  # an effusion or a mass (a 1.4 mL nodule looks like a consolidation focus)
             assert row["label_fraction_flagged"] < 0.5, row  # never flagged wholesale as COVID infection
+
+
+@pytest.mark.parametrize(("threshold", "infected"), [(0.6, True), (0.8, False)])
+def test_infection_is_decided_at_the_model_cards_threshold(demo, tmp_path, threshold, infected):
+    """Every pixel at foreground probability 0.7: a card threshold of 0.6 makes all the lungs infection, 0.8
+    none; the report names the threshold that decided."""
+    from synthetic_slices import save_constant_model
+
+    path = save_constant_model(tmp_path, True, probability=0.7, postprocessing={"threshold": threshold})
+    result = pipeline.segment(demo.image, model=path, device="cpu", engine="torch")
+    lungs, infection = array(result.lungs) > 0, array(result.infection) > 0
+    np.testing.assert_array_equal(infection, lungs if infected else np.zeros_like(lungs))
+    assert result.report["model"]["threshold"] == threshold
