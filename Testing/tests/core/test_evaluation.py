@@ -171,3 +171,34 @@ def test_a_threshold_on_a_multiclass_model_is_refused(tmp_path):
     card_path.write_text(json.dumps(card))
     with pytest.raises(zoo.ModelError, match="needs a model of 2 classes"):
         zoo.find_model(card_path)
+
+
+def test_choose_threshold_sweeps_a_folds_held_out_patients_and_writes_the_card(tmp_path, repo_root):
+    """Testing/benchmarks/choose_threshold.py on a fold folder (a model at foreground probability 0.3 and the
+    fold's held-out patients, every slice with some infection): at 0.2 it calls every pixel infection (Dice
+    above 0), from 0.5 none (Dice 0), so 0.2 is chosen and written into the card, which then decides at it."""
+    import subprocess
+    import sys
+
+    from synthetic_slices import make_ctseg_folder
+
+    data = make_ctseg_folder(tmp_path / "ctseg")
+    fold = tmp_path / "fold0"
+    fold.mkdir()
+    save_constant_model(fold, True, name="fold0", probability=0.3,
+                        preprocessing={"input_size": 32, "recipe": "full-slice-clahe"})
+    (fold / "fold_result.json").write_text(json.dumps({"val_patients": ["coronacases_002", "radiopaedia_10"]}))
+    target = tmp_path / "target"
+    target.mkdir()
+    save_constant_model(target, True, name="target")
+    completed = subprocess.run(
+        [sys.executable, str(repo_root / "Testing" / "benchmarks" / "choose_threshold.py"), "--folds", str(fold),
+         "--data", f"ctseg2d:{data}", "--thresholds", "0.2,0.5,0.8", "--card", str(target / "target.pt")],
+        capture_output=True, text=True, check=True, timeout=120)
+    assert "chosen threshold: 0.2" in completed.stdout
+    card = zoo.find_model(target / "target.pt")
+    assert card.threshold == 0.2
+    sweep = card.postprocessing["folds"][0]
+    assert sweep["held_out_patients"] == ["coronacases_002", "radiopaedia_10"] and sweep["slices"] == 5
+    assert sweep["mean_dice"]["0.2"] > sweep["mean_dice"]["0.5"] == sweep["mean_dice"]["0.8"] == 0.0
+    assert "choose_threshold.py" in card.postprocessing["chosen_by"]
