@@ -4,7 +4,9 @@ A network trained with Dice + cross-entropy need not be calibrated at 0.5: this 
 probability a pixel must exceed, on each fold model's own held-out patients (``relseg train --fold K
 --export foldK``: the model and ``fold_result.json`` in one folder), and prints the mean per-slice Dice
 (as ``relseg evaluate --data ctseg2d:`` computes it) per threshold and fold. The threshold chosen is the
-one with the best mean over the folds. Never run it on patients you report as a test.
+one with the best mean over the folds, if it beats the argmax (0.5) by at least ``--min-gain`` (half a
+Dice point): a smaller difference is the folds' noise, not a calibration. Never run it on patients you
+report as a test.
 
 ``--card MODEL`` also writes the choice into that model's card (``postprocessing``: the threshold, this
 command, the folds' models and patients and the whole sweep); the weights and their SHA-256 are not
@@ -68,10 +70,12 @@ def sweep_fold(fold_dir: Path, root: Path, thresholds: tuple[float, ...], device
     }
 
 
-def best_threshold(folds: list[dict], thresholds: tuple[float, ...]) -> float:
-    """The threshold with the best mean over folds (ties: the one nearest 0.5, the untuned argmax)."""
-    means = {t: np.mean([fold["mean_dice"][str(t)] for fold in folds]) for t in thresholds}
-    return max(thresholds, key=lambda t: (round(means[t], 4), -abs(t - 0.5)))
+def best_threshold(folds: list[dict], thresholds: tuple[float, ...], min_gain: float = 0.005) -> float:
+    """The threshold with the best mean over folds (ties: the one nearest 0.5), or 0.5, the untuned argmax,
+    unless it wins by at least ``min_gain``."""
+    means = {t: float(np.mean([fold["mean_dice"][str(t)] for fold in folds])) for t in thresholds}
+    best = max(thresholds, key=lambda t: (round(means[t], 4), -abs(t - 0.5)))
+    return best if 0.5 not in means or means[best] - means[0.5] >= min_gain else 0.5
 
 
 def write_card(model: str, threshold: float, folds: list[dict], command: str) -> Path:
@@ -81,7 +85,8 @@ def write_card(model: str, threshold: float, folds: list[dict], command: str) ->
     data["postprocessing"] = {
         "threshold": threshold,
         "chosen_by": command,
-        "rule": "best mean per-slice Dice over the folds' held-out patients (folds of this model's recipe)",
+        "rule": "best mean per-slice Dice over the held-out patients of folds of this model's recipe, if it "
+                "beats 0.5 by at least the command's --min-gain",
         "folds": folds,
     }
     atomic_write_text(card_path, json.dumps(data, indent=2) + "\n")
@@ -94,6 +99,7 @@ def main() -> int:
     parser.add_argument("--data", default=f"ctseg2d:{DATA / 'covid-ct-seg-2d'}")
     parser.add_argument("--thresholds", default=",".join(str(t) for t in THRESHOLDS))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--min-gain", type=float, default=0.005, help="keep 0.5 unless a threshold wins by this")
     parser.add_argument("--card", help="write the chosen threshold into this model's card")
     args = parser.parse_args()
     root = Path(args.data.removeprefix("ctseg2d:"))
@@ -108,7 +114,7 @@ def main() -> int:
     for t in thresholds:
         values = [fold["mean_dice"][str(t)] for fold in folds]
         print(f"| {t} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {np.mean(values):.4f} |")
-    chosen = best_threshold(folds, thresholds)
+    chosen = best_threshold(folds, thresholds, args.min_gain)
     print(f"chosen threshold: {chosen}")
     if args.card:
         command = "python " + " ".join(shlex.quote(arg) for arg in sys.argv)

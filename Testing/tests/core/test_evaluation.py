@@ -202,3 +202,16 @@ def test_choose_threshold_sweeps_a_folds_held_out_patients_and_writes_the_card(t
     assert sweep["held_out_patients"] == ["coronacases_002", "radiopaedia_10"] and sweep["slices"] == 5
     assert sweep["mean_dice"]["0.2"] > sweep["mean_dice"]["0.5"] == sweep["mean_dice"]["0.8"] == 0.0
     assert "choose_threshold.py" in card.postprocessing["chosen_by"]
+
+
+def test_choose_threshold_keeps_the_argmax_unless_another_threshold_wins_clearly(repo_root):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("choose_threshold",
+                                                  repo_root / "Testing" / "benchmarks" / "choose_threshold.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folds = [{"mean_dice": {"0.5": 0.685, "0.7": 0.698}}, {"mean_dice": {"0.5": 0.531, "0.7": 0.520}}]
+    assert module.best_threshold(folds, (0.5, 0.7)) == 0.5  # +0.1 points on the mean: the folds disagree
+    assert module.best_threshold(folds[:1], (0.5, 0.7)) == 0.7  # +1.3 points
+    assert module.best_threshold(folds[:1], (0.5, 0.7), min_gain=0.02) == 0.5
