@@ -13,7 +13,8 @@ command, the folds' models and patients and the whole sweep); the weights and th
 touched. The pipeline, ``relseg evaluate`` and fine-tuning then decide labels at that threshold::
 
     python Testing/benchmarks/choose_threshold.py --folds work-dirs/cv/infection-fold0 work-dirs/cv/infection-fold1
-        [--data ctseg2d:../shared/data/covid-ct-seg-2d] [--thresholds 0.3,0.4,...] [--card covid-infection-2d]
+        [--data ctseg2d:../shared/data/covid-ct-seg-2d] [--thresholds 0.3,0.4,...] [--min-gain 0.005]
+        [--json OUT] [--card covid-infection-2d]
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def main() -> int:
     parser.add_argument("--data", default=f"ctseg2d:{DATA / 'covid-ct-seg-2d'}")
     parser.add_argument("--thresholds", default=",".join(str(t) for t in THRESHOLDS))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, help="also write the whole sweep (per fold and patient) here")
     parser.add_argument("--min-gain", type=float, default=0.005, help="keep 0.5 unless a threshold wins by this")
     parser.add_argument("--card", help="write the chosen threshold into this model's card")
     args = parser.parse_args()
@@ -116,6 +118,8 @@ def main() -> int:
         print(f"| {t} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {np.mean(values):.4f} |")
     chosen = best_threshold(folds, thresholds, args.min_gain)
     print(f"chosen threshold: {chosen}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"chosen": chosen, "folds": folds}, indent=2) + "\n")
     if args.card:
         command = "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
         print(f"wrote {write_card(args.card, chosen, folds, command)}")
