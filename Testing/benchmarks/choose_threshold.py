@@ -34,6 +34,7 @@ from relsegcore.data.readers import read_gray_picture, read_mask_picture
 from relsegcore.device import select_device
 from relsegcore.evaluation import native_probabilities
 from relsegcore.fileutil import atomic_write_text
+from relsegcore.inference import labels_from
 from relsegcore.metrics import dice
 
 DATA = Path(os.environ.get("RELSEG_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
@@ -53,14 +54,14 @@ def sweep_fold(fold_dir: Path, root: Path, thresholds: tuple[float, ...], device
     patients = json.loads((fold_dir / "fold_result.json").read_text())["val_patients"]
     card = fold_model(fold_dir)
     loaded = zoo.load_model(card, select_device(device), "auto")
-    rows = [row for row, keep in zip(read_cases_csv(root), selected_rows(read_cases_csv(root), patients, root),
-                                     strict=True) if keep]
+    all_rows = read_cases_csv(root)
+    rows = [row for row, keep in zip(all_rows, selected_rows(all_rows, patients, root), strict=True) if keep]
     scores = np.empty((len(rows), len(thresholds)))
     for index, row in enumerate(rows):
         name = Path(row["file"]).name
-        foreground = native_probabilities(loaded, read_gray_picture(root / "images" / name))[1]
+        probabilities = native_probabilities(loaded, read_gray_picture(root / "images" / name))
         reference = read_mask_picture(root / "masks" / name, False) > 0
-        scores[index] = [dice(foreground > t, reference) for t in thresholds]
+        scores[index] = [dice(labels_from(probabilities, t) > 0, reference) for t in thresholds]
     of_patient = np.array([patient_of(row["case"]) for row in rows])
     return {
         "model": {"name": card.name, "version": card.version, "sha256": card.sha256, "folder": str(fold_dir)},
