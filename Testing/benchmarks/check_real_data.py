@@ -51,6 +51,7 @@ from relsegcore.metrics import dice
 DATA = Path(os.environ.get("RELSEG_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 GGO_HU = (-750.0, -300.0)
 AERATED_HU = -850.0
+HALF_AIR_HU = -500.0  # fluid is 0..30 HU, air -1000: below this a voxel is more than half air
 COVID_SLICE_SPACING = (0.7, 0.7, 5.0)  # not recorded with the slices; about 0.7 mm in-plane
 
 
@@ -122,6 +123,8 @@ def false_positives(model: str, device: str, ct_path: Path, label_path: Path, lu
         "label_ml": round(float(label_mask.sum() * voxel_ml), 1),
         "label_fraction_flagged": round(float((infection & label_mask).sum() / max(label_mask.sum(), 1)), 4),
         "label_fraction_inside_lungs": round(float((lungs & label_mask).sum() / max(label_mask.sum(), 1)), 4),
+        # label voxels more than half air are lung the label overreaches: a correct lung mask keeps them
+        "label_fraction_air": round(float((label_mask & (hu < HALF_AIR_HU)).sum() / max(label_mask.sum(), 1)), 4),
         "lungs_method": result.report.get("lungs_method"),
         "seconds": result.report["timing_s"]["total"],
     }
