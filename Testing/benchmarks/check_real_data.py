@@ -113,6 +113,11 @@ def false_positives(model: str, device: str, ct_path: Path, label_path: Path, lu
     places["dense_elsewhere"] = infection & ~dependent & ~label_mask & (hu >= DENSE_HU)
     places["other"] = infection & ~dependent & ~label_mask & (hu < DENSE_HU)
     lungs_ml = result.report["lungs"]["total_ml"]
+    label_voxels = max(int(label_mask.sum()), 1)
+
+    def share_of_label(mask: np.ndarray) -> float:
+        return round(float((mask & label_mask).sum() / label_voxels), 4)
+
     return {
         "case": case,
         "in_training_negatives": ct_path.name in training_data or f"{case}_" in training_data,
@@ -121,10 +126,10 @@ def false_positives(model: str, device: str, ct_path: Path, label_path: Path, lu
         "percent_of_lungs": round(100 * float(infection.sum() * voxel_ml) / max(lungs_ml, 1e-6), 2),
         **{f"{name}_ml": round(float(mask.sum() * voxel_ml), 2) for name, mask in places.items()},
         "label_ml": round(float(label_mask.sum() * voxel_ml), 1),
-        "label_fraction_flagged": round(float((infection & label_mask).sum() / max(label_mask.sum(), 1)), 4),
-        "label_fraction_inside_lungs": round(float((lungs & label_mask).sum() / max(label_mask.sum(), 1)), 4),
+        "label_fraction_flagged": share_of_label(infection),
+        "label_fraction_inside_lungs": share_of_label(lungs),
         # label voxels more than half air are lung the label overreaches: a correct lung mask keeps them
-        "label_fraction_air": round(float((label_mask & (hu < HALF_AIR_HU)).sum() / max(label_mask.sum(), 1)), 4),
+        "label_fraction_air": share_of_label(hu < HALF_AIR_HU),
         "lungs_method": result.report.get("lungs_method"),
         "seconds": result.report["timing_s"]["total"],
     }
