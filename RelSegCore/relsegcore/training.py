@@ -79,6 +79,7 @@ class TrainConfig:
     init_target_from_general: bool = False
     relation: RelationConfig = field(default_factory=RelationConfig)
     augment_strength: float = 1.0
+    augment_series: bool = False  # also the series differences of covid-ct-seg-2d (data.augment, series=True)
     patch_size: int | None = None  # random square crops of the augmented slices (None: whole slices)
     validate_every: int = 250
     checkpoint_every: int = 250
@@ -395,7 +396,7 @@ def train(config: TrainConfig, train_images: np.ndarray, train_masks: np.ndarray
             index = torch.multinomial(weights, config.batch_size, replacement=True, generator=generator)
         batch_images = images[index].float() / 255.0
         batch_images, batch_masks = augment_batch(batch_images, masks[index], generator=generator,
-                                                  strength=config.augment_strength)
+                                                  strength=config.augment_strength, series=config.augment_series)
         batch_images, batch_masks = random_crops(batch_images, batch_masks, config.patch_size, generator)
         lr = learning_rate_at(iteration, config)
         for group in optimizer.param_groups:

@@ -114,6 +114,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="train on random square crops of this size (faster steps; validation and inference "
                              "see whole slices)")
     parser.add_argument("--augment", type=float, default=1.0, help="augmentation strength (0 = none)")
+    parser.add_argument("--augment-series", action="store_true",
+                        help="also flip slices upside down and squeeze their grey range, as the series of "
+                             "covid-ct-seg-2d differ (Radiopaedia stored posterior-up, min-max squeezed by outliers)")
     parser.add_argument("--validate-every", type=int, default=250)
     parser.add_argument("--no-validation", action="store_true",
                         help="with --fold: do not score the held-out slices while training (score them "
@@ -138,7 +141,8 @@ def _network(args: argparse.Namespace, num_classes: int, general: bool) -> Netwo
 def _config(args: argparse.Namespace, out: Path, network: NetworkConfig, **extra) -> TrainConfig:
     return TrainConfig(
         out_dir=out, network=network, iterations=args.iterations, batch_size=args.batch_size,
-        learning_rate=args.lr, seed=args.seed, augment_strength=args.augment, device=args.device,
+        learning_rate=args.lr, seed=args.seed, augment_strength=args.augment,
+        augment_series=args.augment_series, device=args.device,
         validate_every=args.validate_every, checkpoint_every=args.validate_every,
         patch_size=getattr(args, "patch_size", None), **extra,
     )

@@ -11,6 +11,13 @@ up to 8 % of the size cover how differently the lung box can sit; the border is 
 (image and mask alike) so no black wedges appear. Intensity: gamma, contrast, brightness,
 light blur and Gaussian noise, covering the window and scanner differences that a fixed
 window cannot remove (the measured window fits the COVID-SemiSeg slices only on average).
+
+``series=True`` adds what differs between the series of ``covid-ct-seg-2d`` and a 2D benchmark
+prepared like it: every Radiopaedia series there is stored posterior-up (a vertical flip, half
+the samples), and the recipe's min-max over each slice squeezes the grey range when a slice holds
+outliers (coronacases_003: 99th percentile at 166 of 255 where others reach 230), mimicked by
+mapping 0..1 onto a narrower ``low..high`` for half the samples. Off by default: an HU volume fed
+by the pipeline is always upright and its outliers are clamped before the min-max.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ MAX_CONTRAST_CHANGE = 0.2
 MAX_BRIGHTNESS = 0.1
 MAX_NOISE_SIGMA = 0.03
 BLUR_PROBABILITY = 0.25
+MAX_RANGE_FLOOR = 0.2  # series=True: the squeezed range starts at up to 0.2 ...
+MIN_RANGE_CEILING = 0.7  # ... and ends at 0.7 or above
 
 
 @dataclass
@@ -47,6 +56,9 @@ class AugmentParams:
     blur: torch.Tensor
     noise_sigma: torch.Tensor
     noise_seed: int = 0
+    vertical_flip: torch.Tensor | None = None  # (B,) bool; None: no sample flipped
+    range_low: torch.Tensor | None = None  # (B,) grey range 0..1 mapped onto low..high; None: unchanged
+    range_high: torch.Tensor | None = None
 
     @classmethod
     def identity(cls, batch: int) -> AugmentParams:
@@ -65,8 +77,11 @@ class AugmentParams:
                                for f in fields(self)))
 
 
-def sample_params(batch: int, generator: torch.Generator | None = None, strength: float = 1.0) -> AugmentParams:
-    """Random parameters; ``strength`` scales every range (0 = identity, 1 = the ranges above)."""
+def sample_params(batch: int, generator: torch.Generator | None = None, strength: float = 1.0,
+                  series: bool = False) -> AugmentParams:
+    """Random parameters; ``strength`` scales every range (0 = identity, 1 = the ranges above); ``series`` adds
+    the vertical flip and the squeezed grey range (drawn after the others, so a seed gives the same base
+    parameters either way)."""
     device = generator.device if generator is not None else torch.device("cpu")
 
     def uniform(*shape: int) -> torch.Tensor:  # in [-1, 1)
@@ -76,7 +91,7 @@ def sample_params(batch: int, generator: torch.Generator | None = None, strength
         return torch.rand(batch, generator=generator, device=device) < probability
 
     level = min(max(strength, 0.0), 1.0)
-    return AugmentParams(
+    params = AugmentParams(
         flip=chance(0.5 * level),
         angle=uniform(batch) * math.radians(MAX_ROTATION_DEG) * strength,
         scale=1 + uniform(batch) * MAX_SCALE_CHANGE * strength,
@@ -88,16 +103,24 @@ def sample_params(batch: int, generator: torch.Generator | None = None, strength
         noise_sigma=(uniform(batch) + 1) / 2 * MAX_NOISE_SIGMA * strength,
         noise_seed=int(torch.randint(0, 2**62, (1,), generator=generator, device=device)),
     )
+    if series:
+        squeezed = chance(0.5 * level)
+        params.vertical_flip = chance(0.5 * level)
+        params.range_low = torch.where(squeezed, (uniform(batch) + 1) / 2 * MAX_RANGE_FLOOR * strength, 0.0)
+        params.range_high = torch.where(
+            squeezed, 1 - (uniform(batch) + 1) / 2 * (1 - MIN_RANGE_CEILING) * strength, 1.0)
+    return params
 
 
 def augment_batch(
     images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None, strength: float = 1.0,
+    series: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Augmented copies of float ``images`` (B,1,H,W) or (B,1,D,H,W) in [0, 1] and long ``masks`` (B,H,W) /
-    (B,D,H,W); 3D samples are warped in-plane, every slice of a sample alike."""
+    (B,D,H,W); 3D samples are warped in-plane, every slice of a sample alike. ``series``: see the module."""
     if strength <= 0:
         return images, masks
-    params = sample_params(len(images), generator, strength)
+    params = sample_params(len(images), generator, strength, series)
     return apply_augmentation(images, masks, params)
 
 
@@ -124,9 +147,10 @@ def _warp(images: torch.Tensor, masks: torch.Tensor, params: AugmentParams) -> t
     """One affine grid for image and mask: bilinear for the image, nearest for the labels."""
     cos, sin = torch.cos(params.angle) / params.scale, torch.sin(params.angle) / params.scale
     mirror = 1.0 - 2.0 * params.flip.float()  # output x -> input -x: a left/right flip
+    upside_down = 1.0 if params.vertical_flip is None else 1.0 - 2.0 * params.vertical_flip.float()
     theta = torch.stack([
-        torch.stack([cos * mirror, -sin, params.shift[:, 0]], dim=1),
-        torch.stack([sin * mirror, cos, params.shift[:, 1]], dim=1),
+        torch.stack([cos * mirror, -sin * upside_down, params.shift[:, 0]], dim=1),
+        torch.stack([sin * mirror, cos * upside_down, params.shift[:, 1]], dim=1),
     ], dim=1)
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
     warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
@@ -139,7 +163,11 @@ def _recolour(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
     def per_sample(values: torch.Tensor) -> torch.Tensor:
         return values.to(images.dtype).view(-1, 1, 1, 1)
 
-    images = images.clamp(0, 1) ** per_sample(params.gamma)
+    images = images.clamp(0, 1)
+    if params.range_low is not None and params.range_high is not None:
+        low = per_sample(params.range_low)
+        images = low + images * (per_sample(params.range_high) - low)
+    images = images ** per_sample(params.gamma)
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
     images = (images - mean) * per_sample(params.contrast) + mean + per_sample(params.brightness)
     blurred = torch.nonzero(params.blur > 0).flatten()

@@ -37,6 +37,38 @@ def test_a_flipped_square_is_the_mirrored_square() -> None:
     assert torch.allclose(out_images[0], images[0].flip(-1), atol=1e-5)
 
 
+def test_an_upside_down_square_is_the_vertically_mirrored_square() -> None:
+    images, masks = _square_batch()
+    params = dataclasses.replace(AugmentParams.identity(2), vertical_flip=torch.tensor([True, False]))
+    out_images, out_masks = apply_augmentation(images, masks, params)
+    assert torch.equal(out_masks[0], masks[0].flip(-2)) and torch.equal(out_masks[1], masks[1])
+    assert torch.allclose(out_images[0], images[0].flip(-2), atol=1e-5)
+
+
+def test_a_squeezed_grey_range_maps_black_and_white_onto_its_ends() -> None:
+    images, masks = _square_batch()
+    images[:, 0, 20:, 20:] = 1.0
+    params = dataclasses.replace(AugmentParams.identity(2), range_low=torch.tensor([0.15, 0.0]),
+                                 range_high=torch.tensor([0.75, 1.0]))
+    out_images, out_masks = apply_augmentation(images, masks, params)
+    assert torch.equal(out_masks, masks)
+    assert out_images[0, 0, 0, 0] == pytest.approx(0.15, abs=1e-5)  # black
+    assert out_images[0, 0, 30, 30] == pytest.approx(0.75, abs=1e-5)  # white
+    assert out_images[0, 0, 5, 5] == pytest.approx(0.15 + 0.8 * 0.6, abs=1e-5)
+    assert torch.allclose(out_images[1], images[1], atol=1e-5)
+
+
+def test_series_variation_is_drawn_after_the_base_parameters_and_only_when_asked() -> None:
+    base = sample_params(4000, torch.Generator().manual_seed(0))
+    series = sample_params(4000, torch.Generator().manual_seed(0), series=True)
+    assert torch.equal(base.angle, series.angle) and base.noise_seed == series.noise_seed  # old recipes unchanged
+    assert base.vertical_flip is None and base.range_low is None
+    assert 0.45 < series.vertical_flip.float().mean() < 0.55
+    squeezed = series.range_high < 1
+    assert 0.45 < squeezed.float().mean() < 0.55 and torch.equal(squeezed, series.range_low > 0)
+    assert series.range_low.max() <= 0.2 and series.range_high.min() >= 0.7
+
+
 def test_rotation_by_90_degrees_turns_the_square_with_its_mask() -> None:
     images, masks = _square_batch(1)
     params = dataclasses.replace(AugmentParams.identity(1), angle=torch.tensor([math.pi / 2]))
