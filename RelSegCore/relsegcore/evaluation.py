@@ -82,7 +82,8 @@ def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path
 
 def evaluate_ctseg2d(loaded: LoadedModel, root: Path, target: str = "infection", tta: bool = False,
                      progress: Progress | None = None, cases: list[str] | None = None) -> dict:
-    """``evaluate_image_folder`` on a ``covid-ct-seg-2d`` folder (slices upright, never transposed), with each
+    """``evaluate_image_folder`` on a ``covid-ct-seg-2d`` folder (never transposed; its Radiopaedia series are
+    stored posterior up and scored as stored), with each
     slice's case and the mean Dice per patient (slices of one patient are not independent). ``cases`` keeps
     only those cases or patients."""
     from .data.ctseg import CTSEG_TARGETS, patient_of, read_cases_csv, selected_rows

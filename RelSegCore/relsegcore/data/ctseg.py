@@ -1,7 +1,8 @@
 """The ``covid-ct-seg-2d`` layout (``--data ctseg2d:DIR``) and splits by patient.
 
-The layout: ``images/NNNN.png`` (8-bit, already in the ``full-slice-clahe`` appearance, upright:
-anterior up, the patient's left on the image right, so never transposed), ``masks/NNNN.png``
+The layout: ``images/NNNN.png`` (8-bit, already in the ``full-slice-clahe`` appearance, never
+transposed; the coronacases series are anterior up, every Radiopaedia series is stored posterior
+up, spine at the top: ``--augment-series`` teaches both), ``masks/NNNN.png``
 (infection 0/255), ``lungs/NNNN.png`` (both lungs 0/255) and ``cases.csv`` (file, case,
 source, order_in_case). Slice names are ``CASE/FILE`` so every split can go by patient.
 
