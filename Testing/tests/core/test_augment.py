@@ -29,20 +29,14 @@ def test_strength_zero_is_identity_and_identity_params_change_nothing() -> None:
     assert torch.allclose(warped_images, images, atol=1e-5) and torch.equal(warped_masks, masks)
 
 
-def test_a_flipped_square_is_the_mirrored_square() -> None:
+@pytest.mark.parametrize(("field", "axis"), [("flip", -1), ("vertical_flip", -2)])
+def test_a_flipped_square_is_the_mirrored_square(field: str, axis: int) -> None:
+    """Left/right (``flip``) mirrors the columns, upside down (``vertical_flip``) the rows; only the chosen sample."""
     images, masks = _square_batch()
-    params = dataclasses.replace(AugmentParams.identity(2), flip=torch.tensor([True, False]))
+    params = dataclasses.replace(AugmentParams.identity(2), **{field: torch.tensor([True, False])})
     out_images, out_masks = apply_augmentation(images, masks, params)
-    assert torch.equal(out_masks[0], masks[0].flip(-1)) and torch.equal(out_masks[1], masks[1])
-    assert torch.allclose(out_images[0], images[0].flip(-1), atol=1e-5)
-
-
-def test_an_upside_down_square_is_the_vertically_mirrored_square() -> None:
-    images, masks = _square_batch()
-    params = dataclasses.replace(AugmentParams.identity(2), vertical_flip=torch.tensor([True, False]))
-    out_images, out_masks = apply_augmentation(images, masks, params)
-    assert torch.equal(out_masks[0], masks[0].flip(-2)) and torch.equal(out_masks[1], masks[1])
-    assert torch.allclose(out_images[0], images[0].flip(-2), atol=1e-5)
+    assert torch.equal(out_masks[0], masks[0].flip(axis)) and torch.equal(out_masks[1], masks[1])
+    assert torch.allclose(out_images[0], images[0].flip(axis), atol=1e-5)
 
 
 def test_a_squeezed_grey_range_maps_black_and_white_onto_its_ends() -> None:
