@@ -15,9 +15,10 @@ window cannot remove (the measured window fits the COVID-SemiSeg slices only on 
 ``series=True`` adds what differs between the series of ``covid-ct-seg-2d`` and a 2D benchmark
 prepared like it: every Radiopaedia series there is stored posterior-up (a vertical flip, half
 the samples), and the recipe's min-max over each slice squeezes the grey range when a slice holds
-outliers (coronacases_003: 99th percentile at 166 of 255 where others reach 230), mimicked by
-mapping 0..1 onto a narrower ``low..high`` for half the samples. Off by default: an HU volume fed
-by the pipeline is always upright and its outliers are clamped before the min-max.
+outliers (a middle slice of coronacases_003: 99th percentile at 166 of 255, one of each other
+series: 229-252), mimicked by mapping 0..1 onto a narrower ``low..high`` for half the samples.
+Off by default: an HU volume fed by the pipeline is always upright and its outliers are clamped
+before the min-max.
 """
 
 from __future__ import annotations
