@@ -26,7 +26,7 @@ from .data.readers import (
     read_mask_picture,
 )
 from .errors import InputError
-from .inference import labels_from, predict_slices
+from .inference import drop_small_components, labels_from, predict_slices
 from .metrics import case_metrics, summarise
 from .progress import Progress
 from .zoo import LoadedModel
@@ -45,8 +45,9 @@ def native_probabilities(loaded: LoadedModel, image: np.ndarray, tta: bool = Fal
 
 def predict_image(loaded: LoadedModel, image: np.ndarray, tta: bool = False) -> np.ndarray:
     """Label map at the image's native size for one 8-bit slice already in the training appearance, decided
-    as the pipeline decides (the card's ``threshold``)."""
-    return labels_from(native_probabilities(loaded, image, tta), loaded.card.threshold)
+    as the pipeline decides (the card's ``threshold`` and ``min_component_fraction``)."""
+    labels = labels_from(native_probabilities(loaded, image, tta), loaded.card.threshold)
+    return drop_small_components(labels, loaded.card.min_component_fraction)
 
 
 def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path, tta: bool = False,

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from .device import autocast, is_cuda_oom
 from .engines import forward_of
@@ -46,8 +47,8 @@ def predict_slices(
 ) -> np.ndarray:
     """Class probabilities float32 ``(N, C, S, S)`` for uint8 images ``(N, S, S)``.
 
-    ``batch_size`` defaults to ``batch_size_for`` the model's device. ``tta`` averages with the horizontally
-    flipped prediction. ``progress`` gets updates
+    ``batch_size`` defaults to ``batch_size_for`` the model's device. ``tta`` (or the card's ``flip_tta``)
+    averages with the horizontally flipped prediction. ``progress`` gets updates
     mapped into ``progress_span`` and is asked about cancelling between batches.
     """
     images = np.asarray(images)
@@ -56,6 +57,7 @@ def predict_slices(
     num_classes = loaded.card.architecture.get("num_classes", len(loaded.card.classes))
     probabilities = np.empty((len(images), num_classes, *images.shape[1:]), dtype=np.float32)
     runner = _BatchRunner(loaded, batch_size or batch_size_for(loaded.device))
+    tta = tta or loaded.card.flip_tta
     done = 0
     while done < len(images):
         if progress is not None:
@@ -77,6 +79,23 @@ def labels_from(probabilities: np.ndarray, threshold: float = 0.5, axis: int = 0
     if probabilities.shape[axis] == 2:
         return (np.take(probabilities, 1, axis=axis) > threshold).astype(np.uint8)
     return probabilities.argmax(axis=axis).astype(np.uint8)
+
+
+def drop_small_components(labels: np.ndarray, fraction: float) -> np.ndarray:
+    """A 2D label map without the foreground components (8-connected, any label) smaller than ``fraction`` of
+    its largest one (the card's ``min_component_fraction``); ``labels`` itself when nothing is dropped."""
+    if fraction <= 0.0:
+        return labels
+    components, count = ndimage.label(labels > 0, structure=np.ones((3, 3), bool))
+    if count < 2:
+        return labels
+    sizes = np.bincount(components.ravel(), minlength=count + 1)
+    sizes[0] = 0
+    small = sizes < fraction * sizes.max()
+    small[0] = False
+    if not small.any():
+        return labels
+    return np.where(small[components], 0, labels).astype(labels.dtype)
 
 
 def predict_volume(
@@ -105,6 +124,7 @@ def predict_volume(
     starts = [_window_starts(n, p, overlap) for n, p in zip(padded.shape, patch, strict=True)]
     corners = list(itertools.product(*starts))
     runner = _BatchRunner(loaded, batch_size)
+    tta = tta or loaded.card.flip_tta
     done = 0
     while done < len(corners):
         if progress is not None:

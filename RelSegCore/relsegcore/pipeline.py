@@ -26,7 +26,7 @@ from . import imageio, opacity, outputs, zoo
 from .data import intensity
 from .device import describe_device, select_device
 from .errors import InputError, ModelError
-from .inference import batches, labels_from, predict_slices, predict_volume
+from .inference import batches, drop_small_components, labels_from, predict_slices, predict_volume
 from .lungs import lungs_from_mask, segment_lungs_array
 from .progress import Progress
 
@@ -259,7 +259,8 @@ def slice_labels_2d(
         network_seconds += time.perf_counter() - start
         with _one_torch_thread():
             for z, (_, box), slice_probabilities in zip(chunk_z, prepared, probabilities, strict=True):
-                labels[z][box] = _labels_resized(slice_probabilities, _box_shape(box), loaded.card.threshold)
+                decided = _labels_resized(slice_probabilities, _box_shape(box), loaded.card.threshold)
+                labels[z][box] = drop_small_components(decided, loaded.card.min_component_fraction)
     return labels, network_seconds
 
 

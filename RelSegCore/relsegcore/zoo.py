@@ -67,8 +67,21 @@ class ModelCard:
     def threshold(self) -> float:
         """The foreground probability a binary model's pixel must exceed (``postprocessing["threshold"]``; 0.5,
         the argmax, when the card names none). Chosen on held-out folds of the training recipe, never on test
-        patients (``Testing/benchmarks/choose_threshold.py``)."""
+        patients (``Testing/benchmarks/choose_postprocessing.py``)."""
         return float(self.postprocessing.get("threshold", 0.5))
+
+    @property
+    def flip_tta(self) -> bool:
+        """Whether every prediction averages with the left-right flipped one (``postprocessing["flip_tta"]``),
+        as chosen on the recipe's folds; ``--tta`` asks for it on any model."""
+        return bool(self.postprocessing.get("flip_tta", False))
+
+    @property
+    def min_component_fraction(self) -> float:
+        """A 2D slice's foreground components smaller than this fraction of its largest are dropped
+        (``postprocessing["min_component_fraction"]``; 0 keeps all). For organ models such as the lungs, whose
+        stray islands are errors; never for lesions, which are many and small."""
+        return float(self.postprocessing.get("min_component_fraction", 0.0))
 
     @property
     def infection_classes(self) -> list[str]:
@@ -88,6 +101,7 @@ class ModelCard:
             raise ModelError(f"model card is missing {', '.join(sorted(missing))}")
         card = cls(**{k: v for k, v in data.items() if k in known}, path=path)
         _check_threshold(card)
+        _check_min_component_fraction(card)
         return card
 
 
@@ -105,6 +119,18 @@ def _check_threshold(card: ModelCard) -> None:
     if len(card.classes) != 2:
         raise ModelError(f"model card {card.name}: a postprocessing.threshold needs a model of 2 classes, "
                          f"not {len(card.classes)}")
+
+
+def _check_min_component_fraction(card: ModelCard) -> None:
+    """A component fraction is a share of the largest component: 0 (keep all) up to, not including, 1."""
+    value = card.postprocessing.get("min_component_fraction", 0.0)
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        fraction = math.nan
+    if not 0.0 <= fraction < 1.0:
+        raise ModelError(f"model card {card.name}: postprocessing.min_component_fraction must lie in [0, 1), "
+                         f"not {value!r}")
 
 
 @dataclass

@@ -156,6 +156,25 @@ def test_labels_are_decided_at_the_cards_threshold(tmp_path, threshold, expected
     assert np.all(labels == 1) if expected_foreground else not labels.any()
 
 
+def test_a_cards_component_fraction_drops_stray_islands_from_the_labels(tmp_path, monkeypatch):
+    """Two lungs and a stray island, decided as the pipeline decides: a card without the fraction keeps all,
+    one of 0.05 drops the island (smaller than 5 % of the largest lung), whatever the threshold."""
+    from relsegcore import evaluation
+
+    foreground = np.zeros((60, 60), np.float32)
+    foreground[10:50, 5:25] = foreground[10:50, 35:55] = 0.9  # two lungs of 800 px
+    foreground[55:57, 28:30] = 0.9  # 4 px
+    monkeypatch.setattr(evaluation, "native_probabilities",
+                        lambda loaded, image, tta=False: np.stack([1.0 - foreground, foreground]))
+    for postprocessing, island in [(None, True), ({"min_component_fraction": 0.05}, False),
+                                   ({"min_component_fraction": 0.05, "threshold": 0.6}, False)]:
+        loaded = zoo.load_model(save_constant_model(tmp_path, True, postprocessing=postprocessing),
+                                torch.device("cpu"))
+        labels = evaluation.predict_image(loaded, np.zeros((60, 60), np.uint8))
+        assert labels[10:50, 5:25].all() and labels[10:50, 35:55].all()
+        assert labels[55:57, 28:30].all() == island
+
+
 @pytest.mark.parametrize("bad", [{"threshold": 1.0}, {"threshold": 0.0}, {"threshold": "high"}])
 def test_a_threshold_outside_0_1_is_refused_when_the_card_is_read(tmp_path, bad):
     save_constant_model(tmp_path, True, postprocessing=bad)
@@ -173,10 +192,11 @@ def test_a_threshold_on_a_multiclass_model_is_refused(tmp_path):
         zoo.find_model(card_path)
 
 
-def test_choose_threshold_sweeps_a_folds_held_out_patients_and_writes_the_card(tmp_path, repo_root):
-    """Testing/benchmarks/choose_threshold.py on a fold folder (a model at foreground probability 0.3 and the
-    fold's held-out patients, every slice with some infection): at 0.2 it calls every pixel infection (Dice
-    above 0), from 0.5 none (Dice 0), so 0.2 is chosen and written into the card, which then decides at it."""
+def test_choose_postprocessing_sweeps_a_folds_held_out_patients_and_writes_the_card(tmp_path, repo_root):
+    """Testing/benchmarks/choose_postprocessing.py on a fold folder (a model at foreground probability 0.3 and
+    the fold's held-out patients, every slice with some infection): at 0.2 it calls every pixel infection (Dice
+    above 0), from 0.5 none (Dice 0), so 0.2 is chosen and written into the card, which then decides at it.
+    The flip and the component fraction change nothing on a constant prediction, so the simpler setting wins."""
     import subprocess
     import sys
 
@@ -192,26 +212,35 @@ def test_choose_threshold_sweeps_a_folds_held_out_patients_and_writes_the_card(t
     target.mkdir()
     save_constant_model(target, True, name="target")
     completed = subprocess.run(
-        [sys.executable, str(repo_root / "Testing" / "benchmarks" / "choose_threshold.py"), "--folds", str(fold),
-         "--data", f"ctseg2d:{data}", "--thresholds", "0.2,0.5,0.8", "--card", str(target / "target.pt")],
+        [sys.executable, str(repo_root / "Testing" / "benchmarks" / "choose_postprocessing.py"), "--folds",
+         str(fold), "--data", f"ctseg2d:{data}", "--thresholds", "0.2,0.5,0.8", "--flip-tta", "--fractions",
+         "0,0.1", "--card", str(target / "target.pt")],
         capture_output=True, text=True, check=True, timeout=120)
-    assert "chosen threshold: 0.2" in completed.stdout
+    assert "chosen: threshold 0.2, flip off, components >= 0.0" in completed.stdout
     card = zoo.find_model(target / "target.pt")
-    assert card.threshold == 0.2
+    assert card.threshold == 0.2 and not card.flip_tta and card.min_component_fraction == 0.0
     sweep = card.postprocessing["folds"][0]
     assert sweep["held_out_patients"] == ["coronacases_002", "radiopaedia_10"] and sweep["slices"] == 5
-    assert sweep["mean_dice"]["0.2"] > sweep["mean_dice"]["0.5"] == sweep["mean_dice"]["0.8"] == 0.0
-    assert "choose_threshold.py" in card.postprocessing["chosen_by"]
+    dice_at = {label.split(",")[0]: value for label, value in sweep["mean_dice"].items() if "flip off" in label}
+    assert dice_at["threshold 0.2"] > dice_at["threshold 0.5"] == dice_at["threshold 0.8"] == 0.0
+    assert len(sweep["mean_dice"]) == 12  # 3 thresholds x 2 flips x 2 fractions
+    assert "choose_postprocessing.py" in card.postprocessing["chosen_by"]
 
 
-def test_choose_threshold_keeps_the_argmax_unless_another_threshold_wins_clearly(repo_root):
+def test_choose_postprocessing_keeps_the_untuned_setting_unless_another_wins_clearly(repo_root):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("choose_threshold",
-                                                  repo_root / "Testing" / "benchmarks" / "choose_threshold.py")
+    spec = importlib.util.spec_from_file_location("choose_postprocessing",
+                                                  repo_root / "Testing" / "benchmarks" / "choose_postprocessing.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    folds = [{"mean_dice": {"0.5": 0.685, "0.7": 0.698}}, {"mean_dice": {"0.5": 0.531, "0.7": 0.520}}]
-    assert module.best_threshold(folds, (0.5, 0.7)) == 0.5  # +0.1 points on the mean: the folds disagree
-    assert module.best_threshold(folds[:1], (0.5, 0.7)) == 0.7  # +1.3 points
-    assert module.best_threshold(folds[:1], (0.5, 0.7), min_gain=0.02) == 0.5
+    untuned, high, small_parts = module.Setting(), module.Setting(0.7), module.Setting(0.5, False, 0.05)
+    settings = module.settings_grid((0.7, 0.5), (False,), (0.0, 0.05))
+    assert settings[0] == untuned and set(settings) == {untuned, high, small_parts, module.Setting(0.7, False, 0.05)}
+    folds = [{"mean_dice": {untuned.label: 0.685, high.label: 0.698}},
+             {"mean_dice": {untuned.label: 0.531, high.label: 0.520}}]
+    assert module.best_setting(folds, [untuned, high]) == untuned  # +0.1 points on the mean: the folds disagree
+    assert module.best_setting(folds[:1], [untuned, high]) == high  # +1.3 points
+    assert module.best_setting(folds[:1], [untuned, high], min_gain=0.02) == untuned
+    tie = [{"mean_dice": {untuned.label: 0.9, high.label: 0.95, small_parts.label: 0.95}}]
+    assert module.best_setting(tie, [untuned, high, small_parts]) == high  # a tie goes to the earlier setting

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -80,6 +81,41 @@ def test_flip_tta_averages_with_the_mirrored_prediction(tiny_model):
     # Flip TTA makes the prediction commute with mirroring the input.
     flipped_input = inference.predict_slices(tiny_model, images[..., ::-1].copy(), tta=True)
     np.testing.assert_allclose(flipped_input[..., ::-1], with_tta, atol=1e-5)
+
+
+def test_a_card_that_names_flip_tta_gets_it_without_asking(tiny_model):
+    """``postprocessing.flip_tta``, chosen on the recipe's folds, applies to every prediction of that model."""
+    images = random_images(3)
+    with_tta = inference.predict_slices(tiny_model, images, tta=True)
+    tiny_model.card.postprocessing["flip_tta"] = True
+    np.testing.assert_allclose(inference.predict_slices(tiny_model, images), with_tta, atol=1e-6)
+
+
+def test_drop_small_components_keeps_each_slice_large_pieces_and_their_labels():
+    labels = np.zeros((30, 30), np.uint8)
+    labels[0:10, 0:10] = 1  # 100 px: the largest
+    labels[0:10, 20:23] = 2  # 30 px, another label
+    labels[25:27, 25:27] = 1  # 4 px: a stray island
+    labels[20, 0] = labels[21, 1] = 1  # 2 px touching diagonally: one 8-connected component
+    assert inference.drop_small_components(labels, 0.0) is labels
+    kept = inference.drop_small_components(labels, 0.05)  # below 5 px goes
+    assert kept.dtype == np.uint8
+    np.testing.assert_array_equal(kept[:10], labels[:10])
+    assert not kept[20:].any()
+    kept = inference.drop_small_components(labels, 0.5)  # below 50 px goes
+    assert kept.sum() == 100 and (kept[0:10, 0:10] == 1).all()
+    assert inference.drop_small_components(np.zeros((5, 5), np.uint8), 0.5).sum() == 0
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, "most"])
+def test_a_component_fraction_outside_0_1_is_refused_when_the_card_is_read(tmp_path, bad):
+    weights = save_tiny_model(tmp_path)
+    card_path = weights.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    card["postprocessing"] = {"min_component_fraction": bad}
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(zoo.ModelError, match="min_component_fraction must lie in"):
+        zoo.find_model(card_path)
 
 
 def test_out_of_memory_halves_the_batch_and_keeps_the_result(tiny_model):

@@ -75,6 +75,30 @@ def test_lung_model_labels_go_through_the_same_side_decisions(demo, tmp_path, mo
     assert method == "hu-threshold" and seconds == 0.0 and len(calls) == 1
 
 
+def test_the_pipeline_drops_the_islands_a_lung_cards_component_fraction_names(demo, tmp_path, monkeypatch) -> None:
+    """``slice_labels_2d`` decides each slice as ``relseg evaluate`` does: with the card's
+    ``min_component_fraction`` a 4-pixel island beside two lungs is gone, without it it stays."""
+    hu = _canonical(demo.image)[:2]
+    foreground = np.zeros((32, 32), np.float32)
+    foreground[4:28, 3:14] = foreground[4:28, 18:29] = 0.9  # two lungs at the model's input size
+    foreground[29:31, 15:17] = 0.9  # a 4-pixel island (32 px at the CT's 128 x 128)
+
+    def known_probabilities(loaded, images, batch_size=None, tta=False, progress=None, span=(0.0, 1.0)):
+        return np.stack([np.stack([1.0 - foreground, foreground])] * len(images))
+
+    monkeypatch.setattr(pipeline, "predict_slices", known_probabilities)
+    island = (slice(None), slice(29 * 4, 31 * 4), slice(15 * 4, 17 * 4))
+    for fraction, island_kept in [(0.0, True), (0.05, False)]:
+        card_path = zoo.find_model(_tiny_model(tmp_path, "lungs-probe", "lungs")).path.with_suffix(".json")
+        card = json.loads(card_path.read_text())
+        card["postprocessing"] = {"min_component_fraction": fraction}
+        card_path.write_text(json.dumps(card))
+        loaded = zoo.load_model(card_path, torch.device("cpu"))
+        labels, _ = pipeline.slice_labels_2d(loaded, hu, np.arange(len(hu)), None)
+        assert labels[:, 20:100, 16:52].all()
+        assert labels[island].any() == island_kept, fraction
+
+
 def test_lung_and_infection_models_cannot_be_swapped(demo, tmp_path, monkeypatch) -> None:
     lung_model = _tiny_model(tmp_path, "lungs-probe", "lungs")
     infection_model = _tiny_model(tmp_path, "infection-probe", "infection")

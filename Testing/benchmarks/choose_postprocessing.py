@@ -1,0 +1,174 @@
+"""Choose a 2D model's postprocessing on the held-out patients of its recipe's folds.
+
+Three decisions the network's weights do not make, swept together on each fold model's own held-out patients
+(``relseg train --fold K --export foldK``: the model and ``fold_result.json`` in one folder):
+
+- the decision threshold: the foreground probability a pixel must exceed (a network trained with Dice +
+  cross-entropy need not be calibrated at 0.5);
+- flip test-time augmentation: the prediction averaged with that of the left-right mirrored slice (twice the
+  network time);
+- the smallest component kept: each slice's foreground components smaller than this fraction of its largest
+  are dropped (for organs such as the lungs, never for lesions).
+
+It prints the mean per-slice Dice (as ``relseg evaluate --data ctseg2d:`` computes it) of every setting per
+fold, and chooses the setting with the best mean over the folds if it beats the untuned one (argmax, no
+flip, all components) by at least ``--min-gain``: a smaller difference is the folds' noise. Never run it on
+patients you report as a test.
+
+``--card MODEL`` also writes the choice into that model's card (``postprocessing``: the chosen values, this
+command, the folds' models and patients and the whole sweep); the weights and their SHA-256 are not
+touched. The pipeline, ``relseg evaluate`` and fine-tuning then follow it::
+
+    python Testing/benchmarks/choose_postprocessing.py --folds work-dirs/cv/infection-fold0 work-dirs/cv/infection-fold1
+        [--data ctseg2d:../shared/data/covid-ct-seg-2d] [--target infection|lungs] [--thresholds 0.3,0.4,...]
+        [--flip-tta] [--fractions 0,0.05,0.1] [--min-gain 0.005] [--json OUT] [--card covid-infection-2d]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from relsegcore import zoo
+from relsegcore.data.ctseg import CTSEG_TARGETS, patient_of, read_cases_csv, selected_rows
+from relsegcore.data.readers import read_gray_picture, read_mask_picture
+from relsegcore.device import select_device
+from relsegcore.evaluation import native_probabilities
+from relsegcore.fileutil import atomic_write_text
+from relsegcore.inference import drop_small_components, labels_from
+from relsegcore.metrics import dice
+
+DATA = Path(os.environ.get("RELSEG_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+class Setting(NamedTuple):
+    threshold: float = 0.5
+    flip_tta: bool = False
+    min_component_fraction: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"threshold {self.threshold}, flip {'on' if self.flip_tta else 'off'}, " \
+               f"components >= {self.min_component_fraction}"
+
+
+UNTUNED = Setting()
+
+
+def settings_grid(thresholds, flips, fractions) -> list[Setting]:
+    """Every combination, the untuned setting first and the simpler ones before the others (ties go to them)."""
+    grid = [Setting(t, f, c) for f, c, t in itertools.product(flips, fractions, thresholds)]
+    return sorted(grid, key=lambda s: (s != UNTUNED, s.flip_tta, s.min_component_fraction > 0, abs(s.threshold - 0.5)))
+
+
+def fold_model(fold_dir: Path) -> zoo.ModelCard:
+    """The model a ``relseg train --fold K --export NAME`` run exported into ``fold_dir``."""
+    weights = [path for path in sorted(fold_dir.glob("*.pt")) if path.name != "checkpoint.pt"]
+    if len(weights) != 1:
+        raise SystemExit(f"{fold_dir}: expected one exported model (*.pt besides checkpoint.pt), found {len(weights)}")
+    return zoo.find_model(weights[0])
+
+
+def sweep_fold(fold_dir: Path, root: Path, target: str, settings: list[Setting], device: str) -> dict:
+    """Mean per-slice Dice per setting (and per patient) of one fold model on its held-out patients."""
+    patients = json.loads((fold_dir / "fold_result.json").read_text())["val_patients"]
+    card = fold_model(fold_dir)
+    card.postprocessing = {}  # the sweep decides; a fold card's own choice would be applied twice
+    loaded = zoo.load_model(card, select_device(device), "auto")
+    all_rows = read_cases_csv(root)
+    rows = [row for row, keep in zip(all_rows, selected_rows(all_rows, patients, root), strict=True) if keep]
+    scores = np.empty((len(rows), len(settings)))
+    for index, row in enumerate(rows):
+        name = Path(row["file"]).name
+        image = read_gray_picture(root / "images" / name)
+        plain = native_probabilities(loaded, image)
+        flipped = native_probabilities(loaded, image, tta=True) if any(s.flip_tta for s in settings) else None
+        reference = read_mask_picture(root / CTSEG_TARGETS[target] / name, False) > 0
+        for column, setting in enumerate(settings):
+            labels = labels_from(flipped if setting.flip_tta else plain, setting.threshold)
+            scores[index, column] = dice(drop_small_components(labels, setting.min_component_fraction) > 0, reference)
+    of_patient = np.array([patient_of(row["case"]) for row in rows])
+    return {
+        "model": {"name": card.name, "version": card.version, "sha256": card.sha256, "folder": str(fold_dir)},
+        "held_out_patients": sorted(set(of_patient.tolist())), "slices": len(rows),
+        "mean_dice": {s.label: round(float(scores[:, i].mean()), 4) for i, s in enumerate(settings)},
+        "per_patient_dice": {patient: {s.label: round(float(scores[of_patient == patient, i].mean()), 4)
+                                       for i, s in enumerate(settings)} for patient in sorted(set(of_patient))},
+    }
+
+
+def best_setting(folds: list[dict], settings: list[Setting], min_gain: float = 0.005) -> Setting:
+    """The setting with the best mean over folds (ties: the simpler, earlier one), or the untuned one unless
+    the best wins by at least ``min_gain``."""
+    means = {s: float(np.mean([fold["mean_dice"][s.label] for fold in folds])) for s in settings}
+    best = max(settings, key=lambda s: (round(means[s], 4), -settings.index(s)))
+    return best if UNTUNED not in means or means[best] - means[UNTUNED] >= min_gain else UNTUNED
+
+
+def write_card(model: str, chosen: Setting, target: str, folds: list[dict], command: str) -> Path:
+    card = zoo.find_model(model)
+    card_path = card.path.with_suffix(".json")
+    data = json.loads(card_path.read_text())
+    data["postprocessing"] = {
+        **({"threshold": chosen.threshold} if chosen.threshold != UNTUNED.threshold else {}),
+        **({"flip_tta": True} if chosen.flip_tta else {}),
+        **({"min_component_fraction": chosen.min_component_fraction} if chosen.min_component_fraction else {}),
+        "chosen_by": command,
+        "rule": f"best mean per-slice {target} Dice over the held-out patients of folds of this model's recipe, "
+                "if it beats the untuned setting (argmax, no flip, all components) by at least the command's "
+                "--min-gain",
+        "folds": folds,
+    }
+    atomic_write_text(card_path, json.dumps(data, indent=2) + "\n")
+    return card_path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--folds", nargs="+", type=Path, required=True, help="fold folders of one recipe")
+    parser.add_argument("--data", default=f"ctseg2d:{DATA / 'covid-ct-seg-2d'}")
+    parser.add_argument("--target", choices=sorted(CTSEG_TARGETS), default="infection")
+    parser.add_argument("--thresholds", default=",".join(str(t) for t in THRESHOLDS))
+    parser.add_argument("--flip-tta", action="store_true", help="also try flip test-time augmentation")
+    parser.add_argument("--fractions", default="0", help="smallest components kept, as fractions of the largest")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, help="also write the whole sweep (per fold and patient) here")
+    parser.add_argument("--min-gain", type=float, default=0.005,
+                        help="keep the untuned setting unless one wins by this")
+    parser.add_argument("--card", help="write the chosen setting into this model's card")
+    args = parser.parse_args()
+    root = Path(args.data.removeprefix("ctseg2d:"))
+    if not (root / "cases.csv").is_file():
+        print(f"no covid-ct-seg-2d layout at {root}: nothing to sweep")
+        return 0
+    settings = settings_grid(tuple(float(t) for t in args.thresholds.split(",")),
+                             (False, True) if args.flip_tta else (False,),
+                             tuple(float(f) for f in args.fractions.split(",")))
+    folds = [sweep_fold(fold_dir, root, args.target, settings, args.device) for fold_dir in args.folds]
+    print("| setting | " + " | ".join(f"{f['model']['folder']} ({', '.join(f['held_out_patients'])})"
+                                        for f in folds) + " | mean |")
+    print("|---" * (len(folds) + 2) + "|")
+    for setting in settings:
+        values = [fold["mean_dice"][setting.label] for fold in folds]
+        print(f"| {setting.label} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {np.mean(values):.4f} |")
+    chosen = best_setting(folds, settings, args.min_gain)
+    print(f"chosen: {chosen.label}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"chosen": chosen._asdict(), "folds": folds}, indent=2) + "\n")
+    if args.card:
+        command = "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
+        print(f"wrote {write_card(args.card, chosen, args.target, folds, command)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
