@@ -136,7 +136,7 @@ def segment(
                "threshold": loaded.card.threshold},
         device=describe_device(loaded.device),
         engine=loaded.engine,
-        tta=bool(tta),
+        tta=bool(tta or loaded.card.flip_tta),  # the card may ask for it (postprocessing.flip_tta)
         lungs_method=lungs_method,
         timing_s=timer.seconds,
     )
