@@ -109,10 +109,7 @@ def _check_threshold(card: ModelCard) -> None:
     """A threshold applies to a binary model's foreground probability only, strictly between 0 and 1."""
     if "threshold" not in card.postprocessing:
         return
-    try:
-        threshold = float(card.postprocessing["threshold"])
-    except (TypeError, ValueError):
-        threshold = math.nan
+    threshold = _postprocessing_number(card, "threshold", 0.5)
     if not 0.0 < threshold < 1.0:
         raise ModelError(f"model card {card.name}: postprocessing.threshold must lie between 0 and 1, "
                          f"not {card.postprocessing['threshold']!r}")
@@ -123,14 +120,17 @@ def _check_threshold(card: ModelCard) -> None:
 
 def _check_min_component_fraction(card: ModelCard) -> None:
     """A component fraction is a share of the largest component: 0 (keep all) up to, not including, 1."""
-    value = card.postprocessing.get("min_component_fraction", 0.0)
-    try:
-        fraction = float(value)
-    except (TypeError, ValueError):
-        fraction = math.nan
-    if not 0.0 <= fraction < 1.0:
+    if not 0.0 <= _postprocessing_number(card, "min_component_fraction", 0.0) < 1.0:
         raise ModelError(f"model card {card.name}: postprocessing.min_component_fraction must lie in [0, 1), "
-                         f"not {value!r}")
+                         f"not {card.postprocessing['min_component_fraction']!r}")
+
+
+def _postprocessing_number(card: ModelCard, key: str, default: float) -> float:
+    """``card.postprocessing[key]`` as a float (``default`` when absent), NaN when it is not a number."""
+    try:
+        return float(card.postprocessing.get(key, default))
+    except (TypeError, ValueError):
+        return math.nan
 
 
 @dataclass

@@ -17,7 +17,7 @@ patients you report as a test.
 
 ``--card MODEL`` also writes the choice into that model's card (``postprocessing``: the chosen values, this
 command, the folds' models and patients and the whole sweep); the weights and their SHA-256 are not
-touched. The pipeline, ``relseg evaluate`` and fine-tuning then follow it::
+touched. The pipeline and ``relseg evaluate`` then follow it (the fine-tuning guard: its threshold)::
 
     python Testing/benchmarks/choose_postprocessing.py --folds work-dirs/cv/infection-fold0 work-dirs/cv/infection-fold1
         [--data ctseg2d:../shared/data/covid-ct-seg-2d] [--target infection|lungs] [--thresholds 0.3,0.4,...]
@@ -91,7 +91,10 @@ def sweep_fold(fold_dir: Path, root: Path, target: str, settings: list[Setting],
         name = Path(row["file"]).name
         image = read_gray_picture(root / "images" / name)
         plain = native_probabilities(loaded, image)
-        flipped = native_probabilities(loaded, image, tta=True) if any(s.flip_tta for s in settings) else None
+        flipped = None
+        if any(s.flip_tta for s in settings):  # relseg's flip TTA, reusing the plain pass (resizing commutes with it)
+            mirrored = native_probabilities(loaded, np.ascontiguousarray(image[:, ::-1]))[..., ::-1]
+            flipped = 0.5 * (plain + mirrored)
         reference = read_mask_picture(root / CTSEG_TARGETS[target] / name, False) > 0
         for column, setting in enumerate(settings):
             labels = labels_from(flipped if setting.flip_tta else plain, setting.threshold)
