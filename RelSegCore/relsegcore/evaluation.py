@@ -75,7 +75,7 @@ def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path
         cases.append({"case": name, **metrics})
         if progress is not None:
             progress.update((index + 1) / len(pairs), "evaluating")
-    result = _result(loaded, cases, units="pixels")
+    result = _result(loaded, cases, units="pixels", tta=tta)
     result["transposed"] = transpose
     result["cases_seen_in_training"] = seen_in_training(loaded.card, images)
     return result
@@ -150,14 +150,22 @@ def evaluate_volume_cases(loaded_name: str | os.PathLike, pairs: list[tuple[str,
         if progress is not None:
             progress.update((index + 1) / len(pairs), "evaluating")
     return {"model": {"name": card.name, "version": card.version, "sha256": card.sha256}, "units": "mm",
-            "tolerance_mm": tolerance_mm, "per_case": cases, **summarise(cases)}
+            "tolerance_mm": tolerance_mm, "postprocessing": applied_postprocessing(card, tta), "per_case": cases,
+            **summarise(cases)}
 
 
-def _result(loaded: LoadedModel, cases: list[dict], units: str) -> dict:
+def applied_postprocessing(card, tta: bool) -> dict:
+    """What decided the labels besides the weights (the card's choices; flip TTA also when asked for), so a
+    result file says how its numbers were made."""
+    return {"threshold": card.threshold, "flip_tta": bool(tta or card.flip_tta),
+            "min_component_fraction": card.min_component_fraction}
+
+
+def _result(loaded: LoadedModel, cases: list[dict], units: str, tta: bool) -> dict:
     card = loaded.card
     summary = summarise(cases)
     result = {"model": {"name": card.name, "version": card.version, "sha256": card.sha256},
-              "units": units, "per_case": cases, **summary}
+              "units": units, "postprocessing": applied_postprocessing(card, tta), "per_case": cases, **summary}
     if len(card.classes) > 2:
         result["per_class_dice"] = {
             name: summary["metrics"].get(f"dice_{name.replace(' ', '_').replace('-', '_')}", {}).get("mean")

@@ -57,6 +57,18 @@ def test_cli_writes_json_with_top_level_mean_dice(tmp_path, capsys):
     assert [c["dice"] for c in result["per_case"]] == [0.0, 1.0]
     assert result["mean_dice"] == pytest.approx(0.5)
     assert "mean Dice 0.5000" in capsys.readouterr().out
+    assert result["postprocessing"] == {"threshold": 0.5, "flip_tta": False, "min_component_fraction": 0.0}
+
+
+@pytest.mark.parametrize(("postprocessing", "tta", "flip_recorded"),
+                         [({"flip_tta": True, "threshold": 0.6}, False, True), ({}, True, True), ({}, False, False)])
+def test_the_result_says_which_postprocessing_made_its_numbers(tmp_path, postprocessing, tta, flip_recorded):
+    """The card's flip TTA, threshold and component fraction, and flip TTA asked for by --tta, are recorded."""
+    write_folder(tmp_path / "data", [((40, 50), 10)])
+    loaded = zoo.load_model(save_constant_model(tmp_path, True, postprocessing=postprocessing), torch.device("cpu"))
+    result = evaluate_image_folder(loaded, tmp_path / "data" / "images", tmp_path / "data" / "masks", tta=tta)
+    assert result["postprocessing"] == {"threshold": postprocessing.get("threshold", 0.5), "flip_tta": flip_recorded,
+                                        "min_component_fraction": 0.0}
 
 
 def test_missing_masks_folder_is_one_clear_error(tmp_path, capsys):
