@@ -12,8 +12,10 @@ Three decisions the network's weights do not make, swept together on each fold m
 
 It prints the mean per-slice Dice (as ``relseg evaluate --data ctseg2d:`` computes it) of every setting per
 fold, and chooses the setting with the best mean over the folds if it beats the untuned one (argmax, no
-flip, all components) by at least ``--min-gain``: a smaller difference is the folds' noise. Never run it on
-patients you report as a test.
+flip, all components) by at least ``--min-gain`` (a smaller difference is the folds' noise), or by at least
+``--min-gain-agreeing`` when it beats it on every fold of at least ``AGREEING_FOLDS`` (a small gain that every
+held-out group of patients shows is less likely noise than a large mean made by one fold). The second rule was
+fixed in session 13 before any sweep that it decides. Never run it on patients you report as a test.
 
 ``--card MODEL`` also writes the choice into that model's card (``postprocessing``: the chosen values, this
 command, the folds' models and patients and the whole sweep); the weights and their SHA-256 are not
@@ -21,7 +23,8 @@ touched. The pipeline and ``relseg evaluate`` then follow it (the fine-tuning gu
 
     python Testing/benchmarks/choose_postprocessing.py --folds work-dirs/cv/infection-fold0 work-dirs/cv/infection-fold1
         [--data ctseg2d:../shared/data/covid-ct-seg-2d] [--target infection|lungs] [--thresholds 0.3,0.4,...]
-        [--flip-tta] [--fractions 0,0.05,0.1] [--min-gain 0.005] [--json OUT] [--card covid-infection-2d]
+        [--flip-tta] [--fractions 0,0.05,0.1] [--min-gain 0.005] [--min-gain-agreeing 0.0025] [--json OUT]
+        [--card covid-infection-2d]
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from relsegcore.metrics import dice
 
 DATA = Path(os.environ.get("RELSEG_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+AGREEING_FOLDS = 3  # the fewest folds whose agreement counts
 
 
 class Setting(NamedTuple):
@@ -109,12 +113,18 @@ def sweep_fold(fold_dir: Path, root: Path, target: str, settings: list[Setting],
     }
 
 
-def best_setting(folds: list[dict], settings: list[Setting], min_gain: float = 0.005) -> Setting:
+def best_setting(folds: list[dict], settings: list[Setting], min_gain: float = 0.005,
+                 min_gain_agreeing: float = 0.0025) -> Setting:
     """The setting with the best mean over folds (ties: the simpler, earlier one), or the untuned one unless
-    the best wins by at least ``min_gain``."""
+    the best wins by at least ``min_gain``, or by ``min_gain_agreeing`` and on each of ``AGREEING_FOLDS`` or more
+    folds."""
     means = {s: float(np.mean([fold["mean_dice"][s.label] for fold in folds])) for s in settings}
     best = max(settings, key=lambda s: (round(means[s], 4), -settings.index(s)))
-    return best if UNTUNED not in means or means[best] - means[UNTUNED] >= min_gain else UNTUNED
+    if UNTUNED not in means or means[best] - means[UNTUNED] >= min_gain:
+        return best
+    every_fold = len(folds) >= AGREEING_FOLDS and all(
+        fold["mean_dice"][best.label] > fold["mean_dice"][UNTUNED.label] for fold in folds)
+    return best if every_fold and means[best] - means[UNTUNED] >= min_gain_agreeing else UNTUNED
 
 
 def write_card(model: str, chosen: Setting, target: str, folds: list[dict], command: str) -> Path:
@@ -128,7 +138,7 @@ def write_card(model: str, chosen: Setting, target: str, folds: list[dict], comm
         "chosen_by": command,
         "rule": f"best mean per-slice {target} Dice over the held-out patients of folds of this model's recipe, "
                 "if it beats the untuned setting (argmax, no flip, all components) by at least the command's "
-                "--min-gain",
+                f"--min-gain, or by its --min-gain-agreeing on every fold of at least {AGREEING_FOLDS}",
         "folds": folds,
     }
     atomic_write_text(card_path, json.dumps(data, indent=2) + "\n")
@@ -147,6 +157,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the whole sweep (per fold and patient) here")
     parser.add_argument("--min-gain", type=float, default=0.005,
                         help="keep the untuned setting unless one wins by this")
+    parser.add_argument("--min-gain-agreeing", type=float, default=0.0025,
+                        help=f"or by this when it wins on every fold of at least {AGREEING_FOLDS}")
     parser.add_argument("--card", help="write the chosen setting into this model's card")
     args = parser.parse_args()
     root = Path(args.data.removeprefix("ctseg2d:"))
@@ -163,7 +175,7 @@ def main() -> int:
     for setting in settings:
         values = [fold["mean_dice"][setting.label] for fold in folds]
         print(f"| {setting.label} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {np.mean(values):.4f} |")
-    chosen = best_setting(folds, settings, args.min_gain)
+    chosen = best_setting(folds, settings, args.min_gain, args.min_gain_agreeing)
     print(f"chosen: {chosen.label}")
     if args.json:
         atomic_write_text(args.json, json.dumps({"chosen": chosen._asdict(), "folds": folds}, indent=2) + "\n")

@@ -256,3 +256,12 @@ def test_choose_postprocessing_keeps_the_untuned_setting_unless_another_wins_cle
     assert module.best_setting(folds[:1], [untuned, high], min_gain=0.02) == untuned
     tie = [{"mean_dice": {untuned.label: 0.9, high.label: 0.95, small_parts.label: 0.95}}]
     assert module.best_setting(tie, [untuned, high, small_parts]) == high  # a tie goes to the earlier setting
+    # +0.3 points on the mean: chosen when each of at least 3 folds gains, not when one fold loses or with 2 folds
+    agreeing = [{"mean_dice": {untuned.label: base, high.label: base + gain}}
+                for base, gain in [(0.96, 0.002), (0.95, 0.004), (0.97, 0.003)]]
+    assert module.best_setting(agreeing, [untuned, high]) == high
+    assert module.best_setting(agreeing[:2], [untuned, high]) == untuned
+    assert module.best_setting(agreeing, [untuned, high], min_gain_agreeing=0.004) == untuned
+    one_loses = [{"mean_dice": {untuned.label: base, high.label: base + gain}}
+                 for base, gain in [(0.96, 0.003), (0.95, 0.005), (0.97, 0.004), (0.9, -0.0001)]]  # mean +0.3
+    assert module.best_setting(one_loses, [untuned, high]) == untuned
