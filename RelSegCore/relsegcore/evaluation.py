@@ -43,11 +43,25 @@ def native_probabilities(loaded: LoadedModel, image: np.ndarray, tta: bool = Fal
     return F.interpolate(probabilities, size=image.shape, mode="bilinear", align_corners=False)[0].numpy()
 
 
-def predict_image(loaded: LoadedModel, image: np.ndarray, tta: bool = False) -> np.ndarray:
+def predict_image(loaded: LoadedModel, image: np.ndarray, tta: bool = False,
+                  lungs: LoadedModel | None = None) -> np.ndarray:
     """Label map at the image's native size for one 8-bit slice already in the training appearance, decided
-    as the pipeline decides (the card's ``threshold`` and ``min_component_fraction``)."""
-    labels = labels_from(native_probabilities(loaded, image, tta), loaded.card.threshold)
-    return drop_small_components(labels, loaded.card.min_component_fraction)
+    as the pipeline decides (the card's ``threshold`` and ``min_component_fraction``), and kept inside the
+    lungs that ``lungs`` (``lung_model_for``) finds on the same slice, as ``segment`` keeps it inside its
+    lungs step's."""
+    labels = drop_small_components(labels_from(native_probabilities(loaded, image, tta), loaded.card.threshold),
+                                   loaded.card.min_component_fraction)
+    if lungs is not None:
+        labels = np.where(predict_image(lungs, image) > 0, labels, 0).astype(np.uint8)
+    return labels
+
+
+def lung_model_for(loaded: LoadedModel) -> LoadedModel | None:
+    """The lung model that the card's ``within_lungs`` names, on the same device and engine, or None."""
+    from .zoo import load_model
+
+    return None if loaded.card.within_lungs is None else load_model(loaded.card.within_lungs, loaded.device,
+                                                                     loaded.engine)
 
 
 def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path, tta: bool = False,
@@ -63,19 +77,20 @@ def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path
     pairs = [pair for pair in find_picture_pairs(images_dir, masks_dir) if stems is None or pair[0] in stems]
     images = [read_gray_picture(image_path) for _, image_path, _ in pairs]
     transpose = needs_transpose(np.stack([resize_slices(image[None], 64)[0] for image in images]), orientation)
+    lungs = lung_model_for(loaded)
     cases = []
     for index, ((name, _, mask_path), image) in enumerate(zip(pairs, images, strict=True)):
         reference = read_mask_picture(mask_path, multiclass)
         if image.shape != reference.shape:
             raise InputError(f"{mask_path.name} is {reference.shape[::-1]} but its image is {image.shape[::-1]}")
-        prediction = predict_image(loaded, image.T if transpose else image, tta=tta)
+        prediction = predict_image(loaded, image.T if transpose else image, tta=tta, lungs=lungs)
         prediction = prediction.T if transpose else prediction
         metrics = case_metrics(prediction, reference, spacing=None, tolerance_mm=3.0,
                                labels=labels if multiclass else None)
         cases.append({"case": name, **metrics})
         if progress is not None:
             progress.update((index + 1) / len(pairs), "evaluating")
-    result = _result(loaded, cases, units="pixels", tta=tta)
+    result = _result(loaded, cases, units="pixels", tta=tta, lungs=lungs)
     result["transposed"] = transpose
     result["cases_seen_in_training"] = seen_in_training(loaded.card, images)
     return result
@@ -154,18 +169,23 @@ def evaluate_volume_cases(loaded_name: str | os.PathLike, pairs: list[tuple[str,
             **summarise(cases)}
 
 
-def applied_postprocessing(card, tta: bool) -> dict:
-    """What decided the labels besides the weights (the card's choices; flip TTA also when asked for), so a
-    result file says how its numbers were made."""
-    return {"threshold": card.threshold, "flip_tta": bool(tta or card.flip_tta),
-            "min_component_fraction": card.min_component_fraction}
+def applied_postprocessing(card, tta: bool, lungs: LoadedModel | None = None) -> dict:
+    """What decided the labels besides the weights (the card's choices; flip TTA also when asked for; the lung
+    model that bounded them), so a result file says how its numbers were made."""
+    applied = {"threshold": card.threshold, "flip_tta": bool(tta or card.flip_tta),
+               "min_component_fraction": card.min_component_fraction}
+    if lungs is not None:
+        applied["within_lungs"] = {"name": lungs.card.name, "version": lungs.card.version,
+                                   "sha256": lungs.card.sha256}
+    return applied
 
 
-def _result(loaded: LoadedModel, cases: list[dict], units: str, tta: bool) -> dict:
+def _result(loaded: LoadedModel, cases: list[dict], units: str, tta: bool, lungs: LoadedModel | None = None) -> dict:
     card = loaded.card
     summary = summarise(cases)
     result = {"model": {"name": card.name, "version": card.version, "sha256": card.sha256},
-              "units": units, "postprocessing": applied_postprocessing(card, tta), "per_case": cases, **summary}
+              "units": units, "postprocessing": applied_postprocessing(card, tta, lungs), "per_case": cases,
+              **summary}
     if len(card.classes) > 2:
         result["per_class_dice"] = {
             name: summary["metrics"].get(f"dice_{name.replace(' ', '_').replace('-', '_')}", {}).get("mean")

@@ -84,6 +84,14 @@ class ModelCard:
         return float(self.postprocessing.get("min_component_fraction", 0.0))
 
     @property
+    def within_lungs(self) -> str | None:
+        """A lung model (name or path) whose lungs bound this model's labels on 2D slices evaluated without HU
+        (``relseg evaluate --data ctseg2d:``, ``--images``), as the lungs step bounds them in ``segment``
+        (``postprocessing["within_lungs"]``; None: unbounded there)."""
+        value = self.postprocessing.get("within_lungs")
+        return None if value is None else str(value)
+
+    @property
     def infection_classes(self) -> list[str]:
         """Class names without the background, as segment names."""
         return self.classes[1:]
@@ -102,6 +110,7 @@ class ModelCard:
         card = cls(**{k: v for k, v in data.items() if k in known}, path=path)
         _check_threshold(card)
         _check_min_component_fraction(card)
+        _check_within_lungs(card)
         return card
 
 
@@ -123,6 +132,17 @@ def _check_min_component_fraction(card: ModelCard) -> None:
     if not 0.0 <= _postprocessing_number(card, "min_component_fraction", 0.0) < 1.0:
         raise ModelError(f"model card {card.name}: postprocessing.min_component_fraction must lie in [0, 1), "
                          f"not {card.postprocessing['min_component_fraction']!r}")
+
+
+def _check_within_lungs(card: ModelCard) -> None:
+    """``within_lungs`` names a lung model: a non-empty string, and never the card's own model."""
+    value = card.postprocessing.get("within_lungs")
+    if value is None:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ModelError(f"model card {card.name}: postprocessing.within_lungs must name a lung model, not {value!r}")
+    if value == card.name:
+        raise ModelError(f"model card {card.name}: postprocessing.within_lungs names the model itself")
 
 
 def _postprocessing_number(card: ModelCard, key: str, default: float) -> float:

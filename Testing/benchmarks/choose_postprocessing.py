@@ -8,7 +8,10 @@ Three decisions the network's weights do not make, swept together on each fold m
 - flip test-time augmentation: the prediction averaged with that of the left-right mirrored slice (twice the
   network time);
 - the smallest component kept: each slice's foreground components smaller than this fraction of its largest
-  are dropped (for organs such as the lungs, never for lesions).
+  are dropped (for organs such as the lungs, never for lesions);
+- with ``--lung-folds``: the labels kept inside the lungs that a lung model of the same fold (the same held-out
+  patients) finds on the slice, as ``relseg segment`` keeps infection inside its lungs step's; chosen, the card
+  names ``--lung-model`` (``postprocessing.within_lungs``), which ``relseg evaluate`` then runs on 2D slices.
 
 It prints the mean per-slice Dice (as ``relseg evaluate --data ctseg2d:`` computes it) of every setting per
 fold, and chooses the setting with the best mean over the folds if it beats the untuned one (argmax, no
@@ -23,8 +26,8 @@ touched. The pipeline and ``relseg evaluate`` then follow it (the fine-tuning gu
 
     python Testing/benchmarks/choose_postprocessing.py --folds work-dirs/cv/infection-fold0 work-dirs/cv/infection-fold1
         [--data ctseg2d:../shared/data/covid-ct-seg-2d] [--target infection|lungs] [--thresholds 0.3,0.4,...]
-        [--flip-tta] [--fractions 0,0.05,0.1] [--min-gain 0.005] [--min-gain-agreeing 0.0025] [--json OUT]
-        [--card covid-infection-2d]
+        [--flip-tta] [--fractions 0,0.05,0.1] [--lung-folds DIR... [--lung-model covid-lungs-2d]]
+        [--min-gain 0.005] [--min-gain-agreeing 0.0025] [--json OUT] [--card covid-infection-2d]
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from relsegcore import zoo
 from relsegcore.data.ctseg import CTSEG_TARGETS, patient_of, read_cases_csv, selected_rows
 from relsegcore.data.readers import read_gray_picture, read_mask_picture
 from relsegcore.device import select_device
-from relsegcore.evaluation import native_probabilities
+from relsegcore.evaluation import native_probabilities, predict_image
 from relsegcore.fileutil import atomic_write_text
 from relsegcore.inference import drop_small_components, labels_from
 from relsegcore.metrics import dice
@@ -58,20 +61,22 @@ class Setting(NamedTuple):
     threshold: float = 0.5
     flip_tta: bool = False
     min_component_fraction: float = 0.0
+    within_lungs: bool = False
 
     @property
     def label(self) -> str:
         return f"threshold {self.threshold}, flip {'on' if self.flip_tta else 'off'}, " \
-               f"components >= {self.min_component_fraction}"
+               f"components >= {self.min_component_fraction}" + (", within the lungs" if self.within_lungs else "")
 
 
 UNTUNED = Setting()
 
 
-def settings_grid(thresholds, flips, fractions) -> list[Setting]:
+def settings_grid(thresholds, flips, fractions, within_lungs=(False,)) -> list[Setting]:
     """Every combination, the untuned setting first and the simpler ones before the others (ties go to them)."""
-    grid = [Setting(t, f, c) for f, c, t in itertools.product(flips, fractions, thresholds)]
-    return sorted(grid, key=lambda s: (s != UNTUNED, s.flip_tta, s.min_component_fraction > 0, abs(s.threshold - 0.5)))
+    grid = [Setting(t, f, c, w) for w, f, c, t in itertools.product(within_lungs, flips, fractions, thresholds)]
+    return sorted(grid, key=lambda s: (s != UNTUNED, s.flip_tta, s.within_lungs, s.min_component_fraction > 0,
+                                       abs(s.threshold - 0.5)))
 
 
 def fold_model(fold_dir: Path) -> zoo.ModelCard:
@@ -82,12 +87,18 @@ def fold_model(fold_dir: Path) -> zoo.ModelCard:
     return zoo.find_model(weights[0])
 
 
-def sweep_fold(fold_dir: Path, root: Path, target: str, settings: list[Setting], device: str) -> dict:
+def sweep_fold(fold_dir: Path, root: Path, target: str, settings: list[Setting], device: str,
+               lung_fold_dir: Path | None = None) -> dict:
     """Mean per-slice Dice per setting (and per patient) of one fold model on its held-out patients."""
     patients = json.loads((fold_dir / "fold_result.json").read_text())["val_patients"]
     card = fold_model(fold_dir)
     card.postprocessing = {}  # the sweep decides; a fold card's own choice would be applied twice
     loaded = zoo.load_model(card, select_device(device), "auto")
+    lungs = None
+    if lung_fold_dir is not None:
+        if json.loads((lung_fold_dir / "fold_result.json").read_text())["val_patients"] != patients:
+            raise SystemExit(f"{lung_fold_dir} holds out other patients than {fold_dir}: its lungs would be seen ones")
+        lungs = zoo.load_model(fold_model(lung_fold_dir), loaded.device, "auto")
     all_rows = read_cases_csv(root)
     rows = [row for row, keep in zip(all_rows, selected_rows(all_rows, patients, root), strict=True) if keep]
     scores = np.empty((len(rows), len(settings)))
@@ -100,12 +111,16 @@ def sweep_fold(fold_dir: Path, root: Path, target: str, settings: list[Setting],
             mirrored = native_probabilities(loaded, np.ascontiguousarray(image[:, ::-1]))[..., ::-1]
             flipped = 0.5 * (plain + mirrored)
         reference = read_mask_picture(root / CTSEG_TARGETS[target] / name, False) > 0
+        lung_mask = predict_image(lungs, image) > 0 if lungs is not None else None
         for column, setting in enumerate(settings):
-            labels = labels_from(flipped if setting.flip_tta else plain, setting.threshold)
-            scores[index, column] = dice(drop_small_components(labels, setting.min_component_fraction) > 0, reference)
+            labels = drop_small_components(labels_from(flipped if setting.flip_tta else plain, setting.threshold),
+                                           setting.min_component_fraction) > 0
+            scores[index, column] = dice(labels & lung_mask if setting.within_lungs else labels, reference)
     of_patient = np.array([patient_of(row["case"]) for row in rows])
     return {
         "model": {"name": card.name, "version": card.version, "sha256": card.sha256, "folder": str(fold_dir)},
+        **({"lung_model": {"name": lungs.card.name, "sha256": lungs.card.sha256, "folder": str(lung_fold_dir)}}
+           if lungs is not None else {}),
         "held_out_patients": sorted(set(of_patient.tolist())), "slices": len(rows),
         "mean_dice": {s.label: round(float(scores[:, i].mean()), 4) for i, s in enumerate(settings)},
         "per_patient_dice": {patient: {s.label: round(float(scores[of_patient == patient, i].mean()), 4)
@@ -127,7 +142,8 @@ def best_setting(folds: list[dict], settings: list[Setting], min_gain: float = 0
     return best if every_fold and means[best] - means[UNTUNED] >= min_gain_agreeing else UNTUNED
 
 
-def write_card(model: str, chosen: Setting, target: str, folds: list[dict], command: str) -> Path:
+def write_card(model: str, chosen: Setting, target: str, folds: list[dict], command: str,
+               lung_model: str | None = None) -> Path:
     card = zoo.find_model(model)
     card_path = card.path.with_suffix(".json")
     data = json.loads(card_path.read_text())
@@ -135,9 +151,11 @@ def write_card(model: str, chosen: Setting, target: str, folds: list[dict], comm
         **({"threshold": chosen.threshold} if chosen.threshold != UNTUNED.threshold else {}),
         **({"flip_tta": True} if chosen.flip_tta else {}),
         **({"min_component_fraction": chosen.min_component_fraction} if chosen.min_component_fraction else {}),
+        **({"within_lungs": lung_model} if chosen.within_lungs else {}),
         "chosen_by": command,
         "rule": f"best mean per-slice {target} Dice over the held-out patients of folds of this model's recipe, "
-                "if it beats the untuned setting (argmax, no flip, all components) by at least the command's "
+                "if it beats the untuned setting (argmax, no flip, all components, not bounded by lungs) by at least "
+                "the command's "
                 f"--min-gain, or by its --min-gain-agreeing on every fold of at least {AGREEING_FOLDS}",
         "folds": folds,
     }
@@ -153,6 +171,11 @@ def main() -> int:
     parser.add_argument("--thresholds", default=",".join(str(t) for t in THRESHOLDS))
     parser.add_argument("--flip-tta", action="store_true", help="also try flip test-time augmentation")
     parser.add_argument("--fractions", default="0", help="smallest components kept, as fractions of the largest")
+    parser.add_argument("--lung-folds", nargs="+", type=Path,
+                        help="a lung model's fold folders, one per --folds folder with the same held-out patients: "
+                             "also try keeping the labels inside their lungs")
+    parser.add_argument("--lung-model", default="covid-lungs-2d",
+                        help="the lung model the card names when keeping the labels inside the lungs is chosen")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, help="also write the whole sweep (per fold and patient) here")
     parser.add_argument("--min-gain", type=float, default=0.005,
@@ -165,10 +188,14 @@ def main() -> int:
     if not (root / "cases.csv").is_file():
         print(f"no covid-ct-seg-2d layout at {root}: nothing to sweep")
         return 0
+    if args.lung_folds is not None and len(args.lung_folds) != len(args.folds):
+        parser.error("--lung-folds needs one folder for each --folds folder")
     settings = settings_grid(tuple(float(t) for t in args.thresholds.split(",")),
                              (False, True) if args.flip_tta else (False,),
-                             tuple(float(f) for f in args.fractions.split(",")))
-    folds = [sweep_fold(fold_dir, root, args.target, settings, args.device) for fold_dir in args.folds]
+                             tuple(float(f) for f in args.fractions.split(",")),
+                             (False, True) if args.lung_folds else (False,))
+    folds = [sweep_fold(fold_dir, root, args.target, settings, args.device, lung_dir)
+             for fold_dir, lung_dir in zip(args.folds, args.lung_folds or [None] * len(args.folds), strict=True)]
     print("| setting | " + " | ".join(f"{f['model']['folder']} ({', '.join(f['held_out_patients'])})"
                                         for f in folds) + " | mean |")
     print("|---" * (len(folds) + 2) + "|")
@@ -181,7 +208,7 @@ def main() -> int:
         atomic_write_text(args.json, json.dumps({"chosen": chosen._asdict(), "folds": folds}, indent=2) + "\n")
     if args.card:
         command = "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
-        print(f"wrote {write_card(args.card, chosen, args.target, folds, command)}")
+        print(f"wrote {write_card(args.card, chosen, args.target, folds, command, args.lung_model)}")
     return 0
 
 

@@ -265,3 +265,59 @@ def test_choose_postprocessing_keeps_the_untuned_setting_unless_another_wins_cle
     one_loses = [{"mean_dice": {untuned.label: base, high.label: base + gain}}
                  for base, gain in [(0.96, 0.003), (0.95, 0.005), (0.97, 0.004), (0.9, -0.0001)]]  # mean +0.3
     assert module.best_setting(one_loses, [untuned, high]) == untuned
+
+
+@pytest.mark.parametrize(("lungs_everywhere", "expected_dice"), [(True, 2 * 0.25 / 1.25), (False, 0.0)])
+def test_a_cards_within_lungs_keeps_the_labels_inside_the_named_lung_models_lungs(tmp_path, lungs_everywhere,
+                                                                                expected_dice):
+    """An all-infection model bounded by a lung model: lungs everywhere leave its Dice as it is, no lungs
+    anywhere leave no infection; the result names the lung model that bounded it."""
+    write_folder(tmp_path / "data", [((40, 50), 10)])
+    lung_weights = save_constant_model(tmp_path, lungs_everywhere, name="lungs")
+    loaded = zoo.load_model(save_constant_model(tmp_path, True, postprocessing={"within_lungs": str(lung_weights)}),
+                            torch.device("cpu"))
+    assert loaded.card.within_lungs == str(lung_weights)
+    result = evaluate_image_folder(loaded, tmp_path / "data" / "images", tmp_path / "data" / "masks")
+    assert result["mean_dice"] == pytest.approx(expected_dice)
+    assert result["postprocessing"]["within_lungs"]["name"] == "lungs"
+
+
+@pytest.mark.parametrize(("value", "message"), [(3, "must name a lung model"), ("  ", "must name a lung model"),
+                                                ("constant", "names the model itself")])
+def test_a_within_lungs_that_names_no_lung_model_is_refused_when_the_card_is_read(tmp_path, value, message):
+    save_constant_model(tmp_path, True, postprocessing={"within_lungs": value})
+    with pytest.raises(zoo.ModelError, match=message):
+        zoo.find_model(tmp_path / "constant.pt")
+
+
+def test_choose_postprocessing_bounds_by_the_same_folds_lungs_and_refuses_another_folds(tmp_path, repo_root):
+    """With --lung-folds every setting is also scored inside that fold's lungs: a lung model that finds none
+    leaves no infection (Dice 0, not chosen); a lung fold holding out other patients is refused."""
+    import subprocess
+    import sys
+
+    from synthetic_slices import make_ctseg_folder
+
+    data = make_ctseg_folder(tmp_path / "ctseg")
+    folds = {}
+    for name, foreground, patients in [("fold0", True, ["coronacases_002", "radiopaedia_10"]),
+                                       ("lungs0", False, ["coronacases_002", "radiopaedia_10"]),
+                                       ("lungs1", False, ["coronacases_002"])]:
+        folds[name] = tmp_path / name
+        folds[name].mkdir()
+        save_constant_model(folds[name], foreground, name=name,
+                            preprocessing={"input_size": 32, "recipe": "full-slice-clahe"})
+        (folds[name] / "fold_result.json").write_text(json.dumps({"val_patients": patients}))
+    command = [sys.executable, str(repo_root / "Testing" / "benchmarks" / "choose_postprocessing.py"), "--folds",
+               str(folds["fold0"]), "--data", f"ctseg2d:{data}", "--thresholds", "0.5", "--json",
+               str(tmp_path / "sweep.json"), "--lung-folds"]
+    completed = subprocess.run(command + [str(folds["lungs0"])], capture_output=True, text=True, check=True,
+                               timeout=120)
+    assert "chosen: threshold 0.5, flip off, components >= 0.0\n" in completed.stdout
+    sweep = json.loads((tmp_path / "sweep.json").read_text())["folds"][0]
+    scores = sweep["mean_dice"]
+    assert scores["threshold 0.5, flip off, components >= 0.0"] > 0.0
+    assert scores["threshold 0.5, flip off, components >= 0.0, within the lungs"] == 0.0
+    assert sweep["lung_model"]["name"] == "lungs0"
+    refused = subprocess.run(command + [str(folds["lungs1"])], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "holds out other patients" in refused.stderr
