@@ -29,7 +29,7 @@ from .errors import InputError
 from .inference import drop_small_components, labels_from, predict_slices
 from .metrics import case_metrics, summarise
 from .progress import Progress
-from .zoo import LoadedModel
+from .zoo import LoadedModel, ModelCard, load_model
 
 
 def native_probabilities(loaded: LoadedModel, image: np.ndarray, tta: bool = False) -> np.ndarray:
@@ -58,8 +58,6 @@ def predict_image(loaded: LoadedModel, image: np.ndarray, tta: bool = False,
 
 def lung_model_for(loaded: LoadedModel) -> LoadedModel | None:
     """The lung model that the card's ``within_lungs`` names, on the same device and engine, or None."""
-    from .zoo import load_model
-
     return None if loaded.card.within_lungs is None else load_model(loaded.card.within_lungs, loaded.device,
                                                                      loaded.engine)
 
@@ -169,7 +167,7 @@ def evaluate_volume_cases(loaded_name: str | os.PathLike, pairs: list[tuple[str,
             **summarise(cases)}
 
 
-def applied_postprocessing(card, tta: bool, lungs: LoadedModel | None = None) -> dict:
+def applied_postprocessing(card: ModelCard, tta: bool, lungs: LoadedModel | None = None) -> dict:
     """What decided the labels besides the weights (the card's choices; flip TTA also when asked for; the lung
     model that bounded them), so a result file says how its numbers were made."""
     applied = {"threshold": card.threshold, "flip_tta": bool(tta or card.flip_tta),

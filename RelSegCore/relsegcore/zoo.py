@@ -88,8 +88,7 @@ class ModelCard:
         """A lung model (name or path) whose lungs bound this model's labels on 2D slices evaluated without HU
         (``relseg evaluate --data ctseg2d:``, ``--images``), as the lungs step bounds them in ``segment``
         (``postprocessing["within_lungs"]``; None: unbounded there)."""
-        value = self.postprocessing.get("within_lungs")
-        return None if value is None else str(value)
+        return self.postprocessing.get("within_lungs")  # a non-empty string: _check_within_lungs
 
     @property
     def infection_classes(self) -> list[str]:
