@@ -76,8 +76,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stage2.add_argument("--distill-temperature", type=float, default=2.0, help="with --teacher: softening")
     stage2.add_argument("--negatives", action="append", default=[], metavar="KIND:PATH",
                         help="non-COVID CT taught as containing no infection: ct:DIR (CT volumes, no masks "
-                             "needed: up to 16 lung slices each) or a kind of pretrain-general --data (lesion "
-                             "slices, masks ignored); repeat for several; never validated on")
+                             "needed: up to --negative-slices lung slices each) or a kind of pretrain-general "
+                             "--data (lesion slices, masks ignored); repeat for several; never validated on")
+    stage2.add_argument("--negative-slices", type=int, default=16, metavar="N",
+                        help="with --negatives ct:...: lung slices taken from each volume, evenly spread along z "
+                             "(more slices: more of each volume's normal anatomy at the same share of each batch)")
     stage2.add_argument("--negative-fraction", type=float, default=0.25,
                         help="with --negatives: their share of the slices drawn for each batch")
     stage2.add_argument("--cache-dir", type=Path, help="cache the preprocessed --negatives slices here")
@@ -231,6 +234,10 @@ def run_train(args: argparse.Namespace) -> int:
         from ..errors import RelSegError
 
         raise RelSegError(f"--negative-fraction must lie between 0 and 1, not {args.negative_fraction}")
+    if args.negatives and args.negative_slices < 1:
+        from ..errors import RelSegError
+
+        raise RelSegError(f"--negative-slices must be at least 1, not {args.negative_slices}")
     if args.pooled_fraction is not None and not (args.pooled and 0.0 < args.pooled_fraction < 1.0):
         from ..errors import RelSegError
 
@@ -369,8 +376,10 @@ def _read_negatives(args: argparse.Namespace):
     from ..data.readers import SliceSet
     from ..errors import RelSegError
 
-    negatives = SliceSet.concat([read_dataset_spec(spec, size=args.size, cache_dir=args.cache_dir,
-                                                   recipe=_recipe(args)) for spec in args.negatives])
+    negatives = SliceSet.concat([
+        read_dataset_spec(spec, size=args.size, cache_dir=args.cache_dir, recipe=_recipe(args),
+                          **({"slices_per_volume": args.negative_slices} if spec.startswith("ct:") else {}))
+        for spec in args.negatives])
     if not len(negatives):
         raise RelSegError(f"--negatives {' '.join(args.negatives)}: no slices found")
     volumes = _volumes_of(negatives)

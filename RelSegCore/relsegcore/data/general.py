@@ -70,18 +70,19 @@ def parse_data_spec(spec: str) -> tuple[str, Path]:
 
 
 def read_dataset_spec(spec: str, size: int = 256, cache_dir: str | os.PathLike | None = None,
-                      recipe: str = LUNG_CROP) -> SliceSet:
+                      recipe: str = LUNG_CROP, **options) -> SliceSet:
     """Read a user's ``--data KIND:PATH`` set.
 
     Kinds: ``pairs:DIR``, ``folder:DIR``, ``decathlon:DIR``, ``npz:FILE``, ``slices:FILE``, ``ct:DIR`` or
     ``ct:DIR/GLOB`` (CT volumes without masks: lung slices, all background), ``ctseg2d:DIR`` (the
     ``covid-ct-seg-2d`` layout, infection masks). ``recipe`` renders HU volumes as a model with that
-    ``preprocessing`` recipe sees them.
+    ``preprocessing`` recipe sees them; ``options`` go to the kind's reader (e.g. ``slices_per_volume`` of
+    ``ct:``).
     """
     kind, path = parse_data_spec(spec)
     if not path.exists() and not (kind == "ct" and path.parent.is_dir()):
         raise InputError(f"--data {spec!r}: {path} does not exist")
-    return read_kind(kind, path, size=size, cache_dir=cache_dir, recipe=recipe)
+    return read_kind(kind, path, size=size, cache_dir=cache_dir, recipe=recipe, **options)
 
 
 def read_kind(kind: str, path: Path, size: int = 256, cache_dir: str | os.PathLike | None = None,

@@ -23,7 +23,7 @@ from relsegcore.data.readers import (
     read_patches_npz,
     read_volume_pairs,
 )
-from relsegcore.errors import InputError
+from relsegcore.errors import InputError, RelSegError
 
 
 def _chest_picture(transposed: bool = False) -> np.ndarray:
@@ -288,8 +288,8 @@ def test_real_whole_chest_volume_is_cropped_to_the_lungs(shared_data: Path) -> N
     assert all(mediastinum_band(image) == "vertical" for image in data.images)
 
 
-def test_ct_volumes_without_masks_give_evenly_spread_lung_slices_all_background(tmp_path: Path) -> None:
-    """``ct:DIR`` negatives: slices with lung only (none above or below the lungs), empty masks, lung crops."""
+def _normal_ct_folder(tmp_path: Path):
+    """Two demo CTs (one stored flipped) in a folder, as a site keeps its non-COVID CT; returns (folder, demo)."""
     from relsegcore.demo import make_demo_ct
 
     folder = tmp_path / "normal-ct"
@@ -297,6 +297,12 @@ def test_ct_volumes_without_masks_give_evenly_spread_lung_slices_all_background(
     demo = make_demo_ct(shape=(32, 128, 128), spacing=(2.8, 2.8, 8.0))
     sitk.WriteImage(demo.image, str(folder / "a.nii.gz"))
     sitk.WriteImage(sitk.Flip(demo.image, [True, False, False]), str(folder / "b.nrrd"))  # stored the other way
+    return folder, demo
+
+
+def test_ct_volumes_without_masks_give_evenly_spread_lung_slices_all_background(tmp_path: Path) -> None:
+    """``ct:DIR`` negatives: slices with lung only (none above or below the lungs), empty masks, lung crops."""
+    folder, demo = _normal_ct_folder(tmp_path)
     data = read_ct_volumes(folder, size=64, slices_per_volume=5)
     assert len(data) == 10 and data.images.shape == (10, 64, 64) and not data.masks.any()
     lung_z = np.flatnonzero(sitk.GetArrayViewFromImage(demo.lungs).any(axis=(1, 2)))
@@ -308,6 +314,30 @@ def test_ct_volumes_without_masks_give_evenly_spread_lung_slices_all_background(
     lung_share = (data.images < window_hu(np.array([-700]))[0]).mean(axis=(1, 2))
     assert np.median(lung_share) > 0.3  # cropped to the lungs (the first and last slices hold only their tips)
     assert len(read_dataset_spec(f"ct:{folder}", size=64)) == 2 * min(16, len(lung_z))  # the --negatives path
+
+
+def test_train_negative_slices_sets_how_many_lung_slices_each_negative_ct_gives(tmp_path: Path) -> None:
+    """``relseg train --negatives ct:DIR --negative-slices N``: N slices of each volume (16 without it), spread
+    over its lungs; refused below 1 before anything is read."""
+    from relsegcore.cli import build_parser
+    from relsegcore.cli.train import _read_negatives, run_train
+
+    folder, demo = _normal_ct_folder(tmp_path)
+    lung_slices = int(sitk.GetArrayViewFromImage(demo.lungs).any(axis=(1, 2)).sum())
+    assert lung_slices > 6
+
+    def negatives(*extra: str):
+        args = build_parser().parse_args(["train", "--images", str(tmp_path), "--masks", str(tmp_path), "--size", "64",
+                                          "--out", str(tmp_path / "run"),
+                                          "--negatives", f"ct:{folder}", *extra])
+        return args, _read_negatives(args)
+
+    three = negatives("--negative-slices", "3")[1]
+    assert len(three) == 6 and sorted({name.split(":")[0] for name in three.names}) == ["a", "b"]
+    assert len(negatives()[1]) == 2 * min(16, lung_slices)
+    args, _ = negatives("--negative-slices", "0")
+    with pytest.raises(RelSegError, match="--negative-slices must be at least 1, not 0"):
+        run_train(args)
 
 
 def test_ct_volumes_refuse_a_volume_that_is_not_a_ct(tmp_path: Path) -> None:
