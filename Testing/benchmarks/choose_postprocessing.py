@@ -87,16 +87,21 @@ def fold_model(fold_dir: Path) -> zoo.ModelCard:
     return zoo.find_model(weights[0])
 
 
+def held_out_patients(fold_dir: Path) -> list[str]:
+    """The patients a ``relseg train --fold K`` run held out (its ``fold_result.json``)."""
+    return json.loads((fold_dir / "fold_result.json").read_text())["val_patients"]
+
+
 def sweep_fold(fold_dir: Path, root: Path, target: str, settings: list[Setting], device: str,
                lung_fold_dir: Path | None = None) -> dict:
     """Mean per-slice Dice per setting (and per patient) of one fold model on its held-out patients."""
-    patients = json.loads((fold_dir / "fold_result.json").read_text())["val_patients"]
+    patients = held_out_patients(fold_dir)
     card = fold_model(fold_dir)
     card.postprocessing = {}  # the sweep decides; a fold card's own choice would be applied twice
     loaded = zoo.load_model(card, select_device(device), "auto")
     lungs = None
     if lung_fold_dir is not None:
-        if json.loads((lung_fold_dir / "fold_result.json").read_text())["val_patients"] != patients:
+        if held_out_patients(lung_fold_dir) != patients:
             raise SystemExit(f"{lung_fold_dir} holds out other patients than {fold_dir}: its lungs would be seen ones")
         lungs = zoo.load_model(fold_model(lung_fold_dir), loaded.device, "auto")
     all_rows = read_cases_csv(root)

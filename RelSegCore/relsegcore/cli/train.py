@@ -372,13 +372,13 @@ def _read_negatives(args: argparse.Namespace):
     """The ``--negatives`` slices as one SliceSet (their masks unused), or None without any."""
     if not args.negatives:
         return None
-    from ..data.general import read_dataset_spec
+    from ..data.general import parse_data_spec, read_dataset_spec
     from ..data.readers import SliceSet
     from ..errors import RelSegError
 
     negatives = SliceSet.concat([
         read_dataset_spec(spec, size=args.size, cache_dir=args.cache_dir, recipe=_recipe(args),
-                          **({"slices_per_volume": args.negative_slices} if spec.startswith("ct:") else {}))
+                          **({"slices_per_volume": args.negative_slices} if parse_data_spec(spec)[0] == "ct" else {}))
         for spec in args.negatives])
     if not len(negatives):
         raise RelSegError(f"--negatives {' '.join(args.negatives)}: no slices found")

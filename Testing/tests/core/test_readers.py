@@ -326,18 +326,15 @@ def test_train_negative_slices_sets_how_many_lung_slices_each_negative_ct_gives(
     lung_slices = int(sitk.GetArrayViewFromImage(demo.lungs).any(axis=(1, 2)).sum())
     assert lung_slices > 6
 
-    def negatives(*extra: str):
-        args = build_parser().parse_args(["train", "--images", str(tmp_path), "--masks", str(tmp_path), "--size", "64",
-                                          "--out", str(tmp_path / "run"),
-                                          "--negatives", f"ct:{folder}", *extra])
-        return args, _read_negatives(args)
+    def train_args(*extra: str):
+        return build_parser().parse_args(["train", "--images", str(tmp_path), "--masks", str(tmp_path), "--size", "64",
+                                          "--out", str(tmp_path / "run"), "--negatives", f"ct:{folder}", *extra])
 
-    three = negatives("--negative-slices", "3")[1]
+    three = _read_negatives(train_args("--negative-slices", "3"))
     assert len(three) == 6 and sorted({name.split(":")[0] for name in three.names}) == ["a", "b"]
-    assert len(negatives()[1]) == 2 * min(16, lung_slices)
-    args, _ = negatives("--negative-slices", "0")
+    assert len(_read_negatives(train_args())) == 2 * min(16, lung_slices)
     with pytest.raises(RelSegError, match="--negative-slices must be at least 1, not 0"):
-        run_train(args)
+        run_train(train_args("--negative-slices", "0"))
 
 
 def test_ct_volumes_refuse_a_volume_that_is_not_a_ct(tmp_path: Path) -> None:
