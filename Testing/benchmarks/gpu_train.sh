@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Long schedules only a GPU affords, in one device call of at most 10 minutes: the shipped recipes of
+# covid-infection-2d (2.0.0) and covid-lungs-2d (2.0.0) trained side by side, each on the 4 patient folds
+# and on all 12 patients, for as many iterations as the call leaves (calibrated at its start; the
+# CPU budgets were 1,600 / 2,000 iterations on folds and 4,000 / 2,000 for the shipped models).
+# Then the folds' held-out patients are scored on the GPU (choose_postprocessing.py); the infection
+# fold models and both all-patient models come back under $OUT (the infection folds are scored within
+# the lungs and on non-COVID CT on the session machine: the lung folds and the CTs stay there).
+#
+# The device machine has no ../shared, no SimpleITK and no PyPI, and a call carries at most 64 MiB:
+#   bash Testing/benchmarks/gpu_train.sh --prepare
+# copies covid-ct-seg-2d into .gpu/train and renders the shipped recipe's negatives (the ct: volumes of
+# covid-infection-2d's card, 16 lung slices each, exactly as relseg train renders them) into
+# .gpu/train/negatives.npz, a `slices:` file. Untrack the two 13.8 MB dual-encoder weights for the call
+# (git rm --cached + .git/info/exclude; git add them back after), then call the device tool with
+# carry [".gpu/train"] and command "BUDGET_S=570 bash Testing/benchmarks/gpu_train.sh", timeout_s 600.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+TRAIN=.gpu/train
+
+if [[ "${1:-}" == "--prepare" ]]; then
+    mkdir -p "$TRAIN" && rm -rf "$TRAIN/covid-ct-seg-2d" && cp -r ../shared/data/covid-ct-seg-2d "$TRAIN/"
+    python - <<'PY'
+# The 1,163 CLAHE slices as one LZMA-compressed uint8 stack: 50 MB instead of 61 MB of PNG (unpacked, losslessly,
+# on the device machine before training).
+import lzma, pathlib
+import numpy as np
+from PIL import Image
+
+folder = pathlib.Path(".gpu/train/covid-ct-seg-2d/images")
+files = sorted(folder.glob("*.png"))
+stack = np.stack([np.asarray(Image.open(f)) for f in files])
+(folder.parent / "images.txt").write_text("\n".join(f.name for f in files))
+(folder.parent / "images.u8.xz").write_bytes(lzma.compress(stack.tobytes(), preset=9))
+for f in files:
+    f.unlink()
+PY
+    python - <<'PY'
+from relsegcore.data.general import read_dataset_spec
+from relsegcore.data.intensity import FULL_SLICE_CLAHE
+from relsegcore.data.readers import SliceSet
+
+specs = ["ct:../shared/data/pleural-effusion/LUNG1-00*_ct.nii.gz", "ct:../shared/data/lung-tumor-volumes/lung1_image.nrrd"]
+negatives = SliceSet.concat([read_dataset_spec(spec, size=256, cache_dir="work-dirs/cache", recipe=FULL_SLICE_CLAHE,
+                                               slices_per_volume=16) for spec in specs])
+negatives.save(".gpu/train/negatives.npz")
+print(f"negatives: {len(negatives)} slices of {sorted({n.split(':')[0] for n in negatives.names})}")
+PY
+    du -sh "$TRAIN"
+    exit 0
+fi
+
+OUT=${OUT:-/tmp/gpu-train}
+BUDGET_S=${BUDGET_S:-570}
+RUNS=${RUNS:-/tmp/gpu-runs}
+mkdir -p "$OUT" "$RUNS"
+export PYTHONPATH="$PWD/RelSegCore${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+CAL=${CAL_ITERATIONS:-300}  # a dry run on a CPU sets fewer (and ITERATIONS)
+DEVICE=${DEVICE:-cuda}
+DATA="ctseg2d:$TRAIN/covid-ct-seg-2d"
+INFECTION=(--data "$DATA" --negatives "slices:$TRAIN/negatives.npz" --negative-fraction 0.15 --patch-size 160
+           --batch-size 8 --device "$DEVICE")
+LUNGS=(--data "$DATA" --target lungs --patch-size 160 --batch-size 8 --augment-series --device "$DEVICE")
+start=$SECONDS
+python3 - "$TRAIN/covid-ct-seg-2d" <<'PY'
+import lzma, pathlib, sys
+import numpy as np
+from PIL import Image
+
+root = pathlib.Path(sys.argv[1])
+names = (root / "images.txt").read_text().split("\n")
+stack = np.frombuffer(lzma.decompress((root / "images.u8.xz").read_bytes()), np.uint8).reshape(len(names), 256, 256)
+for name, image in zip(names, stack):
+    Image.fromarray(image).save(root / "images" / name, compress_level=1)
+print(f"{len(names)} slices unpacked")
+PY
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+train_all() {  # ITERATIONS FOLDER EXTRA...: the ten trainings side by side
+    local iterations=$1 folder=$2
+    shift 2
+    mkdir -p "$folder"
+    for k in 0 1 2 3; do
+        python3 -m relsegcore.cli train "${INFECTION[@]}" --iterations "$iterations" --no-validation --fold $k --folds 4 \
+            --out "$folder/infection-fold$k" --export "fold$k" "$@" > "$folder/infection-fold$k.log" 2>&1 &
+        python3 -m relsegcore.cli train "${LUNGS[@]}" --iterations "$iterations" --no-validation --fold $k --folds 4 \
+            --out "$folder/lungs-fold$k" --export "fold$k" "$@" > "$folder/lungs-fold$k.log" 2>&1 &
+    done
+    python3 -m relsegcore.cli train "${INFECTION[@]}" --iterations "$iterations" --out "$folder/infection" \
+        --export covid-infection-2d --model-version 2.1.0 "$@" \
+        --description "COVID-19 infection on real chest CT (covid-ct-seg-2d, 12 patients), target encoder only, long schedule on a GPU" \
+        > "$folder/infection.log" 2>&1 &
+    python3 -m relsegcore.cli train "${LUNGS[@]}" --iterations "$iterations" --out "$folder/lungs" \
+        --export covid-lungs-2d --model-version 2.1.0 "$@" \
+        --description "Both lungs on real chest CT (covid-ct-seg-2d lung masks, 12 patients), long schedule on a GPU" \
+        > "$folder/lungs.log" 2>&1 &
+    wait
+}
+
+# 1. Calibrate: the ten runs side by side for 300 iterations; the slowest one's pace between its logged rows
+#    at 100 and 300 (start-up and warm-up left out) sets the schedule.
+train_all "$CAL" "$RUNS/calibration" --validate-every $((CAL / 3))
+iterations=${ITERATIONS:-$(python3 - "$RUNS/calibration" "$BUDGET_S" "$((SECONDS - start))" "$CAL" <<'PY'
+import csv, glob, sys
+folder, budget, used, cal = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+paces = []
+for log in glob.glob(f"{folder}/*/log.csv"):
+    rows = {int(r["iteration"]): float(r["seconds"]) for r in csv.DictReader(open(log))}
+    paces.append((rows[cal] - rows[cal // 3]) / (cal - cal // 3))
+pace = max(paces)
+left = budget - used - 40 - 120  # start-up of the ten runs; scoring, packing and a margin
+print(max(500, int(left / pace) // 500 * 500))
+print(f"{len(paces)} runs, slowest {1 / pace:.1f} it/s, {left:.0f} s left for training", file=sys.stderr)
+PY
+)}
+echo "calibration done after $((SECONDS - start)) s: $iterations iterations each"
+tail -3 "$RUNS/calibration/infection-fold0.log"
+
+# 2. The long schedule.
+train_all "$iterations" "$RUNS/long" --validate-every 500
+echo "training done after $((SECONDS - start)) s"
+for f in "$RUNS"/long/*.log; do echo "$(basename "$f"): $(grep -a '^{' "$f" | tail -1 | cut -c1-160)"; done
+
+# 3. The folds' held-out patients, on the GPU.
+python3 Testing/benchmarks/choose_postprocessing.py --folds "$RUNS"/long/infection-fold{0,1,2,3} --data "$DATA" \
+    --thresholds 0.5 --flip-tta --device "$DEVICE" --json "$RUNS/long/infection-sweep.json" 2>&1 | grep -v "it/s" | tail -12
+python3 Testing/benchmarks/choose_postprocessing.py --folds "$RUNS"/long/lungs-fold{0,1,2,3} --data "$DATA" \
+    --target lungs --thresholds 0.5 --flip-tta --fractions 0,0.05,0.1 --device "$DEVICE" \
+    --json "$RUNS/long/lungs-sweep.json" 2>&1 | grep -v "it/s" | tail -12
+echo "scored after $((SECONDS - start)) s"
+
+# 4. Back: the four infection fold models, the two all-patient models, everything small in one archive.
+for k in 0 1 2 3; do cp "$RUNS/long/infection-fold$k/fold$k.pt" "$OUT/infection-fold$k.pt"; done
+cp "$RUNS/long/infection/covid-infection-2d.pt" "$RUNS/long/lungs/covid-lungs-2d.pt" "$OUT/"
+tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.pt' long calibration
+ls -la "$OUT"; echo "all done after $((SECONDS - start)) s"
