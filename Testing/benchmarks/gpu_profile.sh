@@ -31,9 +31,9 @@ PY
 seconds() {  # LABEL COMMAND...: wall seconds of one run
     local label=$1 t0
     shift
-    t0=$(date +%s.%N)
+    t0=$EPOCHREALTIME
     "$@" > /dev/null 2>&1
-    printf '%-44s %6.2f s\n' "$label" "$(echo "$(date +%s.%N) - $t0" | bc)"
+    awk -v a="$t0" -v b="$EPOCHREALTIME" -v l="$label" 'BEGIN { printf "%-44s %6.2f s\n", l, b - a }'
 }
 {
     seconds "python -c pass" python3 -c pass
@@ -44,7 +44,13 @@ seconds() {  # LABEL COMMAND...: wall seconds of one run
     seconds "read the CT (SimpleITK)" python3 -c "import SimpleITK as s; s.ReadImage('$CT')"
     seconds "relseg segment (whole command)" python3 -m relsegcore.cli segment "$CT" --out /tmp/gp-0 --device "$DEVICE"
     seconds "relseg segment (again)" python3 -m relsegcore.cli segment "$CT" --out /tmp/gp-1 --device "$DEVICE"
+    # a fresh image may lack the bytecode an installed package has: compile it, then time again
+    seconds "compileall (torch, SimpleITK, relsegcore)" python3 -m compileall -q -j 0 \
+        "$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')" RelSegCore/relsegcore /tmp/site
+    seconds "relseg segment (bytecode compiled)" python3 -m relsegcore.cli segment "$CT" --out /tmp/gp-4 --device "$DEVICE"
+    seconds "relseg segment (bytecode compiled, again)" python3 -m relsegcore.cli segment "$CT" --out /tmp/gp-5 --device "$DEVICE"
 } | tee "$OUT/start-up.txt"
+[[ -n ${STARTUP_ONLY:-} ]] && exit 0
 python3 -X importtime -m relsegcore.cli segment "$CT" --out /tmp/gp-2 --device "$DEVICE" 2> /tmp/importtime.raw > /dev/null
 sort -t'|' -k2 -n -r /tmp/importtime.raw | head -25 > "$OUT/importtime.txt"
 python3 -m cProfile -o /tmp/segment.prof -m relsegcore.cli segment "$CT" --out /tmp/gp-3 --device "$DEVICE" > /dev/null
