@@ -11,8 +11,9 @@
 #   bash Testing/benchmarks/gpu_train.sh --prepare
 # copies covid-ct-seg-2d into .gpu/train and renders the shipped recipe's negatives (the ct: volumes of
 # covid-infection-2d's card, 16 lung slices each, exactly as relseg train renders them) into
-# .gpu/train/negatives.npz, a `slices:` file. Untrack the two 13.8 MB dual-encoder weights for the call
-# (git rm --cached + .git/info/exclude; git add them back after), then call the device tool with
+# .gpu/train/negatives.npz, a `slices:` file (62 MB in all). Untrack the four shipped weights for the call, which
+# needs none of them (git rm --cached Resources/Models/*.pt and list them in .git/info/exclude; git add them back
+# after): the checkout is then 2 MB and the call under its 64 MiB. Then call the device tool with
 # carry [".gpu/train"] and command "BUDGET_S=570 bash Testing/benchmarks/gpu_train.sh", timeout_s 600.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
