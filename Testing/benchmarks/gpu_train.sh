@@ -15,6 +15,8 @@
 # needs none of them (git rm --cached Resources/Models/*.pt and list them in .git/info/exclude; git add them back
 # after): the checkout is then 2 MB and the call under its 64 MiB. Then call the device tool with
 # carry [".gpu/train"] and command "BUDGET_S=570 bash Testing/benchmarks/gpu_train.sh", timeout_s 600.
+# A variant of both recipes in the same call: EXTRA="--base-channels 24" (appended to every relseg train) and,
+# for --prepare, NEGATIVE_SLICES=48 (lung slices per negative CT; the shipped recipe's 16 by default).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 TRAIN=.gpu/train
@@ -38,13 +40,16 @@ for folder in ("images", "masks", "lungs"):
         (root / folder / name).unlink()
 PY
     python - <<'PY'
+import os
+
 from relsegcore.data.general import read_dataset_spec
 from relsegcore.data.intensity import FULL_SLICE_CLAHE
 from relsegcore.data.readers import SliceSet
 
 specs = ["ct:../shared/data/pleural-effusion/LUNG1-00*_ct.nii.gz", "ct:../shared/data/lung-tumor-volumes/lung1_image.nrrd"]
 negatives = SliceSet.concat([read_dataset_spec(spec, size=256, cache_dir="work-dirs/cache", recipe=FULL_SLICE_CLAHE,
-                                               slices_per_volume=16) for spec in specs])
+                                               slices_per_volume=int(os.environ.get("NEGATIVE_SLICES", 16)))
+                            for spec in specs])
 negatives.save(".gpu/train/negatives.npz")
 print(f"negatives: {len(negatives)} slices of {sorted({n.split(':')[0] for n in negatives.names})}")
 PY
@@ -80,9 +85,11 @@ PY
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
+read -ra EXTRA_ARGS <<< "${EXTRA:-}"
 train_all() {  # ITERATIONS FOLDER EXTRA...: the ten trainings side by side
     local iterations=$1 folder=$2
     shift 2
+    set -- "$@" "${EXTRA_ARGS[@]}"
     mkdir -p "$folder"
     for k in 0 1 2 3; do
         python3 -m relsegcore.cli train "${INFECTION[@]}" --iterations "$iterations" --no-validation --fold $k --folds 4 \
