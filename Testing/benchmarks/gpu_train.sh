@@ -40,18 +40,18 @@ for folder in ("images", "masks", "lungs"):
         (root / folder / name).unlink()
 PY
     python - <<'PY'
+# relseg train's own reading of the card's --negatives (its parser and _read_negatives): the same slices.
 import os
 
-from relsegcore.data.general import read_dataset_spec
-from relsegcore.data.intensity import FULL_SLICE_CLAHE
-from relsegcore.data.readers import SliceSet
+from relsegcore.cli import build_parser
+from relsegcore.cli.train import _read_negatives
 
-specs = ["ct:../shared/data/pleural-effusion/LUNG1-00*_ct.nii.gz", "ct:../shared/data/lung-tumor-volumes/lung1_image.nrrd"]
-negatives = SliceSet.concat([read_dataset_spec(spec, size=256, cache_dir="work-dirs/cache", recipe=FULL_SLICE_CLAHE,
-                                               slices_per_volume=int(os.environ.get("NEGATIVE_SLICES", 16)))
-                            for spec in specs])
-negatives.save(".gpu/train/negatives.npz")
-print(f"negatives: {len(negatives)} slices of {sorted({n.split(':')[0] for n in negatives.names})}")
+args = build_parser().parse_args([
+    "train", "--data", "ctseg2d:.gpu/train/covid-ct-seg-2d", "--out", "work-dirs/unused", "--cache-dir", "work-dirs/cache",
+    "--negatives", "ct:../shared/data/pleural-effusion/LUNG1-00*_ct.nii.gz",
+    "--negatives", "ct:../shared/data/lung-tumor-volumes/lung1_image.nrrd",
+    "--negative-fraction", "0.15", "--negative-slices", os.environ.get("NEGATIVE_SLICES", "16")])
+_read_negatives(args).save(".gpu/train/negatives.npz")
 PY
     du -sh "$TRAIN"
     exit 0
