@@ -15,8 +15,9 @@
 # needs none of them (git rm --cached Resources/Models/*.pt and list them in .git/info/exclude; git add them back
 # after): the checkout is then 2 MB and the call under its 64 MiB. Then call the device tool with
 # carry [".gpu/train"] and command "BUDGET_S=570 bash Testing/benchmarks/gpu_train.sh", timeout_s 600.
-# A variant of both recipes in the same call: EXTRA="--base-channels 24" (appended to every relseg train) and,
-# for --prepare, NEGATIVE_SLICES=48 (lung slices per negative CT; the shipped recipe's 16 by default).
+# A variant of both recipes in the same call: BATCH=32 (slices per step; the CPU recipes' 8 by default: on a GPU
+# the step costs about the same), VERSION=2.2.0 (the all-patient models' card version), EXTRA="--base-channels 24"
+# (appended to every relseg train) and, for --prepare, NEGATIVE_SLICES=48 (lung slices per negative CT; 16).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 TRAIN=.gpu/train
@@ -65,9 +66,11 @@ export PYTHONPATH="$PWD/RelSegCore${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=
 CAL=${CAL_ITERATIONS:-300}  # a dry run on a CPU sets fewer (and ITERATIONS)
 DEVICE=${DEVICE:-cuda}
 DATA="ctseg2d:$TRAIN/covid-ct-seg-2d"
+BATCH=${BATCH:-8}
+VERSION=${VERSION:-2.1.0}
 INFECTION=(--data "$DATA" --negatives "slices:$TRAIN/negatives.npz" --negative-fraction 0.15 --patch-size 160
-           --batch-size 8 --device "$DEVICE")
-LUNGS=(--data "$DATA" --target lungs --patch-size 160 --batch-size 8 --augment-series --device "$DEVICE")
+           --batch-size "$BATCH" --device "$DEVICE")
+LUNGS=(--data "$DATA" --target lungs --patch-size 160 --batch-size "$BATCH" --augment-series --device "$DEVICE")
 start=$SECONDS
 python3 - "$TRAIN/covid-ct-seg-2d" <<'PY'
 import lzma, pathlib, sys
@@ -98,11 +101,11 @@ train_all() {  # ITERATIONS FOLDER EXTRA...: the ten trainings side by side
             --out "$folder/lungs-fold$k" --export "fold$k" "$@" > "$folder/lungs-fold$k.log" 2>&1 &
     done
     python3 -m relsegcore.cli train "${INFECTION[@]}" --iterations "$iterations" --out "$folder/infection" \
-        --export covid-infection-2d --model-version 2.1.0 "$@" \
+        --export covid-infection-2d --model-version "$VERSION" "$@" \
         --description "COVID-19 infection on real chest CT (covid-ct-seg-2d, 12 patients), target encoder only, long schedule on a GPU" \
         > "$folder/infection.log" 2>&1 &
     python3 -m relsegcore.cli train "${LUNGS[@]}" --iterations "$iterations" --out "$folder/lungs" \
-        --export covid-lungs-2d --model-version 2.1.0 "$@" \
+        --export covid-lungs-2d --model-version "$VERSION" "$@" \
         --description "Both lungs on real chest CT (covid-ct-seg-2d lung masks, 12 patients), long schedule on a GPU" \
         > "$folder/lungs.log" 2>&1 &
     wait
