@@ -68,6 +68,7 @@ DEVICE=${DEVICE:-cuda}
 DATA="ctseg2d:$TRAIN/covid-ct-seg-2d"
 BATCH=${BATCH:-8}
 VERSION=${VERSION:-2.1.0}
+ONLY=${ONLY:-}  # ONLY=infection: the five infection runs alone (each faster)
 INFECTION=(--data "$DATA" --negatives "slices:$TRAIN/negatives.npz" --negative-fraction 0.15 --patch-size 160
            --batch-size "$BATCH" --device "$DEVICE")
 LUNGS=(--data "$DATA" --target lungs --patch-size 160 --batch-size "$BATCH" --augment-series --device "$DEVICE")
@@ -97,14 +98,14 @@ train_all() {  # ITERATIONS FOLDER EXTRA...: the ten trainings side by side
     for k in 0 1 2 3; do
         python3 -m relsegcore.cli train "${INFECTION[@]}" --iterations "$iterations" --no-validation --fold $k --folds 4 \
             --out "$folder/infection-fold$k" --export "fold$k" "$@" > "$folder/infection-fold$k.log" 2>&1 &
-        python3 -m relsegcore.cli train "${LUNGS[@]}" --iterations "$iterations" --no-validation --fold $k --folds 4 \
-            --out "$folder/lungs-fold$k" --export "fold$k" "$@" > "$folder/lungs-fold$k.log" 2>&1 &
+        [[ "$ONLY" == infection ]] || python3 -m relsegcore.cli train "${LUNGS[@]}" --iterations "$iterations" \
+            --no-validation --fold $k --folds 4 --out "$folder/lungs-fold$k" --export "fold$k" "$@" > "$folder/lungs-fold$k.log" 2>&1 &
     done
     python3 -m relsegcore.cli train "${INFECTION[@]}" --iterations "$iterations" --out "$folder/infection" \
         --export covid-infection-2d --model-version "$VERSION" "$@" \
         --description "COVID-19 infection on real chest CT (covid-ct-seg-2d, 12 patients), target encoder only, long schedule on a GPU" \
         > "$folder/infection.log" 2>&1 &
-    python3 -m relsegcore.cli train "${LUNGS[@]}" --iterations "$iterations" --out "$folder/lungs" \
+    [[ "$ONLY" == infection ]] || python3 -m relsegcore.cli train "${LUNGS[@]}" --iterations "$iterations" --out "$folder/lungs" \
         --export covid-lungs-2d --model-version "$VERSION" "$@" \
         --description "Both lungs on real chest CT (covid-ct-seg-2d lung masks, 12 patients), long schedule on a GPU" \
         > "$folder/lungs.log" 2>&1 &
@@ -138,13 +139,14 @@ for f in "$RUNS"/long/*.log; do echo "$(basename "$f"): $(grep -a '^{' "$f" | ta
 # 3. The folds' held-out patients, on the GPU.
 python3 Testing/benchmarks/choose_postprocessing.py --folds "$RUNS"/long/infection-fold{0,1,2,3} --data "$DATA" \
     --thresholds 0.5 --flip-tta --device "$DEVICE" --json "$RUNS/long/infection-sweep.json" 2>&1 | grep -v "it/s" | tail -12
-python3 Testing/benchmarks/choose_postprocessing.py --folds "$RUNS"/long/lungs-fold{0,1,2,3} --data "$DATA" \
+[[ "$ONLY" == infection ]] || python3 Testing/benchmarks/choose_postprocessing.py --folds "$RUNS"/long/lungs-fold{0,1,2,3} --data "$DATA" \
     --target lungs --thresholds 0.5 --flip-tta --fractions 0,0.05,0.1 --device "$DEVICE" \
     --json "$RUNS/long/lungs-sweep.json" 2>&1 | grep -v "it/s" | tail -12
 echo "scored after $((SECONDS - start)) s"
 
 # 4. Back: the four infection fold models, the two all-patient models, everything small in one archive.
 for k in 0 1 2 3; do cp "$RUNS/long/infection-fold$k/fold$k.pt" "$OUT/infection-fold$k.pt"; done
-cp "$RUNS/long/infection/covid-infection-2d.pt" "$RUNS/long/lungs/covid-lungs-2d.pt" "$OUT/"
+cp "$RUNS/long/infection/covid-infection-2d.pt" "$OUT/"
+[[ "$ONLY" == infection ]] || cp "$RUNS/long/lungs/covid-lungs-2d.pt" "$OUT/"
 tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='*.pt' long calibration
 ls -la "$OUT"; echo "all done after $((SECONDS - start)) s"
