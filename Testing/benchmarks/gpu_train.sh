@@ -61,6 +61,9 @@ fi
 OUT=${OUT:-/tmp/gpu-train}
 BUDGET_S=${BUDGET_S:-570}
 RUNS=${RUNS:-/tmp/gpu-runs}
+# A second call on a machine still warm would find the first call's runs there and resume them (relseg train
+# resumes from a checkpoint.pt; session 16 lost a call to that): start from an empty run folder.
+rm -rf "$RUNS"
 mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH="$PWD/RelSegCore${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 CAL=${CAL_ITERATIONS:-300}  # a dry run on a CPU sets fewer (and ITERATIONS)
