@@ -16,12 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.intensity import resize_slices
+from .data.intensity import FULL_SLICE_CLAHE, LUNG_CROP, resize_slices
 from .data.readers import (
     find_picture_pairs,
     find_volume_pairs,
     needs_transpose,
     picture_fingerprint,
+    picture_recipe,
     read_gray_picture,
     read_mask_picture,
 )
@@ -62,18 +63,37 @@ def lung_model_for(loaded: LoadedModel) -> LoadedModel | None:
                                                                      loaded.engine)
 
 
+def model_for_pictures(loaded: LoadedModel, recipe: str) -> LoadedModel:
+    """The model that scores pictures prepared by ``recipe``: ``loaded`` itself, or the one its card names for
+    that recipe (``ModelCard.model_for_recipe``), on the same device and engine, checked to be of that recipe."""
+    from .data.intensity import recipe_of
+
+    named = loaded.card.model_for_recipe(recipe)
+    if named is None:
+        return loaded
+    other = load_model(named, loaded.device, loaded.engine)
+    if recipe_of(other.card.preprocessing) != recipe:
+        raise InputError(f"{loaded.card.name}'s card names {other.card.name} for {recipe} pictures, but "
+                         f"{other.card.name} was trained on {recipe_of(other.card.preprocessing)} ones")
+    return other
+
+
 def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path, tta: bool = False,
                           orientation: str = "auto", progress: Progress | None = None,
-                          stems: set[str] | None = None) -> dict:
+                          stems: set[str] | None = None, recipe: str = "auto") -> dict:
     """Per-slice and mean Dice, sensitivity, specificity (NSD/HD95 in pixels: 2D slices carry no spacing).
 
     Slices stored transposed (COVID-SemiSeg's lungs one above the other) are turned upright for
     the model exactly as ``read_image_folder`` does for training, and the prediction turned back.
+    ``recipe`` says how the pictures were prepared (``"auto"``: ``picture_recipe`` decides); when the card names
+    another model for that recipe, that model scores them and the result says so.
     """
-    multiclass = len(loaded.card.classes) > 2
-    labels = {name.replace(" ", "_").replace("-", "_"): i for i, name in enumerate(loaded.card.classes) if i}
     pairs = [pair for pair in find_picture_pairs(images_dir, masks_dir) if stems is None or pair[0] in stems]
     images = [read_gray_picture(image_path) for _, image_path, _ in pairs]
+    recipe = picture_recipe(images) if recipe == "auto" else recipe
+    asked, loaded = loaded, model_for_pictures(loaded, recipe)
+    multiclass = len(loaded.card.classes) > 2
+    labels = {name.replace(" ", "_").replace("-", "_"): i for i, name in enumerate(loaded.card.classes) if i}
     transpose = needs_transpose(np.stack([resize_slices(image[None], 64)[0] for image in images]), orientation)
     lungs = lung_model_for(loaded)
     cases = []
@@ -90,7 +110,13 @@ def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path
             progress.update((index + 1) / len(pairs), "evaluating")
     result = _result(loaded, cases, units="pixels", tta=tta, lungs=lungs)
     result["transposed"] = transpose
+    result["recipe"] = recipe
     result["cases_seen_in_training"] = seen_in_training(loaded.card, images)
+    if loaded is not asked:
+        result["asked_model"] = {"name": asked.card.name, "version": asked.card.version, "sha256": asked.card.sha256}
+        looks = {LUNG_CROP: "lung-window crops of the thorax", FULL_SLICE_CLAHE: "whole CT slices"}[recipe]
+        result["note"] = (f"these pictures look like {looks} ({recipe}), which {asked.card.name} was not trained on; "
+                          f"its card names {loaded.card.name} for them, which scored them")
     return result
 
 
@@ -101,7 +127,7 @@ def evaluate_ctseg2d(loaded: LoadedModel, root: Path, target: str = "infection",
     slice's case and the mean Dice per patient (slices of one patient are not independent). ``cases`` keeps
     only those cases or patients."""
     from .data.ctseg import CTSEG_TARGETS, patient_of, read_cases_csv, selected_rows
-    from .data.intensity import FULL_SLICE_CLAHE, recipe_of
+    from .data.intensity import recipe_of
 
     if target not in CTSEG_TARGETS:
         raise InputError(f"--target must be one of {', '.join(CTSEG_TARGETS)}, not {target!r}")
@@ -113,7 +139,7 @@ def evaluate_ctseg2d(loaded: LoadedModel, root: Path, target: str = "infection",
         stems = {Path(row["file"]).stem for row, chosen in zip(rows, selected_rows(rows, cases, root), strict=True)
                  if chosen}
     result = evaluate_image_folder(loaded, root / "images", root / CTSEG_TARGETS[target], tta=tta,
-                                   orientation="as-is", progress=progress, stems=stems)
+                                   orientation="as-is", progress=progress, stems=stems, recipe=FULL_SLICE_CLAHE)
     by_patient: dict[str, list[float]] = {}
     for case in result["per_case"]:
         case["series"] = case_of.get(case["case"], "")

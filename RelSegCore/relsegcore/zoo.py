@@ -54,6 +54,7 @@ class ModelCard:
     date: str = ""
     parent: str | None = None
     clinical: bool = False
+    recipe_models: dict = field(default_factory=dict)  # {preprocessing recipe: model} for 2D pictures (see below)
     path: Path | None = field(default=None, compare=False)  # the weights file, set when found on disk
 
     @property
@@ -90,6 +91,13 @@ class ModelCard:
         (``postprocessing["within_lungs"]``; None: unbounded there)."""
         return self.postprocessing.get("within_lungs")  # a non-empty string: _check_within_lungs
 
+    def model_for_recipe(self, recipe: str) -> str | None:
+        """The model (name or path) that scores 2D pictures prepared by ``recipe`` in this model's place, or None
+        when this model scores them itself (``recipe_models``; ``relseg evaluate --images`` follows it and says
+        so). A network trained on one appearance says little about another: ``covid-infection-2d``, trained on
+        full-slice-clahe slices of real CT, names ``covid-semiseg-2d`` for COVID-SemiSeg's lung-window crops."""
+        return self.recipe_models.get(recipe)
+
     @property
     def infection_classes(self) -> list[str]:
         """Class names without the background, as segment names."""
@@ -110,6 +118,7 @@ class ModelCard:
         _check_threshold(card)
         _check_min_component_fraction(card)
         _check_within_lungs(card)
+        _check_recipe_models(card)
         return card
 
 
@@ -131,6 +140,22 @@ def _check_min_component_fraction(card: ModelCard) -> None:
     if not 0.0 <= _postprocessing_number(card, "min_component_fraction", 0.0) < 1.0:
         raise ModelError(f"model card {card.name}: postprocessing.min_component_fraction must lie in [0, 1), "
                          f"not {card.postprocessing['min_component_fraction']!r}")
+
+
+def _check_recipe_models(card: ModelCard) -> None:
+    """``recipe_models`` maps known recipes other than the card's own to a model name or path, never itself."""
+    from .data.intensity import RECIPES, recipe_of
+
+    if not isinstance(card.recipe_models, dict):
+        raise ModelError(f"model card {card.name}: recipe_models must map recipes to models, "
+                         f"not {card.recipe_models!r}")
+    for recipe, model in card.recipe_models.items():
+        if recipe not in RECIPES or recipe == recipe_of(card.preprocessing):
+            raise ModelError(f"model card {card.name}: recipe_models names {recipe!r}, which is not one of the "
+                             f"other recipes ({', '.join(r for r in RECIPES if r != recipe_of(card.preprocessing))})")
+        if not isinstance(model, str) or not model.strip() or Path(model).stem == card.name:
+            raise ModelError(f"model card {card.name}: recipe_models[{recipe!r}] must name another model, "
+                             f"not {model!r}")
 
 
 def _check_within_lungs(card: ModelCard) -> None:

@@ -13,7 +13,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate", help="score a model against expert masks",
         description="Evaluate on a 2D image folder (images already windowed and cropped, as COVID-SemiSeg) or on CT "
-                    "volumes (NIfTI/NRRD/MHA, scored in mm with NSD and HD95). Prints the mean Dice over cases.",
+                    "volumes (NIfTI/NRRD/MHA, scored in mm with NSD and HD95). Prints the mean Dice over cases. "
+                    "Pictures that look prepared by another recipe than the model's (lung-window crops, whole "
+                    "slices) are scored by the model its card names for that recipe, and the output says so.",
     )
     parser.add_argument("--model", default=None, help="shipped model name or path to a .pt with its card")
     parser.add_argument("--images", type=Path)

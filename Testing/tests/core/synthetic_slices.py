@@ -55,7 +55,7 @@ def make_ctseg_folder(root: Path, size: int = 32) -> Path:
 
 def save_constant_model(directory: Path, foreground: bool, name: str = "constant", preprocessing: dict | None = None,
                         training: dict | None = None, probability: float | None = None,
-                        postprocessing: dict | None = None) -> Path:
+                        postprocessing: dict | None = None, recipe_models: dict | None = None) -> Path:
     """A tiny network that predicts the same class everywhere (its Dice on any mask is known exactly), saved with
     its card; returns the weights' path. ``probability``: the foreground probability it gives every pixel
     instead (``foreground`` is then ignored)."""
@@ -73,5 +73,6 @@ def save_constant_model(directory: Path, foreground: bool, name: str = "constant
             network.head.bias.copy_(torch.tensor([0.0, 5.0] if foreground else [5.0, 0.0]))
     card = zoo.ModelCard(name=name, version="1", description="test", file="", sha256="", architecture={},
                          classes=["background", "infection"], preprocessing=preprocessing or {"input_size": 32},
-                         postprocessing=postprocessing or {}, training=training or {})
+                         postprocessing=postprocessing or {}, training=training or {},
+                         recipe_models=recipe_models or {})
     return zoo.save_model(network, card, directory)

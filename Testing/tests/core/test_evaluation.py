@@ -12,6 +12,7 @@ from synthetic_slices import save_constant_model
 
 from relsegcore import zoo
 from relsegcore.cli import main
+from relsegcore.errors import InputError
 from relsegcore.evaluation import evaluate_image_folder
 
 
@@ -321,3 +322,67 @@ def test_choose_postprocessing_bounds_by_the_same_folds_lungs_and_refuses_anothe
     assert sweep["lung_model"]["name"] == "lungs0"
     refused = subprocess.run(command + [str(folds["lungs1"])], capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "holds out other patients" in refused.stderr
+
+
+def write_crop_folder(root, count=3):
+    """Pictures framed by bright chest wall (lung-window crops, as COVID-SemiSeg), each with a quarter mask."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for index in range(count):
+        image = np.full((40, 50), 220, np.uint8)
+        image[8:32, 5:22] = image[8:32, 28:45] = 20  # two dark lungs left and right of a bright mediastinum
+        mask = np.zeros((40, 50), np.uint8)
+        mask[:10] = 255
+        Image.fromarray(image).save(root / "images" / f"{index}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{index}.png")
+
+
+@pytest.mark.parametrize("crops", [True, False])
+def test_pictures_of_another_recipe_are_scored_by_the_model_the_card_names_for_it(tmp_path, crops):
+    """A full-slice model that calls nothing infection names an all-infection lung-crop model for lung-window
+    crops: crops get that model's exact Dice and the result names both models; whole slices (dark frame) stay
+    with the asked model."""
+    crop_model = save_constant_model(tmp_path, True, name="crops")
+    asked = zoo.load_model(save_constant_model(tmp_path, False, name="slices",
+                                               preprocessing={"input_size": 32, "recipe": "full-slice-clahe"},
+                                               recipe_models={"lung-crop": str(crop_model)}), torch.device("cpu"))
+    if crops:
+        write_crop_folder(tmp_path / "data")
+    else:
+        write_folder(tmp_path / "data", [((40, 50), 10)] * 3)
+    result = evaluate_image_folder(asked, tmp_path / "data" / "images", tmp_path / "data" / "masks")
+    if crops:
+        assert result["recipe"] == "lung-crop"
+        assert result["model"]["name"] == "crops" and result["asked_model"]["name"] == "slices"
+        assert result["mean_dice"] == pytest.approx(2 * 0.25 / 1.25)
+        assert "crops" in result["note"] and "slices" in result["note"]
+    else:
+        assert result["recipe"] == "full-slice-clahe"
+        assert result["model"]["name"] == "slices" and "asked_model" not in result
+        assert result["mean_dice"] == 0.0
+
+
+def test_a_model_named_for_a_recipe_it_was_not_trained_on_is_refused(tmp_path):
+    """A card naming a full-slice model for lung-window crops would score them with the wrong network."""
+    wrong = save_constant_model(tmp_path, True, name="wrong", preprocessing={"input_size": 32,
+                                                                           "recipe": "full-slice-clahe"})
+    asked = zoo.load_model(save_constant_model(tmp_path, False, name="slices",
+                                               preprocessing={"input_size": 32, "recipe": "full-slice-clahe"},
+                                               recipe_models={"lung-crop": str(wrong)}), torch.device("cpu"))
+    write_crop_folder(tmp_path / "data")
+    with pytest.raises(InputError, match="was trained on full-slice-clahe"):
+        evaluate_image_folder(asked, tmp_path / "data" / "images", tmp_path / "data" / "masks")
+
+
+@pytest.mark.parametrize(("recipe_models", "message"), [
+    ({"lung-crop": "other"}, "not one of the other recipes"),  # the card's own recipe (1.x cards: lung-crop)
+    ({"mri": "other"}, "not one of the other recipes"),
+    ({"full-slice-clahe": " "}, "must name another model"),
+    ({"full-slice-clahe": "constant"}, "must name another model"),
+    (["lung-crop"], "must map recipes to models"),
+])
+def test_recipe_models_that_name_no_other_model_for_another_recipe_are_refused_when_read(tmp_path, recipe_models,
+                                                                                      message):
+    save_constant_model(tmp_path, True, recipe_models=recipe_models)
+    with pytest.raises(zoo.ModelError, match=message):
+        zoo.find_model(tmp_path / "constant.pt")

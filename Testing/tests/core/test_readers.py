@@ -346,3 +346,15 @@ def test_ct_volumes_refuse_a_volume_that_is_not_a_ct(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no CT volumes"):
         read_ct_volumes(tmp_path / "empty", size=32)
+
+
+def test_each_real_picture_is_recognised_by_the_recipe_that_prepared_it(shared_data: Path) -> None:
+    """Every COVID-SemiSeg screenshot is a lung-window crop and every covid-ct-seg-2d slice a whole slice, one
+    picture at a time (a folder goes by the majority), so `relseg evaluate --images` routes each set right."""
+    from relsegcore.data.readers import picture_recipe, read_gray_picture
+
+    crops = sorted((shared_data / "covid-semiseg" / "train" / "images").glob("*.jpg"))
+    slices = sorted((shared_data / "covid-ct-seg-2d" / "images").glob("*.png"))
+    assert len(crops) == 50 and len(slices) == 1163
+    assert [picture_recipe([read_gray_picture(p)]) for p in crops] == ["lung-crop"] * len(crops)
+    assert [picture_recipe([read_gray_picture(p)]) for p in slices] == ["full-slice-clahe"] * len(slices)
