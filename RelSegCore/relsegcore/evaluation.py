@@ -146,7 +146,7 @@ def evaluate_ctseg2d(loaded: LoadedModel, root: Path, target: str = "infection",
         by_patient.setdefault(patient_of(case["series"]), []).append(case["dice"])
     result["per_patient_dice"] = {patient: float(np.mean(values)) for patient, values in sorted(by_patient.items())}
     result["target"] = target
-    if recipe_of(loaded.card.preprocessing) != FULL_SLICE_CLAHE:
+    if "asked_model" not in result and recipe_of(loaded.card.preprocessing) != FULL_SLICE_CLAHE:
         result["note"] = (f"{loaded.card.name} was trained on {recipe_of(loaded.card.preprocessing)} images, not on "
                           "whole full-slice-clahe slices like these: its score here says little")
     return result

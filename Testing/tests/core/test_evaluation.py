@@ -386,3 +386,23 @@ def test_recipe_models_that_name_no_other_model_for_another_recipe_are_refused_w
     save_constant_model(tmp_path, True, recipe_models=recipe_models)
     with pytest.raises(zoo.ModelError, match=message):
         zoo.find_model(tmp_path / "constant.pt")
+
+
+@pytest.mark.parametrize("names_full_slice_model", [True, False])
+def test_ctseg2d_slices_are_whole_slices_whatever_they_look_like(tmp_path, names_full_slice_model):
+    """`--data ctseg2d:` is always scored as the full-slice recipe: a lung-crop model that names a full-slice
+    model hands the slices to it (no warning that its score says little); one that names none keeps them, warned."""
+    from synthetic_slices import make_ctseg_folder
+
+    from relsegcore.evaluation import evaluate_ctseg2d
+
+    root = make_ctseg_folder(tmp_path / "ctseg")
+    slices_model = save_constant_model(tmp_path, True, name="slices",
+                                       preprocessing={"input_size": 32, "recipe": "full-slice-clahe"})
+    recipe_models = {"full-slice-clahe": str(slices_model)} if names_full_slice_model else None
+    asked = zoo.load_model(save_constant_model(tmp_path, False, name="crops", recipe_models=recipe_models),
+                           torch.device("cpu"))
+    result = evaluate_ctseg2d(asked, root)
+    assert result["recipe"] == "full-slice-clahe"
+    assert result["model"]["name"] == ("slices" if names_full_slice_model else "crops")
+    assert ("says little" in result.get("note", "")) is not names_full_slice_model
