@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.intensity import FULL_SLICE_CLAHE, LUNG_CROP, resize_slices
+from .data.intensity import FULL_SLICE_CLAHE, LUNG_CROP, recipe_of, resize_slices
 from .data.readers import (
     find_picture_pairs,
     find_volume_pairs,
@@ -66,8 +66,6 @@ def lung_model_for(loaded: LoadedModel) -> LoadedModel | None:
 def model_for_pictures(loaded: LoadedModel, recipe: str) -> LoadedModel:
     """The model that scores pictures prepared by ``recipe``: ``loaded`` itself, or the one its card names for
     that recipe (``ModelCard.model_for_recipe``), on the same device and engine, checked to be of that recipe."""
-    from .data.intensity import recipe_of
-
     named = loaded.card.model_for_recipe(recipe)
     if named is None:
         return loaded
@@ -127,7 +125,6 @@ def evaluate_ctseg2d(loaded: LoadedModel, root: Path, target: str = "infection",
     slice's case and the mean Dice per patient (slices of one patient are not independent). ``cases`` keeps
     only those cases or patients."""
     from .data.ctseg import CTSEG_TARGETS, patient_of, read_cases_csv, selected_rows
-    from .data.intensity import recipe_of
 
     if target not in CTSEG_TARGETS:
         raise InputError(f"--target must be one of {', '.join(CTSEG_TARGETS)}, not {target!r}")
