@@ -153,20 +153,21 @@ def _check_recipe_models(card: ModelCard) -> None:
         if recipe not in RECIPES or recipe == recipe_of(card.preprocessing):
             raise ModelError(f"model card {card.name}: recipe_models names {recipe!r}, which is not one of the "
                              f"other recipes ({', '.join(r for r in RECIPES if r != recipe_of(card.preprocessing))})")
-        if not isinstance(model, str) or not model.strip() or Path(model).stem == card.name:
-            raise ModelError(f"model card {card.name}: recipe_models[{recipe!r}] must name another model, "
-                             f"not {model!r}")
+        _check_names_another_model(card, f"recipe_models[{recipe!r}]", model)
 
 
 def _check_within_lungs(card: ModelCard) -> None:
-    """``within_lungs`` names a lung model: a non-empty string, and never the card's own model."""
+    """``within_lungs`` names a lung model other than the card's own."""
     value = card.postprocessing.get("within_lungs")
-    if value is None:
-        return
-    if not isinstance(value, str) or not value.strip():
-        raise ModelError(f"model card {card.name}: postprocessing.within_lungs must name a lung model, not {value!r}")
-    if value == card.name:
-        raise ModelError(f"model card {card.name}: postprocessing.within_lungs names the model itself")
+    if value is not None:
+        _check_names_another_model(card, "postprocessing.within_lungs", value)
+
+
+def _check_names_another_model(card: ModelCard, field_name: str, value: object) -> None:
+    """A card field that hands work to another model holds a non-empty name or path, and never the card's own
+    model (which would hand the work back to itself)."""
+    if not isinstance(value, str) or not value.strip() or Path(value).stem == card.name:
+        raise ModelError(f"model card {card.name}: {field_name} must name another model, not {value!r}")
 
 
 def _postprocessing_number(card: ModelCard, key: str, default: float) -> float:
