@@ -17,7 +17,8 @@
 # carry [".gpu/train"] and command "BUDGET_S=570 bash Testing/benchmarks/gpu_train.sh", timeout_s 600.
 # A variant of both recipes in the same call: BATCH=32 (slices per step; the CPU recipes' 8 by default: on a GPU
 # the step costs about the same), VERSION=2.2.0 (the all-patient models' card version), EXTRA="--base-channels 24"
-# (appended to every relseg train) and, for --prepare, NEGATIVE_SLICES=48 (lung slices per negative CT; 16).
+# (appended to every relseg train), INFECTION_PATCH=none (the infection runs on whole slices, not 160 px crops) and,
+# for --prepare, NEGATIVE_SLICES=48 (lung slices per negative CT; 16).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 TRAIN=.gpu/train
@@ -72,7 +73,10 @@ DATA="ctseg2d:$TRAIN/covid-ct-seg-2d"
 BATCH=${BATCH:-8}
 VERSION=${VERSION:-2.1.0}
 ONLY=${ONLY:-}  # ONLY=infection: the five infection runs alone (each faster)
-INFECTION=(--data "$DATA" --negatives "slices:$TRAIN/negatives.npz" --negative-fraction 0.15 --patch-size 160
+INFECTION_PATCH=${INFECTION_PATCH:-160}  # INFECTION_PATCH=none: the infection runs learn whole 256 px slices
+PATCH_ARGS=(--patch-size "$INFECTION_PATCH")
+[[ "$INFECTION_PATCH" == none ]] && PATCH_ARGS=()
+INFECTION=(--data "$DATA" --negatives "slices:$TRAIN/negatives.npz" --negative-fraction 0.15 "${PATCH_ARGS[@]}"
            --batch-size "$BATCH" --device "$DEVICE")
 LUNGS=(--data "$DATA" --target lungs --patch-size 160 --batch-size "$BATCH" --augment-series --device "$DEVICE")
 start=$SECONDS
