@@ -149,10 +149,11 @@ def _check_recipe_models(card: ModelCard) -> None:
     if not isinstance(card.recipe_models, dict):
         raise ModelError(f"model card {card.name}: recipe_models must map recipes to models, "
                          f"not {card.recipe_models!r}")
+    own = recipe_of(card.preprocessing)
     for recipe, model in card.recipe_models.items():
-        if recipe not in RECIPES or recipe == recipe_of(card.preprocessing):
+        if recipe not in RECIPES or recipe == own:
             raise ModelError(f"model card {card.name}: recipe_models names {recipe!r}, which is not one of the "
-                             f"other recipes ({', '.join(r for r in RECIPES if r != recipe_of(card.preprocessing))})")
+                             f"other recipes ({', '.join(r for r in RECIPES if r != own)})")
         _check_names_another_model(card, f"recipe_models[{recipe!r}]", model)
 
 
