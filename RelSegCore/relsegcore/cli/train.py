@@ -74,6 +74,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stage2.add_argument("--distill-weight", type=float, default=1.0, help="with --teacher: the distillation "
                         "loss's weight beside Dice + cross-entropy")
     stage2.add_argument("--distill-temperature", type=float, default=2.0, help="with --teacher: softening")
+    stage2.add_argument("--init", metavar="MODEL",
+                        help="start from a trained model's weights (name or .pt with its card: same architecture, "
+                             "recipe, input size and classes) instead of random ones, e.g. to go on training a "
+                             "model under another recipe; with --fold it must not have seen the fold's held-out "
+                             "slices (its card's fingerprints are checked), so start each fold from its own model")
     stage2.add_argument("--negatives", action="append", default=[], metavar="KIND:PATH",
                         help="non-COVID CT taught as containing no infection: ct:DIR (CT volumes, no masks "
                              "needed: up to --negative-slices lung slices each) or a kind of pretrain-general "
@@ -242,7 +247,8 @@ def run_train(args: argparse.Namespace) -> int:
         from ..errors import RelSegError
 
         raise RelSegError(f"--pooled-fraction needs --pooled and a share between 0 and 1, not {args.pooled_fraction}")
-    _check_teacher(args)  # before any data is read or fold process starts
+    _check_sees_as_trained("--teacher", args.teacher, args)  # before any data is read or fold process starts
+    _check_sees_as_trained("--init", args.init, args)
     if args.cross_validate:
         return _cross_validate(args)
     data = _load_target(args)
@@ -256,8 +262,9 @@ def run_train(args: argparse.Namespace) -> int:
         images, train_masks, weights = _with_negatives(images, train_masks, negatives, args.negative_fraction)
         weights = _pooled_share(weights, len(images), len(train_idx), pooled, args.pooled_fraction)
         val_images, val_masks = (None, None) if args.no_validation else (data.images[val_idx], masks[val_idx])
+        initial = _initial_state(args, config, [data.names[i] for i in val_idx])
         result = train(config, images, train_masks, val_images, val_masks,
-                       resume=not args.no_resume, show_bar=True, sample_weights=weights)
+                       resume=not args.no_resume, show_bar=True, sample_weights=weights, initial_state=initial)
         summary = {"fold": args.fold, "val_dice": result.final_val_dice, "best_val_dice": result.best_val_dice,
                    "val_cases": [data.names[i] for i in val_idx], "seconds": round(result.seconds, 1),
                    "train_slices": len(train_idx), "pooled_slices": 0 if pooled is None else len(pooled)}
@@ -275,7 +282,8 @@ def run_train(args: argparse.Namespace) -> int:
     images, train_masks = _with_pooled(data.images, masks, pooled)
     images, train_masks, weights = _with_negatives(images, train_masks, negatives, args.negative_fraction)
     weights = _pooled_share(weights, len(images), len(data.images), pooled, args.pooled_fraction)
-    result = train(config, images, train_masks, resume=not args.no_resume, show_bar=True, sample_weights=weights)
+    result = train(config, images, train_masks, resume=not args.no_resume, show_bar=True, sample_weights=weights,
+                   initial_state=_initial_state(args, config, []))
     _export_trained(args, result, config, data.names, pooled, negatives)
     return 0
 
@@ -301,6 +309,12 @@ def _export_trained(args: argparse.Namespace, result, config: TrainConfig, names
 
         teacher = find_model(args.teacher)
         training_data += f"; distilled from {teacher.name} {teacher.version} (sha256 {teacher.sha256[:12]})"
+    if args.init:
+        from ..zoo import find_model
+
+        start = find_model(args.init)
+        training_data = (f"started from {start.name} {start.version} (sha256 {start.sha256[:12]}: "
+                         f"{start.training.get('data', 'data not stated')}), then {training_data}")
     if negatives is not None:
         volumes = _volumes_of(negatives)
         which = f" of {', '.join(volumes)};" if volumes else ","
@@ -311,21 +325,53 @@ def _export_trained(args: argparse.Namespace, result, config: TrainConfig, names
             fingerprints=_fingerprints(args, names))
 
 
-def _check_teacher(args: argparse.Namespace) -> None:
-    """A teacher must see the slices as the network does and predict the same classes: else stop now."""
-    if not args.teacher:
+def _check_sees_as_trained(option: str, model: str | None, args: argparse.Namespace) -> None:
+    """A teacher or a starting model must see the slices as the network does and predict the same classes: else
+    stop now, naming the difference."""
+    if not model:
         return
     from ..data.intensity import recipe_of
     from ..errors import RelSegError
     from ..zoo import find_model
 
-    card = find_model(args.teacher)
+    card = find_model(model)
     classes = 3 if args.multiclass else 2
     size = int(card.preprocessing.get("input_size", 256))
     if recipe_of(card.preprocessing) != _recipe(args) or size != args.size or len(card.classes) != classes:
-        raise RelSegError(f"--teacher {card.name} sees {recipe_of(card.preprocessing)} slices of {size} px with "
+        raise RelSegError(f"{option} {card.name} sees {recipe_of(card.preprocessing)} slices of {size} px with "
                           f"{len(card.classes)} classes; this training has {_recipe(args)} slices of {args.size} px "
                           f"with {classes} classes")
+
+
+def _initial_state(args: argparse.Namespace, config: TrainConfig, held_out: list[str]):
+    """The verified weights of ``--init`` (None without it). They must fit the network this command builds, and
+    the model must not have trained on ``held_out`` (the fold's validation slices): a fold started from a model
+    that saw its patients would score them as if unseen."""
+    if not args.init:
+        return None
+    from ..errors import RelSegError
+    from ..training import build_network
+    from ..zoo import find_model, load_state_dict_verified
+
+    card = find_model(args.init)
+    seen = set(card.training.get("image_fingerprints", []))
+    if held_out and seen:
+        overlap = sum(f in seen for f in _picture_fingerprints(args, held_out))
+        if overlap:
+            raise RelSegError(f"--init {card.name} was trained on {overlap} of the {len(held_out)} slices fold "
+                              f"{args.fold} holds out; start the fold from a model trained without them")
+    elif held_out:
+        print(f"warning: --init {card.name}'s card lists no training slices; whether it saw fold {args.fold}'s "
+              "held-out slices cannot be checked", file=sys.stderr)
+    state = load_state_dict_verified(card.path, card.sha256)
+    try:
+        build_network(config).load_state_dict(state)
+    except RuntimeError:
+        raise RelSegError(f"--init {card.name} has another architecture ({card.architecture}) than this command "
+                          "builds: give the same --base-channels, --depth, --deep-supervision and general encoder"
+                          ) from None
+    print(f"starting from {card.name} {card.version} (sha256 {card.sha256[:12]})")
+    return state
 
 
 def _read_pooled(args: argparse.Namespace):
@@ -452,21 +498,35 @@ def _drop_option(argv: list[str], name: str) -> list[str]:
 
 
 def _fingerprints(args: argparse.Namespace, names: list[str]) -> list[str]:
-    """Fingerprints of the training pictures ``names`` as stored, so ``relseg evaluate`` can spot them."""
+    """Fingerprints of the training pictures ``names`` as stored, so ``relseg evaluate`` can spot them; with
+    ``--init``, the starting model's too (it saw them)."""
     if not args.export:
         return []
     from ..data.general import parse_data_spec
-    from ..data.readers import folder_fingerprints, picture_fingerprint, read_gray_picture
+    from ..data.readers import folder_fingerprints
 
     # pooled picture folders are training pictures too (e.g. COVID-SemiSeg screenshots beside covid-ct-seg-2d)
     pooled = []
     for kind, path in map(parse_data_spec, args.pooled):
         if kind == "folder":
             pooled += folder_fingerprints(path / "images", path / "masks")
-    if args.data:  # the stored pictures, as relseg evaluate reads them (not resized to --size)
+    started_from = []
+    if args.init:
+        from ..zoo import find_model
+
+        started_from = find_model(args.init).training.get("image_fingerprints", [])
+    return list(dict.fromkeys([*started_from, *_picture_fingerprints(args, names), *pooled]))
+
+
+def _picture_fingerprints(args: argparse.Namespace, names: list[str]) -> list[str]:
+    """Fingerprints of the target pictures ``names`` as stored (not resized to --size), as relseg evaluate reads
+    them."""
+    from ..data.readers import folder_fingerprints, picture_fingerprint, read_gray_picture
+
+    if args.data:
         images = ctseg_folder(args.data, "train", "picture folders as --images/--masks") / "images"
-        return [picture_fingerprint(read_gray_picture(images / name.split("/", 1)[1])) for name in names] + pooled
-    return folder_fingerprints(args.images, args.masks, stems={name.rsplit("/", 1)[-1] for name in names}) + pooled
+        return [picture_fingerprint(read_gray_picture(images / name.split("/", 1)[1])) for name in names]
+    return folder_fingerprints(args.images, args.masks, stems={name.rsplit("/", 1)[-1] for name in names})
 
 
 def _export(args, result, config: TrainConfig, classes: list[str], training_data: str, role: str,
