@@ -186,6 +186,46 @@ def test_negatives_are_learnt_as_no_infection_at_their_share_of_each_batch(tmp_p
     assert "(12 slices, 0.25 of each batch)" in card.training["data"]
 
 
+def test_init_starts_from_the_models_weights_and_a_fold_refuses_a_model_that_saw_its_held_out_pictures(tmp_path,
+                                                                                                          capsys):
+    """--init loads the model's weights (at a vanishing learning rate the export equals them), names the model and
+    keeps its fingerprints in the card; a fold whose held-out pictures the model trained on, or another
+    architecture, is refused with one message and no model written."""
+    from relsegcore.cli import main
+    from relsegcore.zoo import find_model, load_state_dict_verified
+
+    images, masks = squares(9, size=32)
+    data = write_picture_folder(tmp_path / "data", images, masks)
+    common = ["train", "--images", str(data / "images"), "--masks", str(data / "masks"), "--batch-size", "2",
+              "--size", "32", "--base-channels", "4", "--depth", "2", "--device", "cpu", "--folds", "3",
+              "--no-validation"]
+    assert main([*common, "--iterations", "2", "--fold", "0", "--seed", "1", "--export", "m",
+                 "--out", str(tmp_path / "m")]) == 0  # another seed: other weights than a plain run's
+    start = find_model(tmp_path / "m" / "m.pt")
+    start_state = load_state_dict_verified(start.path, start.sha256)
+
+    def continued(name: str, *extra: str) -> Path:
+        return tmp_path / name / "c.pt" if main([*common, "--iterations", "3", "--lr", "1e-12", "--export", "c",
+                                                  "--out", str(tmp_path / name), *extra]) == 0 else None
+
+    plain = find_model(continued("plain", "--fold", "0"))
+    plain_state = load_state_dict_verified(plain.path, plain.sha256)
+    card = find_model(continued("init", "--fold", "0", "--init", str(start.path)))
+    state = load_state_dict_verified(card.path, card.sha256)
+    assert all(torch.allclose(state[key], start_state[key], atol=1e-6) for key in start_state)
+    assert not all(torch.allclose(plain_state[key], start_state[key], atol=1e-3) for key in start_state)
+    assert card.training["data"].startswith(f"started from m 1.0.0 (sha256 {start.sha256[:12]}")
+    assert set(card.training["image_fingerprints"]) == set(start.training["image_fingerprints"])
+    capsys.readouterr()
+
+    assert continued("leak", "--fold", "1", "--init", str(start.path)) is None  # fold 0 trained on fold 1's
+    assert capsys.readouterr().err.strip() == ("relseg: error: --init m was trained on 3 of the 3 slices fold 1 "
+                                               "holds out; start the fold from a model trained without them")
+    assert continued("deeper", "--fold", "0", "--depth", "3", "--init", str(start.path)) is None
+    assert "--init m has another architecture" in capsys.readouterr().err
+    assert not (tmp_path / "leak" / "c.pt").exists() and not (tmp_path / "deeper" / "c.pt").exists()
+
+
 def test_cuda_out_of_memory_during_training_is_one_clear_message(monkeypatch, capsys, tmp_path):
     import relsegcore.cli.train as train_command
     from relsegcore.cli import main
