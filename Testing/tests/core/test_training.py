@@ -204,7 +204,7 @@ def test_init_starts_from_the_models_weights_and_a_fold_refuses_a_model_that_saw
     start = find_model(tmp_path / "m" / "m.pt")
     start_state = load_state_dict_verified(start.path, start.sha256)
 
-    def continued(name: str, *extra: str) -> Path:
+    def continued(name: str, *extra: str) -> Path | None:  # None: the command was refused
         return tmp_path / name / "c.pt" if main([*common, "--iterations", "3", "--lr", "1e-12", "--export", "c",
                                                   "--out", str(tmp_path / name), *extra]) == 0 else None
 
