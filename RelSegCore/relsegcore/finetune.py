@@ -150,7 +150,8 @@ def slices_from_ctseg2d(root: str | os.PathLike, card: ModelCard, cases: Sequenc
     check_ctseg_model(card)
     root = Path(root)
     rows = read_cases_csv(root)
-    data = read_ctseg2d(root, size=int(card.preprocessing.get("input_size", 256)))  # in the order of rows
+    data = read_ctseg2d(root, size=int(card.preprocessing.get("input_size", 256)),  # in the order of rows
+                        upright=bool(card.preprocessing.get("upright")))
     names = [row["case"] for row in rows]
     corrected = np.ones(len(rows), bool) if cases is None else np.array(selected_rows(rows, list(cases), root))
     if guard:

@@ -125,6 +125,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augment-series", action="store_true",
                         help="also flip slices upside down and squeeze their grey range, as the series of "
                              "covid-ct-seg-2d differ (Radiopaedia stored posterior-up, min-max squeezed by outliers)")
+    parser.add_argument("--upright", action="store_true",
+                        help="with --data ctseg2d: turn the patients stored posterior up (told by their lung masks) "
+                             "anterior up, so the network only sees chests as relseg segment shows them; the card "
+                             "says so and relseg evaluate turns such slices upright for it too")
     parser.add_argument("--validate-every", type=int, default=250)
     parser.add_argument("--no-validation", action="store_true",
                         help="with --fold: do not score the held-out slices while training (score them "
@@ -192,9 +196,11 @@ def _load_target(args: argparse.Namespace):
         from ..data.ctseg import read_ctseg2d
 
         return read_ctseg2d(ctseg_folder(args.data, "train", "picture folders as --images/--masks"),
-                            target=args.target, size=args.size, cases=case_list(args.cases))
+                            target=args.target, size=args.size, cases=case_list(args.cases), upright=args.upright)
     if args.images is None or args.masks is None:
         raise RelSegError("give --data ctseg2d:DIR, or --images DIR and --masks DIR")
+    if args.upright:
+        raise RelSegError("--upright needs --data ctseg2d:DIR (picture folders are turned upright by their own rule)")
     from ..data.readers import read_image_folder
 
     root = args.images.parent
@@ -202,6 +208,11 @@ def _load_target(args: argparse.Namespace):
         raise RelSegError("--images and --masks must be sibling folders (ROOT/images, ROOT/<masks>)")
     return read_image_folder(root, size=args.size, image_dir=args.images.name, mask_dir=args.masks.name,
                              multiclass=args.multiclass)
+
+
+def _upright(args: argparse.Namespace) -> bool:
+    """Whether the network was trained on upright slices only (``--upright``)."""
+    return bool(getattr(args, "upright", False))
 
 
 def _recipe(args: argparse.Namespace) -> str:
@@ -541,7 +552,7 @@ def _export(args, result, config: TrainConfig, classes: list[str], training_data
     card = ModelCard(
         name=args.export, version=args.model_version, description=args.description or f"{role} model trained by relseg",
         file="", sha256="", architecture={}, classes=classes,
-        preprocessing=preprocessing_for(recipe, args.size),
+        preprocessing={**preprocessing_for(recipe, args.size), **({"upright": True} if _upright(args) else {})},
         training={"role": role, "data": training_data, "command": "relseg " + shlex.join(args.argv),
                   "iterations": config.iterations, "seconds": round(result.seconds, 1),
                   "config": config.to_dict(),

@@ -2,7 +2,8 @@
 
 The layout: ``images/NNNN.png`` (8-bit, already in the ``full-slice-clahe`` appearance, never
 transposed; the coronacases series are anterior up, every Radiopaedia series is stored posterior
-up, spine at the top: ``--augment-series`` teaches both), ``masks/NNNN.png``
+up, spine at the top: ``upright=True`` turns such patients anterior up, ``--augment-series`` teaches both
+instead), ``masks/NNNN.png``
 (infection 0/255), ``lungs/NNNN.png`` (both lungs 0/255) and ``cases.csv`` (file, case,
 source, order_in_case). Slice names are ``CASE/FILE`` so every split can go by patient.
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from .orientation import posterior_up_groups
 from .readers import SliceSet, read_gray_picture, resize_slices
 
 CTSEG_TARGETS = {"infection": "masks", "lungs": "lungs"}
@@ -28,10 +30,13 @@ CTSEG_TARGETS = {"infection": "masks", "lungs": "lungs"}
 
 def read_ctseg2d(
     root: str | os.PathLike, target: str = "infection", size: int = 256, cases: list[str] | None = None,
+    upright: bool = False,
 ) -> SliceSet:
     """Slices of a ``covid-ct-seg-2d`` folder with the ``target`` masks (``infection`` or ``lungs``) as class 1.
 
-    ``cases`` keeps only those cases (or patients: ``radiopaedia_10`` selects both its series).
+    ``cases`` keeps only those cases (or patients: ``radiopaedia_10`` selects both its series). ``upright``
+    turns the slices and masks of the patients stored posterior up anterior up, as the folder's lung masks
+    tell (``orientation.posterior_up_groups``), so a network learns chests the way the pipeline shows them.
     """
     root = Path(root)
     if target not in CTSEG_TARGETS:
@@ -54,7 +59,22 @@ def read_ctseg2d(
         images.append(resize_slices(image[None], size, order=1)[0])
         masks.append(resize_slices(mask[None], size, order=0)[0])
     names = [f"{row['case']}/{row['file']}" for row in rows]
-    return SliceSet(np.stack(images), np.stack(masks), names, root.name)
+    images, masks = np.stack(images), np.stack(masks)
+    if upright:
+        flipped = np.isin([patient_of(row["case"]) for row in rows], sorted(posterior_up_patients(root, rows)))
+        images[flipped], masks[flipped] = images[flipped, ::-1], masks[flipped, ::-1]
+    return SliceSet(images, masks, names, root.name)
+
+
+def posterior_up_patients(root: Path, rows: list[dict[str, str]]) -> set[str]:
+    """The patients among ``rows`` stored posterior up, told by the folder's own lung masks."""
+    lungs = []
+    for row in rows:
+        path = root / CTSEG_TARGETS["lungs"] / row["file"]
+        if not path.is_file():
+            raise InputError(f"{root}: turning slices upright needs the lung masks, and {path} is missing")
+        lungs.append(read_gray_picture(path) > 127)
+    return posterior_up_groups(lungs, [patient_of(row["case"]) for row in rows])
 
 
 def read_cases_csv(root: Path) -> list[dict[str, str]]:

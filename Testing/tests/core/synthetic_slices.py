@@ -27,8 +27,19 @@ SERIES = [("coronacases_001", 3), ("coronacases_002", 2), ("radiopaedia_10_85902
           ("radiopaedia_10_85902_3", 2), ("radiopaedia_14_85914_0", 2)]
 
 
-def make_ctseg_folder(root: Path, size: int = 32) -> Path:
-    """A tiny folder in the covid-ct-seg-2d layout; slice i has its infection in row i (so order is checkable)."""
+def chest_lungs(size: int = 32, posterior_up: bool = False) -> np.ndarray:
+    """Lungs 0/255 widest near their posterior (bottom) rows, as on a real axial slice; upside down when
+    ``posterior_up``."""
+    lungs = np.zeros((size, size), np.uint8)
+    for row in range(size // 8, size - size // 8):
+        half = 2 + (row * (size // 2 - 4)) // size
+        lungs[row, size // 2 - half: size // 2 + half] = 255
+    return lungs[::-1].copy() if posterior_up else lungs
+
+
+def make_ctseg_folder(root: Path, size: int = 32, chest: bool = False) -> Path:
+    """A tiny folder in the covid-ct-seg-2d layout; slice i has its infection in row i (so order is checkable).
+    ``chest``: lungs shaped by ``chest_lungs``, the Radiopaedia series posterior up as in the real set (else a box)."""
     for folder in ("images", "masks", "lungs"):
         (root / folder).mkdir(parents=True)
     rows, index = [], 0
@@ -41,6 +52,8 @@ def make_ctseg_folder(root: Path, size: int = 32) -> Path:
             infection[index, 2:6] = 255
             lungs = np.zeros((size, size), np.uint8)
             lungs[4:28, 4:28] = 255
+            if chest:
+                lungs = chest_lungs(size, posterior_up=case.startswith("radiopaedia"))
             Image.fromarray(image).save(root / "images" / name)
             Image.fromarray(infection).save(root / "masks" / name)
             Image.fromarray(lungs).save(root / "lungs" / name)
