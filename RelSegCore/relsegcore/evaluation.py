@@ -32,6 +32,8 @@ from .metrics import case_metrics, summarise
 from .progress import Progress
 from .zoo import LoadedModel, ModelCard, load_model
 
+ORIENTATION_LUNG_MODEL = "covid-lungs-2d"  # finds the lungs that tell a slice's orientation (data.orientation)
+
 
 def native_probabilities(loaded: LoadedModel, image: np.ndarray, tta: bool = False) -> np.ndarray:
     """Class probabilities ``(C, H, W)`` at the image's native size for one 8-bit slice already in the training
@@ -78,13 +80,15 @@ def model_for_pictures(loaded: LoadedModel, recipe: str) -> LoadedModel:
 
 def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path, tta: bool = False,
                           orientation: str = "auto", progress: Progress | None = None,
-                          stems: set[str] | None = None, recipe: str = "auto") -> dict:
+                          stems: set[str] | None = None, recipe: str = "auto",
+                          upside_down: set[str] | None = None) -> dict:
     """Per-slice and mean Dice, sensitivity, specificity (NSD/HD95 in pixels: 2D slices carry no spacing).
 
     Slices stored transposed (COVID-SemiSeg's lungs one above the other) are turned upright for
     the model exactly as ``read_image_folder`` does for training, and the prediction turned back.
     ``recipe`` says how the pictures were prepared (``"auto"``: ``picture_recipe`` decides); when the card names
-    another model for that recipe, that model scores them and the result says so.
+    another model for that recipe, that model scores them and the result says so. The pictures named in
+    ``upside_down`` are turned upright for the model and its prediction turned back.
     """
     pairs = [pair for pair in find_picture_pairs(images_dir, masks_dir) if stems is None or pair[0] in stems]
     images = [read_gray_picture(image_path) for _, image_path, _ in pairs]
@@ -99,7 +103,10 @@ def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path
         reference = read_mask_picture(mask_path, multiclass)
         if image.shape != reference.shape:
             raise InputError(f"{mask_path.name} is {reference.shape[::-1]} but its image is {image.shape[::-1]}")
-        prediction = predict_image(loaded, image.T if transpose else image, tta=tta, lungs=lungs)
+        flip = upside_down is not None and name in upside_down
+        shown = image.T if transpose else image
+        prediction = predict_image(loaded, shown[::-1] if flip else shown, tta=tta, lungs=lungs)
+        prediction = prediction[::-1] if flip else prediction
         prediction = prediction.T if transpose else prediction
         metrics = case_metrics(prediction, reference, spacing=None, tolerance_mm=3.0,
                                labels=labels if multiclass else None)
@@ -120,10 +127,11 @@ def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path
 
 def evaluate_ctseg2d(loaded: LoadedModel, root: Path, target: str = "infection", tta: bool = False,
                      progress: Progress | None = None, cases: list[str] | None = None) -> dict:
-    """``evaluate_image_folder`` on a ``covid-ct-seg-2d`` folder (never transposed; its Radiopaedia series are
-    stored posterior up and scored as stored), with each
-    slice's case and the mean Dice per patient (slices of one patient are not independent). ``cases`` keeps
-    only those cases or patients."""
+    """``evaluate_image_folder`` on a ``covid-ct-seg-2d`` folder (never transposed), with each slice's case and
+    the mean Dice per patient (slices of one patient are not independent). ``cases`` keeps only those cases or
+    patients. Its Radiopaedia series are stored posterior up: for a model trained upright only (its card's
+    ``preprocessing["upright"]``), the patients that ``posterior_up_patients`` finds are turned upright for it
+    (``turned_upright`` in the result); other models see every slice as stored."""
     from .data.ctseg import CTSEG_TARGETS, patient_of, read_cases_csv, selected_rows
 
     if target not in CTSEG_TARGETS:
@@ -131,22 +139,38 @@ def evaluate_ctseg2d(loaded: LoadedModel, root: Path, target: str = "infection",
     root = Path(root)
     rows = read_cases_csv(root)
     case_of = {Path(row["file"]).stem: row["case"] for row in rows}
-    stems = None
     if cases is not None:
-        stems = {Path(row["file"]).stem for row, chosen in zip(rows, selected_rows(rows, cases, root), strict=True)
-                 if chosen}
+        rows = [row for row, chosen in zip(rows, selected_rows(rows, cases, root), strict=True) if chosen]
+    stems = None if cases is None else {Path(row["file"]).stem for row in rows}
+    turned = posterior_up_patients(loaded, root, rows) if loaded.card.preprocessing.get("upright") else set()
+    upside_down = {Path(row["file"]).stem for row in rows if patient_of(row["case"]) in turned}
     result = evaluate_image_folder(loaded, root / "images", root / CTSEG_TARGETS[target], tta=tta,
-                                   orientation="as-is", progress=progress, stems=stems, recipe=FULL_SLICE_CLAHE)
+                                   orientation="as-is", progress=progress, stems=stems, recipe=FULL_SLICE_CLAHE,
+                                   upside_down=upside_down)
     by_patient: dict[str, list[float]] = {}
     for case in result["per_case"]:
         case["series"] = case_of.get(case["case"], "")
         by_patient.setdefault(patient_of(case["series"]), []).append(case["dice"])
     result["per_patient_dice"] = {patient: float(np.mean(values)) for patient, values in sorted(by_patient.items())}
     result["target"] = target
+    if loaded.card.preprocessing.get("upright"):
+        result["turned_upright"] = sorted(turned)
     if "asked_model" not in result and recipe_of(loaded.card.preprocessing) != FULL_SLICE_CLAHE:
         result["note"] = (f"{loaded.card.name} was trained on {recipe_of(loaded.card.preprocessing)} images, not on "
                           "whole full-slice-clahe slices like these: its score here says little")
     return result
+
+
+def posterior_up_patients(loaded: LoadedModel, root: Path, rows: list[dict[str, str]]) -> set[str]:
+    """The patients of ``rows`` stored posterior up, told by the lungs that ``ORIENTATION_LUNG_MODEL`` (trained
+    on both orientations) finds on their pictures: no annotation is needed, so unseen folders are turned the
+    same way."""
+    from .data.ctseg import patient_of
+    from .data.orientation import posterior_up_groups
+
+    finder = load_model(ORIENTATION_LUNG_MODEL, loaded.device, loaded.engine)
+    lungs = [predict_image(finder, read_gray_picture(root / "images" / row["file"])) for row in rows]
+    return posterior_up_groups(lungs, [patient_of(row["case"]) for row in rows])
 
 
 def seen_in_training(card, images: list[np.ndarray]) -> int | None:

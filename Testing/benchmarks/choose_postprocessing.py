@@ -47,7 +47,7 @@ from relsegcore import zoo
 from relsegcore.data.ctseg import CTSEG_TARGETS, patient_of, read_cases_csv, selected_rows
 from relsegcore.data.readers import read_gray_picture, read_mask_picture
 from relsegcore.device import select_device
-from relsegcore.evaluation import native_probabilities, predict_image
+from relsegcore.evaluation import native_probabilities, posterior_up_patients, predict_image
 from relsegcore.fileutil import atomic_write_text
 from relsegcore.inference import drop_small_components, labels_from
 from relsegcore.metrics import dice
@@ -106,16 +106,22 @@ def sweep_fold(fold_dir: Path, root: Path, target: str, settings: list[Setting],
         lungs = zoo.load_model(fold_model(lung_fold_dir), loaded.device, "auto")
     all_rows = read_cases_csv(root)
     rows = [row for row, keep in zip(all_rows, selected_rows(all_rows, patients, root), strict=True) if keep]
+    # a model trained upright only sees the patients stored posterior up turned upright, as relseg evaluate shows
+    # them (their masks too: Dice does not change when both are turned)
+    turned = posterior_up_patients(loaded, root, rows) if card.preprocessing.get("upright") else set()
     scores = np.empty((len(rows), len(settings)))
     for index, row in enumerate(rows):
         name = Path(row["file"]).name
+        upside_down = patient_of(row["case"]) in turned
         image = read_gray_picture(root / "images" / name)
+        image = np.ascontiguousarray(image[::-1]) if upside_down else image
         plain = native_probabilities(loaded, image)
         flipped = None
         if any(s.flip_tta for s in settings):  # relseg's flip TTA, reusing the plain pass (resizing commutes with it)
             mirrored = native_probabilities(loaded, np.ascontiguousarray(image[:, ::-1]))[..., ::-1]
             flipped = 0.5 * (plain + mirrored)
         reference = read_mask_picture(root / CTSEG_TARGETS[target] / name, False) > 0
+        reference = reference[::-1] if upside_down else reference
         lung_mask = predict_image(lungs, image) > 0 if lungs is not None else None
         for column, setting in enumerate(settings):
             labels = drop_small_components(labels_from(flipped if setting.flip_tta else plain, setting.threshold),
@@ -127,6 +133,7 @@ def sweep_fold(fold_dir: Path, root: Path, target: str, settings: list[Setting],
         **({"lung_model": {"name": lungs.card.name, "sha256": lungs.card.sha256, "folder": str(lung_fold_dir)}}
            if lungs is not None else {}),
         "held_out_patients": sorted(set(of_patient.tolist())), "slices": len(rows),
+        **({"turned_upright": sorted(turned)} if card.preprocessing.get("upright") else {}),
         "mean_dice": {s.label: round(float(scores[:, i].mean()), 4) for i, s in enumerate(settings)},
         "per_patient_dice": {patient: {s.label: round(float(scores[of_patient == patient, i].mean()), 4)
                                        for i, s in enumerate(settings)} for patient in sorted(set(of_patient))},
