@@ -352,6 +352,10 @@ def _check_sees_as_trained(option: str, model: str | None, args: argparse.Namesp
         raise RelSegError(f"{option} {card.name} sees {recipe_of(card.preprocessing)} slices of {size} px with "
                           f"{len(card.classes)} classes; this training has {_recipe(args)} slices of {args.size} px "
                           f"with {classes} classes")
+    if option == "--teacher" and bool(card.preprocessing.get("upright")) != _upright(args):
+        # a starting model may learn the other orientation (--init); a teacher would predict on slices it never saw
+        seen, this = ("upright", "as stored") if card.preprocessing.get("upright") else ("as stored", "upright")
+        raise RelSegError(f"--teacher {card.name} saw the slices {seen}; this training sees them {this} (--upright)")
 
 
 def _initial_state(args: argparse.Namespace, config: TrainConfig, held_out: list[str]):

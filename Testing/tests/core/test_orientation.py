@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from synthetic_slices import chest_lungs, make_ctseg_folder
+from synthetic_slices import chest_lungs, make_ctseg_folder, save_constant_model
 
 from relsegcore.data.ctseg import patient_of, read_cases_csv, read_ctseg2d
 from relsegcore.data.orientation import posterior_up_groups, widest_row_fraction
@@ -52,6 +52,11 @@ def test_train_upright_writes_it_in_the_card_and_needs_ctseg_data(tmp_path, one_
     assert main(["train", "--data", f"ctseg2d:{root}", "--out", str(tmp_path / "run"), "--export", "up", *tiny]) == 0
     card = json.loads((tmp_path / "run" / "up.json").read_text())
     assert card["preprocessing"]["upright"] is True and card["preprocessing"]["recipe"] == "full-slice-clahe"
+    teacher = save_constant_model(tmp_path / "teacher", True, name="teacher",
+                                  preprocessing={"recipe": "full-slice-clahe", "input_size": 32})
+    assert main(["train", "--data", f"ctseg2d:{root}", "--out", str(tmp_path / "taught"), "--teacher", str(teacher),
+                 *tiny]) == 2
+    assert "--teacher teacher saw the slices as stored; this training sees them upright" in capsys.readouterr().err
     assert main(["train", "--images", str(root / "images"), "--masks", str(root / "masks"),
                  "--out", str(tmp_path / "pictures"), *tiny]) == 2
     assert "--upright needs --data ctseg2d" in capsys.readouterr().err
