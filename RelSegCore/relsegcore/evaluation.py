@@ -81,7 +81,7 @@ def model_for_pictures(loaded: LoadedModel, recipe: str) -> LoadedModel:
 def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path, tta: bool = False,
                           orientation: str = "auto", progress: Progress | None = None,
                           stems: set[str] | None = None, recipe: str = "auto",
-                          upside_down: set[str] | None = None) -> dict:
+                          upside_down: frozenset[str] | set[str] = frozenset()) -> dict:
     """Per-slice and mean Dice, sensitivity, specificity (NSD/HD95 in pixels: 2D slices carry no spacing).
 
     Slices stored transposed (COVID-SemiSeg's lungs one above the other) are turned upright for
@@ -103,7 +103,7 @@ def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path
         reference = read_mask_picture(mask_path, multiclass)
         if image.shape != reference.shape:
             raise InputError(f"{mask_path.name} is {reference.shape[::-1]} but its image is {image.shape[::-1]}")
-        flip = upside_down is not None and name in upside_down
+        flip = name in upside_down
         shown = image.T if transpose else image
         prediction = predict_image(loaded, shown[::-1] if flip else shown, tta=tta, lungs=lungs)
         prediction = prediction[::-1] if flip else prediction
@@ -130,7 +130,7 @@ def evaluate_ctseg2d(loaded: LoadedModel, root: Path, target: str = "infection",
     """``evaluate_image_folder`` on a ``covid-ct-seg-2d`` folder (never transposed), with each slice's case and
     the mean Dice per patient (slices of one patient are not independent). ``cases`` keeps only those cases or
     patients. Its Radiopaedia series are stored posterior up: for a model trained upright only (its card's
-    ``preprocessing["upright"]``), the patients that ``posterior_up_patients`` finds are turned upright for it
+    ``preprocessing["upright"]``), the patients that ``patients_to_turn_upright`` finds are turned upright for it
     (``turned_upright`` in the result); other models see every slice as stored."""
     from .data.ctseg import CTSEG_TARGETS, patient_of, read_cases_csv, selected_rows
 
@@ -142,7 +142,7 @@ def evaluate_ctseg2d(loaded: LoadedModel, root: Path, target: str = "infection",
     if cases is not None:
         rows = [row for row, chosen in zip(rows, selected_rows(rows, cases, root), strict=True) if chosen]
     stems = None if cases is None else {Path(row["file"]).stem for row in rows}
-    turned = posterior_up_patients(loaded, root, rows) if loaded.card.preprocessing.get("upright") else set()
+    turned = patients_to_turn_upright(loaded, root, rows)
     upside_down = {Path(row["file"]).stem for row in rows if patient_of(row["case"]) in turned}
     result = evaluate_image_folder(loaded, root / "images", root / CTSEG_TARGETS[target], tta=tta,
                                    orientation="as-is", progress=progress, stems=stems, recipe=FULL_SLICE_CLAHE,
@@ -161,10 +161,12 @@ def evaluate_ctseg2d(loaded: LoadedModel, root: Path, target: str = "infection",
     return result
 
 
-def posterior_up_patients(loaded: LoadedModel, root: Path, rows: list[dict[str, str]]) -> set[str]:
-    """The patients of ``rows`` stored posterior up, told by the lungs that ``ORIENTATION_LUNG_MODEL`` (trained
-    on both orientations) finds on their pictures: no annotation is needed, so unseen folders are turned the
-    same way."""
+def patients_to_turn_upright(loaded: LoadedModel, root: Path, rows: list[dict[str, str]]) -> set[str]:
+    """The patients of ``rows`` to turn upright for ``loaded``: none unless its card says it was trained upright,
+    else those stored posterior up, told by the lungs that ``ORIENTATION_LUNG_MODEL`` (trained on both
+    orientations) finds on their pictures: no annotation is needed, so unseen folders are turned the same way."""
+    if not loaded.card.preprocessing.get("upright"):
+        return set()
     from .data.ctseg import patient_of
     from .data.orientation import posterior_up_groups
 

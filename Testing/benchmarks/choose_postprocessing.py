@@ -47,7 +47,7 @@ from relsegcore import zoo
 from relsegcore.data.ctseg import CTSEG_TARGETS, patient_of, read_cases_csv, selected_rows
 from relsegcore.data.readers import read_gray_picture, read_mask_picture
 from relsegcore.device import select_device
-from relsegcore.evaluation import native_probabilities, posterior_up_patients, predict_image
+from relsegcore.evaluation import native_probabilities, patients_to_turn_upright, predict_image
 from relsegcore.fileutil import atomic_write_text
 from relsegcore.inference import drop_small_components, labels_from
 from relsegcore.metrics import dice
@@ -108,7 +108,7 @@ def sweep_fold(fold_dir: Path, root: Path, target: str, settings: list[Setting],
     rows = [row for row, keep in zip(all_rows, selected_rows(all_rows, patients, root), strict=True) if keep]
     # a model trained upright only sees the patients stored posterior up turned upright, as relseg evaluate shows
     # them (their masks too: Dice does not change when both are turned)
-    turned = posterior_up_patients(loaded, root, rows) if card.preprocessing.get("upright") else set()
+    turned = patients_to_turn_upright(loaded, root, rows)
     scores = np.empty((len(rows), len(settings)))
     for index, row in enumerate(rows):
         name = Path(row["file"]).name

@@ -104,6 +104,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "their relative shares (default: drawn like any training slice)")
     stage2.add_argument("--cross-validate", action="store_true", help="run every fold and summarise")
     stage2.add_argument("--jobs", type=int, default=1, help="folds run in parallel processes")
+    stage2.add_argument("--upright", action="store_true",
+                        help="with --data ctseg2d: turn the patients stored posterior up (told by their lung masks) "
+                             "anterior up, so the network only sees chests as relseg segment shows them; the card "
+                             "says so and relseg evaluate turns such slices upright for it too")
     _add_common(stage2)
     stage2.set_defaults(func=run_train)
 
@@ -125,10 +129,6 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augment-series", action="store_true",
                         help="also flip slices upside down and squeeze their grey range, as the series of "
                              "covid-ct-seg-2d differ (Radiopaedia stored posterior-up, min-max squeezed by outliers)")
-    parser.add_argument("--upright", action="store_true",
-                        help="with --data ctseg2d: turn the patients stored posterior up (told by their lung masks) "
-                             "anterior up, so the network only sees chests as relseg segment shows them; the card "
-                             "says so and relseg evaluate turns such slices upright for it too")
     parser.add_argument("--validate-every", type=int, default=250)
     parser.add_argument("--no-validation", action="store_true",
                         help="with --fold: do not score the held-out slices while training (score them "
@@ -208,11 +208,6 @@ def _load_target(args: argparse.Namespace):
         raise RelSegError("--images and --masks must be sibling folders (ROOT/images, ROOT/<masks>)")
     return read_image_folder(root, size=args.size, image_dir=args.images.name, mask_dir=args.masks.name,
                              multiclass=args.multiclass)
-
-
-def _upright(args: argparse.Namespace) -> bool:
-    """Whether the network was trained on upright slices only (``--upright``)."""
-    return bool(getattr(args, "upright", False))
 
 
 def _recipe(args: argparse.Namespace) -> str:
@@ -333,7 +328,7 @@ def _export_trained(args: argparse.Namespace, result, config: TrainConfig, names
                           f"{args.negative_fraction:g} of each batch)")
     _export(args, result, config, classes=classes, training_data=training_data,
             role="lungs" if args.target == "lungs" else "infection", recipe=_recipe(args),
-            fingerprints=_fingerprints(args, names))
+            fingerprints=_fingerprints(args, names), upright=args.upright)
 
 
 def _check_sees_as_trained(option: str, model: str | None, args: argparse.Namespace) -> None:
@@ -352,7 +347,7 @@ def _check_sees_as_trained(option: str, model: str | None, args: argparse.Namesp
         raise RelSegError(f"{option} {card.name} sees {recipe_of(card.preprocessing)} slices of {size} px with "
                           f"{len(card.classes)} classes; this training has {_recipe(args)} slices of {args.size} px "
                           f"with {classes} classes")
-    if option == "--teacher" and bool(card.preprocessing.get("upright")) != _upright(args):
+    if option == "--teacher" and bool(card.preprocessing.get("upright")) != args.upright:
         # a starting model may learn the other orientation (--init); a teacher would predict on slices it never saw
         seen, this = ("upright", "as stored") if card.preprocessing.get("upright") else ("as stored", "upright")
         raise RelSegError(f"--teacher {card.name} saw the slices {seen}; this training sees them {this} (--upright)")
@@ -545,9 +540,9 @@ def _picture_fingerprints(args: argparse.Namespace, names: list[str]) -> list[st
 
 
 def _export(args, result, config: TrainConfig, classes: list[str], training_data: str, role: str,
-            recipe: str = LUNG_CROP, fingerprints: list[str] | None = None) -> None:
+            recipe: str = LUNG_CROP, fingerprints: list[str] | None = None, upright: bool = False) -> None:
     """Write the model and its card; ``fingerprints`` of the training pictures let ``relseg evaluate`` spot
-    the model's training slices."""
+    the model's training slices; ``upright``: it only saw slices turned anterior up (``--upright``)."""
     if not args.export or distributed_context()[0] != 0:  # under torchrun, rank 0 alone writes the model
         return
     from ..data.intensity import preprocessing_for
@@ -556,7 +551,7 @@ def _export(args, result, config: TrainConfig, classes: list[str], training_data
     card = ModelCard(
         name=args.export, version=args.model_version, description=args.description or f"{role} model trained by relseg",
         file="", sha256="", architecture={}, classes=classes,
-        preprocessing={**preprocessing_for(recipe, args.size), **({"upright": True} if _upright(args) else {})},
+        preprocessing={**preprocessing_for(recipe, args.size), **({"upright": True} if upright else {})},
         training={"role": role, "data": training_data, "command": "relseg " + shlex.join(args.argv),
                   "iterations": config.iterations, "seconds": round(result.seconds, 1),
                   "config": config.to_dict(),
