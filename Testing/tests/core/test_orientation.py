@@ -102,9 +102,13 @@ def test_an_upright_model_sees_the_posterior_up_patients_turned_upright(shared_d
 
     stored = _real_subset(shared_data, tmp_path / "stored")
     by_hand = _real_subset(shared_data, tmp_path / "by-hand", turn={"radiopaedia_36"})
-    plain = load_model("covid-infection-2d", torch.device("cpu"))
-    upright = dataclasses.replace(plain, card=dataclasses.replace(
-        plain.card, preprocessing={**plain.card.preprocessing, "upright": True}))
+    shipped = load_model("covid-infection-2d", torch.device("cpu"))
+
+    def with_upright(value: bool):
+        return dataclasses.replace(shipped, card=dataclasses.replace(
+            shipped.card, preprocessing={**shipped.card.preprocessing, "upright": value}))
+
+    plain, upright = with_upright(False), with_upright(True)
     turned = evaluate_ctseg2d(upright, stored)
     reference = evaluate_ctseg2d(plain, by_hand)
     as_stored = evaluate_ctseg2d(plain, stored)
