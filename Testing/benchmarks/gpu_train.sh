@@ -16,7 +16,7 @@
 # after): the checkout is then 2 MB and the call under its 64 MiB. Then call the device tool with
 # carry [".gpu/train"] and command "BUDGET_S=570 bash Testing/benchmarks/gpu_train.sh", timeout_s 600.
 # A variant of both recipes in the same call: BATCH=32 (slices per step; the CPU recipes' 8 by default: on a GPU
-# the step costs about the same), VERSION=2.2.0 (the all-patient models' card version), EXTRA="--base-channels 24"
+# the step costs about the same), VERSION=2.4.0 (the all-patient models' card version), EXTRA="--base-channels 24"
 # (appended to every relseg train), INFECTION_PATCH=none (the infection runs on whole slices, not 160 px crops) and,
 # for --prepare, NEGATIVE_SLICES=48 (lung slices per negative CT; 16). ONLY=infection EXTRA=--upright trains the
 # infection recipe on upright slices only (session 19; not the lung runs: covid-lungs-2d tells the orientation and
