@@ -88,7 +88,9 @@ def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path
     the model exactly as ``read_image_folder`` does for training, and the prediction turned back.
     ``recipe`` says how the pictures were prepared (``"auto"``: ``picture_recipe`` decides); when the card names
     another model for that recipe, that model scores them and the result says so. The pictures named in
-    ``upside_down`` are turned upright for the model and its prediction turned back.
+    ``upside_down`` are turned upright for the model and its prediction turned back; a model trained upright only
+    that scores whole slices with none of them named says so (``orientation_note``): a picture folder has no
+    patients to decide the orientation by.
     """
     pairs = [pair for pair in find_picture_pairs(images_dir, masks_dir) if stems is None or pair[0] in stems]
     images = [read_gray_picture(image_path) for _, image_path, _ in pairs]
@@ -116,6 +118,12 @@ def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path
     result = _result(loaded, cases, units="pixels", tta=tta, lungs=lungs)
     result["transposed"] = transpose
     result["recipe"] = recipe
+    if loaded.card.preprocessing.get("upright") and recipe == FULL_SLICE_CLAHE and not upside_down:
+        result["orientation_note"] = (
+            f"{loaded.card.name} was trained on slices anterior up only and these pictures were scored "
+            "as they are: pictures stored posterior up (spine at the top, as every Radiopaedia "
+            "series of COVID-19-CT-Seg) score low; give --data ctseg2d:DIR (with cases.csv), whose patients stored "
+            "posterior up are found by their lungs and turned")
     result["cases_seen_in_training"] = seen_in_training(loaded.card, images)
     if loaded is not asked:
         result["asked_model"] = {"name": asked.card.name, "version": asked.card.version, "sha256": asked.card.sha256}
@@ -155,6 +163,7 @@ def evaluate_ctseg2d(loaded: LoadedModel, root: Path, target: str = "infection",
     result["target"] = target
     if loaded.card.preprocessing.get("upright"):
         result["turned_upright"] = sorted(turned)
+    result.pop("orientation_note", None)  # the patients' orientation was decided above
     if "asked_model" not in result and recipe_of(loaded.card.preprocessing) != FULL_SLICE_CLAHE:
         result["note"] = (f"{loaded.card.name} was trained on {recipe_of(loaded.card.preprocessing)} images, not on "
                           "whole full-slice-clahe slices like these: its score here says little")

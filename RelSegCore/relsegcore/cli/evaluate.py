@@ -62,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
           f" ({result['model']['name']} {result['model']['version']})")
     if result.get("per_patient_dice"):
         print("per patient: " + ", ".join(f"{p} {d:.4f}" for p, d in result["per_patient_dice"].items()))
-    if result.get("note"):
-        print(f"Note: {result['note']}")
+    for key in ("note", "orientation_note"):
+        if result.get(key):
+            print(f"Note: {result[key]}")
     seen = result.get("cases_seen_in_training")
     if seen:
         print(f"Warning: {seen} of these {result['cases']} images were in the model's training data (its card says "

@@ -119,3 +119,27 @@ def test_an_upright_model_sees_the_posterior_up_patients_turned_upright(shared_d
     assert any(turned["per_case"][i]["dice"] != as_stored["per_case"][i]["dice"] for i in radiopaedia)
     coronacases = [i for i in range(len(turned["per_case"])) if i not in radiopaedia]
     assert all(turned["per_case"][i]["dice"] == as_stored["per_case"][i]["dice"] for i in coronacases)
+
+
+def test_pictures_scored_as_stored_by_an_upright_model_are_said_to_be(tmp_path, one_torch_thread, capsys) -> None:
+    """A picture folder carries no patients, so an upright model scores its pictures as stored and says how to
+    have them turned; a covid-ct-seg-2d folder, whose patients are turned, and a model trained on both
+    orientations need no such note."""
+    from relsegcore.cli import main
+
+    root = make_ctseg_folder(tmp_path / "set", chest=True)
+    recipe = {"recipe": "full-slice-clahe", "input_size": 32}
+    upright = save_constant_model(tmp_path / "up", True, name="up", preprocessing={**recipe, "upright": True})
+    plain = save_constant_model(tmp_path / "plain", True, name="plain", preprocessing=recipe)
+    pictures = ["evaluate", "--images", str(root / "images"), "--masks", str(root / "masks"), "--device", "cpu"]
+    note = "up was trained on slices anterior up only and these pictures were scored as they are"
+    assert main([*pictures, "--model", str(upright), "--json", str(tmp_path / "pictures.json")]) == 0
+    assert note in capsys.readouterr().out
+    assert json.loads((tmp_path / "pictures.json").read_text())["orientation_note"].startswith(note)
+    assert main([*pictures, "--model", str(plain)]) == 0
+    assert "anterior up only" not in capsys.readouterr().out
+    assert main(["evaluate", "--data", f"ctseg2d:{root}", "--model", str(upright), "--device", "cpu",
+                 "--json", str(tmp_path / "ctseg.json")]) == 0
+    assert "anterior up only" not in capsys.readouterr().out
+    result = json.loads((tmp_path / "ctseg.json").read_text())
+    assert "orientation_note" not in result and "turned_upright" in result
