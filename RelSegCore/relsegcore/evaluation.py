@@ -81,16 +81,16 @@ def model_for_pictures(loaded: LoadedModel, recipe: str) -> LoadedModel:
 def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path, tta: bool = False,
                           orientation: str = "auto", progress: Progress | None = None,
                           stems: set[str] | None = None, recipe: str = "auto",
-                          upside_down: frozenset[str] | set[str] = frozenset()) -> dict:
+                          upside_down: set[str] | None = None) -> dict:
     """Per-slice and mean Dice, sensitivity, specificity (NSD/HD95 in pixels: 2D slices carry no spacing).
 
     Slices stored transposed (COVID-SemiSeg's lungs one above the other) are turned upright for
     the model exactly as ``read_image_folder`` does for training, and the prediction turned back.
     ``recipe`` says how the pictures were prepared (``"auto"``: ``picture_recipe`` decides); when the card names
     another model for that recipe, that model scores them and the result says so. The pictures named in
-    ``upside_down`` are turned upright for the model and its prediction turned back; a model trained upright only
-    that scores whole slices with none of them named says so (``orientation_note``): a picture folder has no
-    patients to decide the orientation by.
+    ``upside_down`` are turned upright for the model and its prediction turned back; when the caller decided no
+    orientation (None: a picture folder has no patients to decide it by), a model trained upright only that scores
+    whole slices says so (``orientation_note``).
     """
     pairs = [pair for pair in find_picture_pairs(images_dir, masks_dir) if stems is None or pair[0] in stems]
     images = [read_gray_picture(image_path) for _, image_path, _ in pairs]
@@ -105,7 +105,7 @@ def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path
         reference = read_mask_picture(mask_path, multiclass)
         if image.shape != reference.shape:
             raise InputError(f"{mask_path.name} is {reference.shape[::-1]} but its image is {image.shape[::-1]}")
-        flip = name in upside_down
+        flip = upside_down is not None and name in upside_down
         shown = image.T if transpose else image
         prediction = predict_image(loaded, shown[::-1] if flip else shown, tta=tta, lungs=lungs)
         prediction = prediction[::-1] if flip else prediction
@@ -118,7 +118,7 @@ def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path
     result = _result(loaded, cases, units="pixels", tta=tta, lungs=lungs)
     result["transposed"] = transpose
     result["recipe"] = recipe
-    if loaded.card.preprocessing.get("upright") and recipe == FULL_SLICE_CLAHE and not upside_down:
+    if upside_down is None and loaded.card.preprocessing.get("upright") and recipe == FULL_SLICE_CLAHE:
         result["orientation_note"] = (
             f"{loaded.card.name} was trained on slices anterior up only and these pictures were scored "
             "as they are: pictures stored posterior up (spine at the top, as every Radiopaedia "
@@ -163,7 +163,6 @@ def evaluate_ctseg2d(loaded: LoadedModel, root: Path, target: str = "infection",
     result["target"] = target
     if loaded.card.preprocessing.get("upright"):
         result["turned_upright"] = sorted(turned)
-    result.pop("orientation_note", None)  # the patients' orientation was decided above
     if "asked_model" not in result and recipe_of(loaded.card.preprocessing) != FULL_SLICE_CLAHE:
         result["note"] = (f"{loaded.card.name} was trained on {recipe_of(loaded.card.preprocessing)} images, not on "
                           "whole full-slice-clahe slices like these: its score here says little")
