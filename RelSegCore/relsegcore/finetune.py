@@ -31,9 +31,9 @@ from .data import intensity
 from .data.readers import picture_fingerprint
 from .device import select_device
 from .errors import InputError, ModelError
-from .models import NetworkConfig
+from .models import EnsembleNetwork, NetworkConfig
 from .progress import Progress
-from .training import RelationConfig, TrainConfig, images_to_tensor, predict_labels, train
+from .training import RelationConfig, TrainConfig, TrainResult, images_to_tensor, predict_labels, train
 from .zoo import ModelCard, build_network, find_model, load_state_dict_verified, save_model
 
 DEFAULT_ITERATIONS = 60  # 16 real 256 px slices, batch 8: 352 CPU-seconds, about 3 min on 2 free cores
@@ -401,7 +401,7 @@ def finetune(
     out_path = _checked_out(out)
     if out_path is not None and parent.path is not None and out_path.resolve() == parent.path.resolve():
         raise InputError(f"the fine-tuned model would overwrite its parent {parent.path}; choose another --out")
-    config_network = NetworkConfig(**parent.architecture)
+    config_network = parent.member_config()
     reading = relation or ("encoders" if config_network.use_general_encoder else "none")
     if reading == "encoders" and not config_network.use_general_encoder:
         raise InputError(f"the model {parent.name} has no general encoder for the 'encoders' relation loss")
@@ -429,8 +429,13 @@ def finetune(
                                   "replay")
             images, masks = np.concatenate([images, replayed.images]), np.concatenate([masks, replayed.masks])
             edited = np.concatenate([edited, replayed.edited])
-        result = train(config, images, masks, progress=_span(progress, 0.05, 0.95),
-                       resume=False, initial_state=parent_state, sample_weights=sample_weights(edited, edited_weight))
+        # an ensemble learns member by member, each from its own weights, on the same corrections
+        members = network.member_states() if isinstance(network, EnsembleNetwork) else [parent_state]
+        results = [train(dataclasses.replace(config, out_dir=Path(work) / f"member{i}"), images, masks,
+                         progress=_span(progress, 0.05 + 0.9 * i / len(members), 0.05 + 0.9 * (i + 1) / len(members)),
+                         resume=False, initial_state=state, sample_weights=sample_weights(edited, edited_weight))
+                   for i, state in enumerate(members)]
+        result = _as_one(results, config_network)
     progress.update(0.95, "Scoring the fine-tuned model")
     dice_after = holdout_dice(result.network, held, torch_device, parent.threshold)
     accepted = dice_after >= dice_before
@@ -449,6 +454,17 @@ def finetune(
     return FinetuneResult(path=path, card=card, dice_before=dice_before, dice_after=dice_after, accepted=accepted,
                           message=message, is_default=is_default, history=result.history,
                           seconds=time.perf_counter() - started)
+
+
+def _as_one(results: list[TrainResult], config: NetworkConfig) -> TrainResult:
+    """The fine-tuned model: the one network, or the ensemble of the fine-tuned members (their histories tagged
+    with the member, their seconds added)."""
+    if len(results) == 1:
+        return results[0]
+    network = EnsembleNetwork.of(config, [result.network.state_dict() for result in results])
+    history = [{**row, "member": i} for i, result in enumerate(results) for row in result.history]
+    return TrainResult(network=network, history=history, final_val_dice=None, best_val_dice=None,
+                       seconds=sum(result.seconds for result in results))
 
 
 def sample_weights(edited: np.ndarray, edited_weight: float = EDITED_WEIGHT) -> np.ndarray:

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from .data.augment import augment_batch
 from .device import autocast, select_device
+from .errors import ModelError
 from .fileutil import atomic_path
 from .losses import distillation_loss, relation_loss, segmentation_loss
 from .models import DualEncoderUNet, NetworkConfig
@@ -458,10 +459,15 @@ def train(config: TrainConfig, train_images: np.ndarray, train_masks: np.ndarray
 
 
 def load_teacher(model: str | os.PathLike, device: torch.device) -> torch.nn.Module:
-    """The frozen network of a shipped or trained model (verified against its card)."""
+    """The frozen network of a shipped or trained model (verified against its card); not an ensemble, whose
+    members have no one set of features for the relation loss to read."""
     from .zoo import load_model
 
-    return frozen(load_model(model, device).network)
+    loaded = load_model(model, device)
+    if loaded.card.members > 1:
+        raise ModelError(f"the teacher {loaded.card.name} is an ensemble of {loaded.card.members} networks; "
+                         "name one of its members as the teacher")
+    return frozen(loaded.network)
 
 
 def frozen(network: torch.nn.Module) -> torch.nn.Module:

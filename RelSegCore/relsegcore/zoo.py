@@ -29,7 +29,7 @@ import torch
 from .engines import resolve_engine
 from .errors import ModelError
 from .fileutil import atomic_path, atomic_write_text, sha256_of
-from .models import DualEncoderUNet, NetworkConfig
+from .models import DualEncoderUNet, EnsembleNetwork, NetworkConfig
 from .registry import default_home
 
 DEFAULT_MODEL = "covid-infection-2d"
@@ -99,6 +99,15 @@ class ModelCard:
         return self.recipe_models.get(recipe)
 
     @property
+    def members(self) -> int:
+        """How many networks the model averages (``architecture["members"]``; 1, a single network, without it)."""
+        return int(self.architecture.get("members", 1))
+
+    def member_config(self) -> NetworkConfig:
+        """The architecture of each of the model's networks (the model's own when it is one network)."""
+        return NetworkConfig(**{k: v for k, v in self.architecture.items() if k != "members"})
+
+    @property
     def infection_classes(self) -> list[str]:
         """Class names without the background, as segment names."""
         return self.classes[1:]
@@ -115,11 +124,20 @@ class ModelCard:
         if missing:
             raise ModelError(f"model card is missing {', '.join(sorted(missing))}")
         card = cls(**{k: v for k, v in data.items() if k in known}, path=path)
+        _check_members(card)
         _check_threshold(card)
         _check_min_component_fraction(card)
         _check_within_lungs(card)
         _check_recipe_models(card)
         return card
+
+
+def _check_members(card: ModelCard) -> None:
+    """``architecture.members``, when present, is a whole number of networks, at least 2."""
+    members = card.architecture.get("members", 1)
+    if "members" in card.architecture and (isinstance(members, bool) or not isinstance(members, int) or members < 2):
+        raise ModelError(f"model card {card.name}: architecture.members must be a whole number of at least 2, "
+                         f"not {members!r}")
 
 
 def _check_threshold(card: ModelCard) -> None:
@@ -181,7 +199,7 @@ def _postprocessing_number(card: ModelCard, key: str, default: float) -> float:
 
 @dataclass
 class LoadedModel:
-    network: DualEncoderUNet
+    network: DualEncoderUNet | EnsembleNetwork
     card: ModelCard
     device: torch.device
     engine: str = "torch"  # what runs predict_slices' forward passes (``engines``): "torch" or "openvino"
@@ -245,8 +263,18 @@ def find_model(name_or_path: str | os.PathLike | None = None) -> ModelCard:
     raise ModelError(f"unknown model {name_or_path!r}; installed models: {names}")
 
 
-def build_network(card: ModelCard) -> DualEncoderUNet:
-    return DualEncoderUNet(NetworkConfig(**card.architecture))
+def build_network(card: ModelCard) -> DualEncoderUNet | EnsembleNetwork:
+    """The card's network, untrained: one U-Net, or an ensemble of ``card.members`` of them."""
+    config = card.member_config()
+    return EnsembleNetwork(config, card.members) if card.members > 1 else DualEncoderUNet(config)
+
+
+def architecture_of(network: torch.nn.Module) -> dict:
+    """What a card's ``architecture`` says to rebuild ``network``: its config, and its member count if an ensemble."""
+    architecture = network.config.to_dict()
+    if isinstance(network, EnsembleNetwork):
+        architecture["members"] = len(network.members)
+    return architecture
 
 
 def load_state_dict_verified(path: Path, sha256: str) -> dict:
@@ -291,7 +319,7 @@ def save_model(network: torch.nn.Module, card: ModelCard, directory: str | os.Pa
     card.file = weights_path.name
     card.sha256 = sha
     card.date = card.date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-    card.architecture = network.config.to_dict() if hasattr(network, "config") else card.architecture
+    card.architecture = architecture_of(network) if hasattr(network, "config") else card.architecture
     atomic_write_text(directory / f"{card.name}.json", json.dumps(card.to_dict(), indent=2) + "\n")
     card.path = weights_path
     return weights_path

@@ -32,6 +32,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     install.add_argument("--default", action="store_true", help="also make it the default")
     install.add_argument("--progress", choices=("bar", "lines", "none"), default="bar")
     install.set_defaults(func=run_install)
+    ensemble = actions.add_parser(
+        "ensemble", help="one model that averages the probabilities of several trained runs of one recipe",
+        description="Write NAME.pt and its card: the members' class probabilities averaged, slice by slice. The "
+                    "members must share architecture, classes, role and input recipe; the card keeps each "
+                    "member's name, SHA-256 and training command, and the first member's postprocessing.")
+    ensemble.add_argument("members", nargs="+", metavar="MODEL", help="installed model names or .pt paths")
+    ensemble.add_argument("--out", required=True, metavar="NAME.pt", help="where to write the ensemble")
+    ensemble.add_argument("--model-version", default="1.0.0", help="the ensemble card's version")
+    ensemble.add_argument("--description", default="", help="the ensemble card's description")
+    ensemble.set_defaults(func=run_ensemble)
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -97,6 +107,17 @@ def run_install(args: argparse.Namespace) -> int:
     with progress_display(args.progress) as progress:
         entry = ModelRegistry().install(entries[args.name], progress, make_default=args.default)
     print(f"installed {entry.name} {entry.version} ({entry.path})" + (" as the default" if entry.is_default else ""))
+    return 0
+
+
+def run_ensemble(args: argparse.Namespace) -> int:
+    import shlex
+
+    from ..ensemble import make_ensemble
+
+    command = "relseg " + shlex.join(args.argv)
+    card = make_ensemble(args.members, args.out, args.model_version, args.description, command)
+    print(f"wrote {card.path} ({card.name} {card.version}: {card.members} networks, probabilities averaged)")
     return 0
 
 
