@@ -46,7 +46,7 @@ class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic, self.process, self.settings = COVIDInfectionSegLogic(), None, qt.QSettings()
-        self._parameterNode, self._parameterNodeGuiTag = None, None
+        self._parameterNode, self._parameterNodeGuiTag, self.choices = None, None, {}
         self.timer = qt.QTimer()
         self.timer.setInterval(250)
         self.timer.timeout.connect(self.onTimer)
@@ -55,6 +55,8 @@ class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                                                               str(models.slicer_settings_home() / "Corrections"))
         for label, device in panel.DEVICE_CHOICES:
             self.ui.deviceSelector.addItem(label, device)
+        self.qualityTooltip = self.ui.qualitySelector.toolTip
+        self.ui.modelSelector.currentIndexChanged.connect(self.onModelChanged)
         for button, handler in ((self.ui.segmentButton, self.onSegment), (self.ui.cancelButton, self.onCancel),
                                 (self.ui.updateResultsButton, self.showResults),
                                 (self.ui.downloadModelsButton, self.onDownloadModels),
@@ -91,14 +93,24 @@ class COVIDInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def refreshModels(self):
         """Fill the model and version selectors (installed models, default first) and name the GPU."""
+        self.choices = {choice.name: choice for choice in models.model_choices()}
         for selector in (self.ui.modelSelector, self.ui.modelVersionSelector):
             selected = selector.currentData
             selector.clear()
-            for choice in models.model_choices():
+            for choice in self.choices.values():
                 selector.addItem(choice.label, choice.name)
                 selector.setItemData(selector.count - 1, choice.tooltip, qt.Qt.ToolTipRole)
             selector.currentIndex = max(selector.findData(selected), 0)  # keep the user's choice
         self.ui.deviceSelector.setItemText(1, panel.gpu_label())
+        self.onModelChanged()
+
+    def onModelChanged(self):
+        """A model whose card always averages with the mirror runs Accurate: Fast is not offered for it."""
+        fixed, self.ui.qualitySelector.toolTip = panel.quality_for(self.choices.get(self.ui.modelSelector.currentData),
+                                                                   self.qualityTooltip)
+        if fixed:
+            self.ui.qualitySelector.currentIndex = 1
+        self.ui.qualitySelector.enabled = not fixed
 
     def onSegment(self):
         volume, output = self._parameterNode.inputVolume, self._parameterNode.outputSegmentation

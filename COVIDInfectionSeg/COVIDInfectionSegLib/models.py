@@ -26,6 +26,7 @@ class ModelChoice:
     label: str
     tooltip: str
     is_default: bool
+    always_tta: bool = False  # the card averages every slice with its mirror (flip_tta): no Fast quality to offer
 
 
 def shipped_models_dirs() -> list[Path]:
@@ -70,14 +71,15 @@ def model_choices() -> list[ModelChoice]:
     registry = ModelRegistry()
     choices = []
     for entry in registry.list():
-        if registry.card(entry.name).role != "infection":
+        card = registry.card(entry.name)
+        if card.role != "infection":
             continue
         summary = (entry.description or "").strip().splitlines()[0] if entry.description else ""
         summary = summary if len(summary) <= SUMMARY_CHARS else summary[: SUMMARY_CHARS - 3].rstrip() + "..."
         label = f"{entry.name} {entry.version}" + (f" - {summary}" if summary else "")
         origin = f"fine-tuned from {entry.parent}" if entry.parent else entry.origin
         choices.append(ModelChoice(entry.name, label + (" (default)" if entry.is_default else ""),
-                                   f"{summary}\n{origin}, {entry.date}", entry.is_default))
+                                   f"{summary}\n{origin}, {entry.date}", entry.is_default, card.flip_tta))
     return sorted(choices, key=lambda choice: not choice.is_default)
 
 

@@ -13,6 +13,16 @@ from .quantify import table_rows
 
 DEVICE_CHOICES = (("Auto", "auto"), ("GPU", "cuda"), ("CPU", "cpu"))
 SETTINGS_PREFIX = "COVIDInfectionSeg/"
+ALWAYS_TTA_TOOLTIP = ("This model always averages each slice with its left-right mirror: its card chose that, with "
+                      "its decision threshold, on its patient folds. It runs at Accurate only.")
+
+
+def quality_for(choice, free_tooltip: str) -> tuple[bool, str]:
+    """(whether the quality is fixed at Accurate, the selector's tooltip) for the selected model choice
+    (``models.ModelChoice`` or None): a model whose card always flips has no Fast run to offer."""
+    if choice is not None and choice.always_tta:
+        return True, ALWAYS_TTA_TOOLTIP
+    return False, free_tooltip
 
 
 def gpu_label() -> str:

@@ -70,3 +70,24 @@ def test_download_from_index_then_select_use_and_roll_back(relseg_home, index_se
     assert models.model_choices()[0].name == "covid-infection-2d-site"  # default listed first
     assert models.roll_back() == first
     assert models.default_model() == first
+
+
+def test_a_model_whose_card_always_flips_is_offered_at_accurate_only(relseg_home, test_model):
+    from COVIDInfectionSegLib import panel
+    from relsegcore.registry import ModelRegistry
+
+    flipping = relseg_home.parent / "flipping"
+    flipping.mkdir()
+    card = json.loads(Path(test_model).read_text())
+    card["name"], card["postprocessing"] = "tiny-flipping", {"flip_tta": True, "threshold": 0.3}
+    shutil.copyfile(Path(test_model).with_name(card["file"]), flipping / "tiny-flipping.pt")
+    card["file"] = "tiny-flipping.pt"
+    (flipping / "tiny-flipping.json").write_text(json.dumps(card))
+    ModelRegistry().register(test_model)
+    ModelRegistry().register(flipping / "tiny-flipping.pt")
+
+    choices = {choice.name: choice for choice in models.model_choices()}
+    assert choices["tiny-flipping"].always_tta and not choices["tiny-slicer-test"].always_tta
+    assert panel.quality_for(choices["tiny-flipping"], "free") == (True, panel.ALWAYS_TTA_TOOLTIP)
+    assert panel.quality_for(choices["tiny-slicer-test"], "free") == (False, "free")
+    assert panel.quality_for(None, "free") == (False, "free")
