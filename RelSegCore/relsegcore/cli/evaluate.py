@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cases", help="with --data: only these cases or patients (comma-separated)")
     parser.add_argument("--volumes", action="store_true", help="the folders hold CT volumes (default: 2D slices)")
     parser.add_argument("--tolerance-mm", type=float, default=3.0, help="NSD tolerance for volumes (default 3 mm)")
-    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    parser.add_argument("--tta", action="store_true",
+                        help="flip test-time augmentation (always on for models whose card sets flip_tta)")
     parser.add_argument("--json", type=Path, help="write per-case and summary metrics here")
     add_device_argument(parser)
     parser.set_defaults(func=run)

@@ -38,7 +38,9 @@ def register(subparsers) -> None:
                         help="what runs the network on the CPU: auto (OpenVINO when installed, about 1.7x faster "
                              "than PyTorch on 2 cores; pip install 'relsegcore[fast]'), torch (the reference) or "
                              "openvino (default: auto)")
-    parser.add_argument("--tta", action="store_true", help="average with left-right flipped predictions (2x time)")
+    parser.add_argument("--tta", action="store_true",
+                        help="average with left-right flipped predictions (2x time); models whose card sets "
+                             "flip_tta, such as the default, always do")
     parser.add_argument("--lungs", default="hu", metavar="hu|auto|MODEL",
                         help="how the lungs are found: hu (HU thresholds, no network; the default, measured better "
                              "at keeping effusion out), auto (the learned covid-lungs-2d when installed), or a "
