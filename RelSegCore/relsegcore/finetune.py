@@ -302,11 +302,12 @@ def spaced_holdout(cases: Sequence[str], orders: Sequence[int], gap: int = GUARD
 
 
 def holdout_dice(network: torch.nn.Module, data: FinetuneSlices, device: torch.device,
-                 threshold: float = 0.5) -> float:
+                 threshold: float = 0.5, flip: bool = False) -> float:
     """Mean over cases of each case's Dice of infection (all its slices pooled; both empty = 1), labels decided
-    at the parent card's ``threshold`` as the pipeline decides them."""
+    as the pipeline decides them: at the parent card's ``threshold``, averaged with the mirror if its card flips."""
     network.to(device)
-    predicted = predict_labels(network, images_to_tensor(data.images, device), threshold=threshold).cpu().numpy() > 0
+    images = images_to_tensor(data.images, device)
+    predicted = predict_labels(network, images, threshold=threshold, flip=flip).cpu().numpy() > 0
     reference = data.masks > 0
     scores = []
     for case in dict.fromkeys(data.cases):
@@ -414,7 +415,7 @@ def finetune(
         raise ModelError(f"weights of {parent.name} do not match its architecture: {error}") from None
 
     progress.update(0.0, "Scoring the current model")
-    dice_before = holdout_dice(network, held, torch_device, parent.threshold)
+    dice_before = holdout_dice(network, held, torch_device, parent.threshold, parent.flip_tta)
     with tempfile.TemporaryDirectory(prefix="relseg-finetune-") as work:
         config = TrainConfig(
             out_dir=Path(work), network=config_network, iterations=iterations, batch_size=batch_size,
@@ -437,7 +438,7 @@ def finetune(
                    for i, state in enumerate(members)]
         result = _as_one(results, config_network)
     progress.update(0.95, "Scoring the fine-tuned model")
-    dice_after = holdout_dice(result.network, held, torch_device, parent.threshold)
+    dice_after = holdout_dice(result.network, held, torch_device, parent.threshold, parent.flip_tta)
     accepted = dice_after >= dice_before
 
     command = command or f"relsegcore.finetune.finetune(model={str(model)!r}, iterations={iterations}, seed={seed})"

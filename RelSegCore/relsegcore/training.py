@@ -208,19 +208,23 @@ def images_to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 @torch.inference_mode()
 def predict_labels(network: torch.nn.Module, images: torch.Tensor, batch_size: int = 16,
-                   threshold: float = 0.5) -> torch.Tensor:
-    """Labels for uint8 (N,1,H,W) images: the argmax, or a binary network's foreground above ``threshold``."""
+                   threshold: float = 0.5, flip: bool = False) -> torch.Tensor:
+    """Labels for uint8 (N,1,H,W) images: the argmax, or a binary network's foreground above ``threshold``;
+    with ``flip``, of the probabilities averaged with the left-right mirrored prediction (a card's flip_tta)."""
     was_training = network.training
     network.eval()
     labels = []
     for start in range(0, images.shape[0], batch_size):
         batch = images[start:start + batch_size].float() / 255.0
         with autocast(batch.device):
-            logits = network(batch).float()
-        if logits.shape[1] == 2:
-            labels.append((torch.softmax(logits, dim=1)[:, 1] > threshold).long())
+            probabilities = torch.softmax(network(batch).float(), dim=1)
+            if flip:
+                mirrored = torch.softmax(network(torch.flip(batch, dims=(-1,))).float(), dim=1)
+                probabilities = 0.5 * (probabilities + torch.flip(mirrored, dims=(-1,)))
+        if probabilities.shape[1] == 2:
+            labels.append((probabilities[:, 1] > threshold).long())
         else:
-            labels.append(logits.argmax(1))
+            labels.append(probabilities.argmax(1))
     network.train(was_training)
     return torch.cat(labels)
 

@@ -351,3 +351,33 @@ def test_a_parents_threshold_decides_the_guard_scores_and_passes_to_the_child(tm
     # finds part of the squares: test_finetuning_lowers_the_loss_and_writes_a_card_with_its_parent)
     assert result.dice_before == 0.0
     assert child["metrics"]["holdout_dice_before"] == 0.0
+
+
+def test_a_parent_that_flips_is_guarded_with_the_mirror_as_the_pipeline_runs_it(tmp_path, untrained, monkeypatch):
+    """A card with flip_tta segments every slice averaged with its mirror, so the guard scores parent and child so."""
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    shutil.copy(untrained, parent / untrained.name)
+    card = json.loads(untrained.with_suffix(".json").read_text())
+    card["postprocessing"] = {"flip_tta": True, "threshold": 0.3}
+    (parent / untrained.with_suffix(".json").name).write_text(json.dumps(card))
+    scored = []
+    real = ft.predict_labels
+    monkeypatch.setattr(ft, "predict_labels", lambda *args, **kwargs: scored.append(kwargs) or real(*args, **kwargs))
+    images, masks = squares()
+    ft.finetune(parent / untrained.name, images, masks, None, tmp_path / "out" / "tiny-ft.pt", **FAST)
+    assert scored == [{"threshold": 0.3, "flip": True}] * 2  # before and after
+
+
+def test_predict_labels_with_flip_decides_on_the_probability_averaged_with_the_mirror():
+    torch.manual_seed(0)
+    network = DualEncoderUNet(TINY).eval()
+    images = torch.from_numpy(squares(4, SIZE)[0]).unsqueeze(1)
+    x = images.float() / 255.0
+    with torch.no_grad():
+        mirrored = torch.flip(torch.softmax(network(torch.flip(x, dims=(-1,))), dim=1), dims=(-1,))
+        expected = (0.5 * (torch.softmax(network(x), dim=1) + mirrored))[:, 1] > 0.5
+        plain = torch.softmax(network(x), dim=1)[:, 1] > 0.5
+    flipped = training.predict_labels(network, images, flip=True).bool()
+    assert torch.equal(flipped, expected)
+    assert not torch.equal(flipped, plain)  # the mirror changes labels of this untrained network
