@@ -94,8 +94,10 @@ def ensure_dependencies(
     return missing
 
 
-SECONDS_PER_SLICE = {"cpu": 0.1, "cuda": 0.01}
-TTA_FACTOR = 4
+# Measured on the user's command, a real 512x512x300 chest CT (Testing/benchmarks/README.md): 2 CPU cores 14.0-14.5 s
+# wall without the mirror, 20.4-21.5 s with it (sessions 20-21); one H200 12.0-13.2 s, mostly start-up (session 15).
+SECONDS_PER_SLICE = {"cpu": 0.035, "cuda": 0.025}
+TTA_FACTOR = 2  # the mirror doubles the network, the larger part of each slice's time
 STARTUP_SECONDS = 5.0
 LONG_RUN_SECONDS = 60.0
 
