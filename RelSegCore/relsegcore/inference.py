@@ -157,6 +157,17 @@ def gaussian_importance(patch: tuple[int, ...], sigma_fraction: float = 0.125) -
     return np.maximum(bump, 1e-3).astype(np.float32)
 
 
+def class_probabilities(network, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """Softmax of ``network`` (a module or an engine's forward) on the float batch ``x``; with ``flip``, averaged
+    with the prediction on the left-right mirrored batch, mirrored back (flip test-time augmentation). The last
+    axis is left-right in both (N, 1, H, W) and (N, 1, D, H, W)."""
+    probabilities = torch.softmax(network(x).float(), dim=1)
+    if flip:
+        mirrored = torch.softmax(network(torch.flip(x, dims=(-1,))).float(), dim=1)
+        probabilities = 0.5 * (probabilities + torch.flip(mirrored, dims=(-1,)))
+    return probabilities
+
+
 class _BatchRunner:
     """Forward passes with the GPU-memory policy: halve the batch on OOM, then fall back to the CPU."""
 
@@ -186,14 +197,8 @@ class _BatchRunner:
         x = batch.to(device, non_blocking=True).float()
         if batch.dtype == torch.uint8:
             x = x / 255.0
-        flip_axis = -1  # left-right in both (N, 1, H, W) and (N, 1, D, H, W)
-        network = forward_of(self.loaded)
         with torch.inference_mode(), autocast(device, allow_float16=True):
-            logits = network(x)
-            probs = torch.softmax(logits.float(), dim=1)
-            if tta:
-                flipped = network(torch.flip(x, dims=(flip_axis,)))
-                probs = 0.5 * (probs + torch.flip(torch.softmax(flipped.float(), dim=1), dims=(flip_axis,)))
+            probs = class_probabilities(forward_of(self.loaded), x, tta)
         return probs.cpu().numpy()
 
     def _fall_back_to_cpu(self) -> None:

@@ -34,6 +34,7 @@ from .data.augment import augment_batch
 from .device import autocast, select_device
 from .errors import ModelError
 from .fileutil import atomic_path
+from .inference import class_probabilities
 from .losses import distillation_loss, relation_loss, segmentation_loss
 from .models import DualEncoderUNet, NetworkConfig
 from .progress import Progress
@@ -217,10 +218,7 @@ def predict_labels(network: torch.nn.Module, images: torch.Tensor, batch_size: i
     for start in range(0, images.shape[0], batch_size):
         batch = images[start:start + batch_size].float() / 255.0
         with autocast(batch.device):
-            probabilities = torch.softmax(network(batch).float(), dim=1)
-            if flip:
-                mirrored = torch.softmax(network(torch.flip(batch, dims=(-1,))).float(), dim=1)
-                probabilities = 0.5 * (probabilities + torch.flip(mirrored, dims=(-1,)))
+            probabilities = class_probabilities(network, batch, flip)
         if probabilities.shape[1] == 2:
             labels.append((probabilities[:, 1] > threshold).long())
         else:
