@@ -134,8 +134,10 @@ class ModelCard:
 
 def _check_members(card: ModelCard) -> None:
     """``architecture.members``, when present, is a whole number of networks, at least 2."""
-    members = card.architecture.get("members", 1)
-    if "members" in card.architecture and (isinstance(members, bool) or not isinstance(members, int) or members < 2):
+    if "members" not in card.architecture:
+        return
+    members = card.architecture["members"]
+    if isinstance(members, bool) or not isinstance(members, int) or members < 2:
         raise ModelError(f"model card {card.name}: architecture.members must be a whole number of at least 2, "
                          f"not {members!r}")
 
