@@ -6,10 +6,11 @@ cross-validation. Task 3: the non-COVID lesion data plus the same 4 COVID cases 
 ``pooled`` into one training (the benchmark's naive baseline) or ``dual`` (this project's method:
 a general encoder trained once on the non-COVID data, then the dual model with the relation loss).
 
-Each fold trains a 2D model on every slice of its training volumes (lung-cropped and windowed
-like inference; slices with infection drawn at least ``lesion_fraction`` of the time, as nnU-Net
-oversamples foreground) and scores its test CTs through the full ``pipeline.segment`` in mm:
-DSC and NSD at 3 mm. Results are kept per fold, so a rerun skips finished folds.
+Each fold trains a 2D model on every slice of its training volumes (rendered from HU by ``recipe`` as at
+inference: by default the shipped models' ``full-slice-clahe``; ``lung-crop`` reproduces the 1.x models;
+slices with infection drawn at least ``lesion_fraction`` of the time, as nnU-Net oversamples foreground)
+and scores its test CTs through the full ``pipeline.segment`` in mm: DSC and NSD at 3 mm. Results are
+kept per fold, so a rerun skips finished folds.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .crossval import fold_indices
-from .data.intensity import DEFAULT_WINDOW
+from .data.intensity import FULL_SLICE_CLAHE, RECIPES, preprocessing_for, recipe_of
 from .data.readers import SliceSet, VolumeOptions, find_volume_pairs, read_pairs
 from .errors import InputError
 from .fileutil import atomic_path, atomic_write_text
@@ -63,6 +64,7 @@ class BenchmarkConfig:
     depth: int = 5
     relation_weight: float = 10.0  # the shipped default: reading "encoders", weight 10
     lesion_fraction: float = 0.5
+    recipe: str = FULL_SLICE_CLAHE  # how HU slices look to the network (intensity.RECIPES), as the shipped models
     device: str = "auto"
     cache_dir: Path | None = None
     command: str = ""  # the exact command, recorded in the model cards and results.json
@@ -70,6 +72,8 @@ class BenchmarkConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise InputError(f"the benchmark task must be one of {', '.join(TASKS)}, not {self.task!r}")
+        if self.recipe not in RECIPES:
+            raise InputError(f"the recipe must be one of {', '.join(RECIPES)}, not {self.recipe!r}")
         if self.method not in METHODS:
             raise InputError(f"the Task 3 method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if self.task == "task3" and not self.general_data and not (self.method == "dual" and self.general_encoder):
@@ -175,8 +179,8 @@ def fold_plan(config: BenchmarkConfig, pairs: Sequence[CasePair]) -> list[tuple[
 
 
 def volume_slices(pairs: Sequence[CasePair], config: BenchmarkConfig) -> SliceSet:
-    """Every slice of the training CTs, cropped to the lungs and windowed as at inference."""
-    options = VolumeOptions(size=config.size, only_lesion_slices=False, context="lungs")
+    """Every slice of the training CTs, rendered by the config's recipe as at inference."""
+    options = VolumeOptions(size=config.size, only_lesion_slices=False, context="lungs", recipe=config.recipe)
     return read_pairs(list(pairs), options, source="covid", cache_dir=config.cache_dir)
 
 
@@ -184,8 +188,8 @@ def general_slices(config: BenchmarkConfig) -> SliceSet:
     """The non-COVID lesion sets (``KIND:PATH``) as one set with binary lesion masks."""
     from .data.general import read_dataset_spec
 
-    data = SliceSet.concat([read_dataset_spec(spec, size=config.size, cache_dir=config.cache_dir)
-                            for spec in config.general_data])
+    data = SliceSet.concat([read_dataset_spec(spec, size=config.size, cache_dir=config.cache_dir,
+                                              recipe=config.recipe) for spec in config.general_data])
     return dataclasses.replace(data, masks=(data.masks > 0).astype(np.uint8))
 
 
@@ -227,7 +231,7 @@ def train_and_save(config: BenchmarkConfig, train_config, data: SliceSet, name: 
         name=name, version="1.0.0", description=f"COVID-19-CT-Seg {config.task} {role} model (relseg benchmark)",
         file="", sha256="", architecture={}, classes=["background", "lesion" if role == "general-encoder"
                                                       else "infection"],
-        preprocessing={"input_size": config.size, "window": list(DEFAULT_WINDOW), "crop": "lungs"},
+        preprocessing=preprocessing_for(config.recipe, config.size),
         training={"role": role, "data": f"{data.source} ({len(data)} slices)", "command": config.command,
                   "iterations": train_config.iterations, "seconds": round(result.seconds, 1),
                   "config": train_config.to_dict()},
@@ -238,6 +242,7 @@ def train_and_save(config: BenchmarkConfig, train_config, data: SliceSet, name: 
 def general_encoder_model(config: BenchmarkConfig, say: Callable[[str], None], show_bar: bool = False) -> Path:
     """Stage 1 for Task 3 ``dual``: the given model, or one trained once on the non-COVID data and reused."""
     if config.general_encoder is not None:
+        _check_recipe(config, Path(config.general_encoder))
         return Path(config.general_encoder)
     out_dir = Path(config.out_dir) / "general"
     model_path = out_dir / f"{GENERAL_MODEL_NAME}.pt"
@@ -249,6 +254,22 @@ def general_encoder_model(config: BenchmarkConfig, say: Callable[[str], None], s
     train_config = _train_config(config, out_dir, general=False,
                                  iterations=config.general_iterations or config.iterations)
     return train_and_save(config, train_config, data, GENERAL_MODEL_NAME, "general-encoder", show_bar)
+
+
+def _check_recipe(config: BenchmarkConfig, model: Path) -> None:
+    """A given general encoder must have learned slices in the recipe the folds train in (a bare training
+    checkpoint has no card to tell: it is taken as it is)."""
+    from .errors import RelSegError
+    from .zoo import find_model
+
+    try:
+        card = find_model(model)
+    except RelSegError:
+        return
+    seen = recipe_of(card.preprocessing)
+    if seen != config.recipe:
+        raise InputError(f"--general-encoder {model.name} learned {seen} slices; this benchmark trains on "
+                         f"{config.recipe} slices (give --recipe {seen}, or a general encoder of that recipe)")
 
 
 def fold_model(config: BenchmarkConfig, fold: int, train_pairs: Sequence[CasePair], say: Callable[[str], None],

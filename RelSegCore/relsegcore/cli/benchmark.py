@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..data.general import DATA_KINDS
+from ..data.intensity import FULL_SLICE_CLAHE, RECIPES
 from . import add_device_argument
 
 
@@ -63,6 +64,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=256, help="network input size in pixels")
     parser.add_argument("--base-channels", type=int, default=16)
     parser.add_argument("--depth", type=int, default=5)
+    parser.add_argument("--recipe", choices=RECIPES, default=FULL_SLICE_CLAHE,
+                        help="how HU slices look to the networks: full-slice-clahe (the whole slice, as the "
+                             "shipped models 2.x; default) or lung-crop (lung window cropped to the lungs, as 1.x)")
     parser.add_argument("--cache-dir", type=Path, help="cache preprocessed slices (default: OUT/cache)")
     add_device_argument(parser)
     parser.set_defaults(func=run_benchmark_command)
@@ -78,7 +82,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         general_encoder=getattr(args, "general_encoder", None), iterations=args.iterations,
         general_iterations=getattr(args, "general_iterations", None), batch_size=args.batch_size,
         learning_rate=args.lr, size=args.size, base_channels=args.base_channels, depth=args.depth,
-        relation_weight=getattr(args, "relation_weight", 10.0), device=args.device,
+        relation_weight=getattr(args, "relation_weight", 10.0), recipe=args.recipe, device=args.device,
         cache_dir=args.cache_dir or args.out / "cache", command=command_line(getattr(args, "argv", [])),
     )
     summary = run_benchmark(config, only_fold=args.fold, show_bar=sys.stderr.isatty())

@@ -170,6 +170,7 @@ def test_task1_trains_each_case_once_scores_the_others_and_resumes(dataset, tmp_
             assert 0.0 <= fold[metric]["mean"] <= 1.0 and fold[metric]["n"] == 4
         card = json.loads((out / f"fold{fold['fold']}" / f"task1-fold{fold['fold']}.json").read_text())
         assert card["architecture"]["use_general_encoder"] is False and card["preprocessing"]["input_size"] == 32
+        assert card["preprocessing"]["recipe"] == "full-slice-clahe"  # as the shipped models see HU slices
     fold_results = [json.loads((out / f"fold{k}" / "result.json").read_text()) for k in range(1, 6)]
     all_dice = [case["dice"] for result in fold_results for case in result["per_case"]]
     assert results["mean"]["dsc"]["mean"] == pytest.approx(np.mean(all_dice))
@@ -223,3 +224,20 @@ def test_bad_requests_are_one_line_errors(dataset, tmp_path, capsys):
     assert main(["benchmark", "task1", "--images", str(dataset / "COVID-19-CT-Seg_20cases"), "--masks",
                  str(dataset / "Infection_Mask"), "--out", str(tmp_path / "c"), "--train-cases", "2"]) == 2
     assert "need at least 10 cases" in capsys.readouterr().err
+
+
+def test_recipe_lung_crop_reproduces_the_1x_models_and_a_general_encoder_must_share_the_recipe(
+        dataset, tmp_path, capsys):
+    lung_crop = tmp_path / "lung-crop"
+    general = ["--general-data", f"pairs:{dataset / 'non-covid'}"]
+    assert benchmark(dataset, lung_crop, "task3", *general, "--recipe", "lung-crop", "--fold", "1") == 0
+    for card_path in (lung_crop / "fold1" / "task3-fold1.json", lung_crop / "general" / "general-encoder.json"):
+        preprocessing = json.loads(card_path.read_text())["preprocessing"]
+        assert preprocessing["recipe"] == "lung-crop" and preprocessing["crop"] == "lungs"
+    capsys.readouterr()
+    # that lung-crop general encoder cannot serve folds trained on whole slices: one line naming both recipes
+    assert benchmark(dataset, tmp_path / "mixed", "task3", "--general-encoder",
+                     str(lung_crop / "general" / "general-encoder.pt"), "--fold", "1") == 2
+    error = capsys.readouterr().err
+    assert "learned lung-crop slices" in error and "full-slice-clahe" in error and "Traceback" not in error
+    assert not list((tmp_path / "mixed").glob("fold1/*.pt"))
