@@ -43,12 +43,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     stage2 = subparsers.add_parser(
         "train", help="stage 2: train the dual-encoder model on COVID-19 slices",
-        description="Train on a 2D image folder (images/*.jpg|png + masks/*.png) or on --data ctseg2d:DIR, "
-                    "optionally with a general encoder and the relation-consistency loss; --cross-validate runs "
-                    "k-fold cross-validation (by patient for ctseg2d data).",
+        description="Train on a 2D image folder (images/*.jpg|png + masks/*.png), on CT volumes and their masks "
+                    "(--volumes) or on --data ctseg2d:DIR, optionally with a general encoder and the "
+                    "relation-consistency loss; --cross-validate runs k-fold cross-validation (by patient for "
+                    "ctseg2d data, by volume for --volumes).",
     )
     stage2.add_argument("--images", type=Path, help="folder of training images (or give --data)")
     stage2.add_argument("--masks", type=Path, help="folder of masks with matching stems")
+    stage2.add_argument("--volumes", action="store_true",
+                        help="--images and --masks hold CT volumes in HU (NIfTI/NRRD/MHA, masks matched by file "
+                             "name; without --masks, beside the CTs: NAME_ct + NAME_label, imagesTr/ + labelsTr/...): "
+                             "every axial slice, rendered as full-slice-clahe like the shipped models at "
+                             "inference, slices with a lesion drawn at least --lesion-fraction of the time; folds "
+                             "go by volume (a Radiopaedia patient's series together)")
+    stage2.add_argument("--lesion-fraction", type=float, default=0.5,
+                        help="with --volumes: the least share of each batch drawn from slices with a lesion "
+                             "(most slices of a CT have none; default 0.5)")
     stage2.add_argument("--data", metavar="ctseg2d:DIR",
                         help="a covid-ct-seg-2d folder (images/, masks/, lungs/, cases.csv): whole slices in the "
                              "full-slice-clahe appearance; folds and splits go by patient")
@@ -192,6 +202,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
 def _load_target(args: argparse.Namespace):
     from ..errors import RelSegError
 
+    if args.volumes:
+        return _load_volumes(args)
     if args.data:
         from ..data.ctseg import read_ctseg2d
 
@@ -210,14 +222,57 @@ def _load_target(args: argparse.Namespace):
                              multiclass=args.multiclass)
 
 
+def _load_volumes(args: argparse.Namespace):
+    """Every slice of the ``--volumes`` pairs (``--cases`` of them), rendered from HU as at inference."""
+    from ..data.readers import VolumeOptions, find_volume_pairs, read_pairs
+    from ..errors import RelSegError
+
+    if args.images is None or args.data:
+        raise RelSegError("--volumes reads CT volumes from --images DIR and their masks from --masks DIR, or from "
+                          "beside them (NAME_ct / NAME_label, imagesTr/ + labelsTr/...), not from --data")
+    if args.upright:
+        raise RelSegError("--upright is for --data ctseg2d:DIR: CT volumes are read anterior up already")
+    if not 0.0 < args.lesion_fraction < 1.0:
+        raise RelSegError(f"--lesion-fraction must lie between 0 and 1, not {args.lesion_fraction}")
+    pairs = find_volume_pairs(args.images, args.masks)
+    wanted = case_list(args.cases)
+    if wanted is not None:
+        from ..data.ctseg import patient_of
+
+        unknown = sorted(set(wanted) - {case for case, _, _ in pairs} - {patient_of(case) for case, _, _ in pairs})
+        if unknown:
+            raise RelSegError(f"--cases: no volume named {unknown[0]!r} in {args.images}")
+        pairs = [pair for pair in pairs if pair[0] in wanted or patient_of(pair[0]) in wanted]
+    options = VolumeOptions(size=args.size, label_map={1: 1, 2: 2} if args.multiclass else None,
+                            only_lesion_slices=False, context="lungs", recipe=FULL_SLICE_CLAHE)
+    data = read_pairs(pairs, options, source=args.images.name, cache_dir=args.cache_dir)
+    print(f"volumes: {len(data)} slices of {len(pairs)} CTs in {args.images}")
+    return data
+
+
+def _lesion_share(weights, masks, targets: int, fraction: float):
+    """Draw weights under which the first ``targets`` slices (the target CTs' own, before any pooled or negative
+    slices) keep their total share, of which slices with a lesion get at least ``fraction``."""
+    import numpy as np
+
+    from ..training import share_weights
+
+    weights = np.full(len(masks), 1.0 / len(masks)) if weights is None else np.asarray(weights, np.float64).copy()
+    has_lesion = masks[:targets].reshape(targets, -1).any(axis=1)
+    if has_lesion.mean() < fraction:
+        weights[:targets] = share_weights(has_lesion, fraction) * weights[:targets].sum()
+    return weights
+
+
 def _recipe(args: argparse.Namespace) -> str:
-    """The appearance the training slices are in: covid-ct-seg-2d slices are whole CLAHE slices."""
-    return FULL_SLICE_CLAHE if getattr(args, "data", None) else LUNG_CROP
+    """The appearance the training slices are in: covid-ct-seg-2d slices are whole CLAHE slices, and CT volumes
+    are rendered so."""
+    return FULL_SLICE_CLAHE if getattr(args, "data", None) or getattr(args, "volumes", False) else LUNG_CROP
 
 
 def _split(args: argparse.Namespace, names: list[str]):
-    """Training and validation indices of ``--fold``: by patient for ctseg2d data, by slice otherwise."""
-    if args.data:
+    """Training and validation indices of ``--fold``: by patient for ctseg2d data and volumes, by slice otherwise."""
+    if args.data or args.volumes:
         from ..data.ctseg import patient_split
 
         train_idx, val_idx = patient_split(names, args.folds, args.fold, seed=0)
@@ -225,7 +280,7 @@ def _split(args: argparse.Namespace, names: list[str]):
     if args.few_shot:
         from ..errors import RelSegError
 
-        raise RelSegError("--few-shot splits by patient: it needs --data ctseg2d:DIR")
+        raise RelSegError("--few-shot splits by patient: it needs --data ctseg2d:DIR or --volumes")
     return train_val_split(len(names), args.folds, args.fold, seed=0)
 
 
@@ -267,6 +322,8 @@ def run_train(args: argparse.Namespace) -> int:
         images, train_masks = _with_pooled(data.images[train_idx], masks[train_idx], pooled)
         images, train_masks, weights = _with_negatives(images, train_masks, negatives, args.negative_fraction)
         weights = _pooled_share(weights, len(images), len(train_idx), pooled, args.pooled_fraction)
+        if args.volumes:
+            weights = _lesion_share(weights, train_masks, len(train_idx), args.lesion_fraction)
         val_images, val_masks = (None, None) if args.no_validation else (data.images[val_idx], masks[val_idx])
         initial = _initial_state(args, config, [data.names[i] for i in val_idx])
         result = train(config, images, train_masks, val_images, val_masks,
@@ -274,7 +331,7 @@ def run_train(args: argparse.Namespace) -> int:
         summary = {"fold": args.fold, "val_dice": result.final_val_dice, "best_val_dice": result.best_val_dice,
                    "val_cases": [data.names[i] for i in val_idx], "seconds": round(result.seconds, 1),
                    "train_slices": len(train_idx), "pooled_slices": 0 if pooled is None else len(pooled)}
-        if args.data:
+        if args.data or args.volumes:
             from ..data.ctseg import patient_of_name
 
             summary["train_patients"] = sorted({patient_of_name(data.names[i]) for i in train_idx})
@@ -288,6 +345,8 @@ def run_train(args: argparse.Namespace) -> int:
     images, train_masks = _with_pooled(data.images, masks, pooled)
     images, train_masks, weights = _with_negatives(images, train_masks, negatives, args.negative_fraction)
     weights = _pooled_share(weights, len(images), len(data.images), pooled, args.pooled_fraction)
+    if args.volumes:
+        weights = _lesion_share(weights, train_masks, len(data.images), args.lesion_fraction)
     result = train(config, images, train_masks, resume=not args.no_resume, show_bar=True, sample_weights=weights,
                    initial_state=_initial_state(args, config, []))
     _export_trained(args, result, config, data.names, pooled, negatives)
@@ -300,7 +359,13 @@ def _export_trained(args: argparse.Namespace, result, config: TrainConfig, names
     lesions and the negatives."""
     classes = (["background", "ground-glass opacity", "consolidation"] if args.multiclass
                else ["background", "lung"] if args.target == "lungs" else ["background", "infection"])
-    if args.data:
+    if args.volumes:
+        volumes = sorted({name.split(":")[0] for name in names})
+        where = f"in {args.masks}" if args.masks else "beside them"
+        training_data = (f"CT volumes in {args.images}, {args.target} masks {where} ({len(names)} slices of "
+                         f"{len(volumes)} volume(s): {', '.join(volumes)}; slices with a lesion at least "
+                         f"{args.lesion_fraction:g} of each batch)")
+    elif args.data:
         patients = sorted({name.split("/")[0] for name in names})
         training_data = (f"{args.data} {args.target} masks ({len(names)} slices of {len(patients)} CT series: "
                          f"{', '.join(patients)})")
@@ -328,7 +393,7 @@ def _export_trained(args: argparse.Namespace, result, config: TrainConfig, names
                           f"{args.negative_fraction:g} of each batch)")
     _export(args, result, config, classes=classes, training_data=training_data,
             role="lungs" if args.target == "lungs" else "infection", recipe=_recipe(args),
-            fingerprints=_fingerprints(args, names), upright=args.upright)
+            fingerprints=_fingerprints(args, names), upright=args.upright or args.volumes)
 
 
 def _check_sees_as_trained(option: str, model: str | None, args: argparse.Namespace) -> None:
@@ -365,7 +430,10 @@ def _initial_state(args: argparse.Namespace, config: TrainConfig, held_out: list
 
     card = find_model(args.init)
     seen = set(card.training.get("image_fingerprints", []))
-    if held_out and seen:
+    if held_out and args.volumes:
+        print(f"warning: whether --init {card.name} saw fold {args.fold}'s held-out CTs cannot be checked (cards "
+              "fingerprint pictures, not volumes)", file=sys.stderr)
+    elif held_out and seen:
         overlap = sum(f in seen for f in _picture_fingerprints(args, held_out))
         if overlap:
             raise RelSegError(f"--init {card.name} was trained on {overlap} of the {len(held_out)} slices fold "
@@ -511,6 +579,8 @@ def _fingerprints(args: argparse.Namespace, names: list[str]) -> list[str]:
     """Fingerprints of the training pictures ``names`` as stored, so ``relseg evaluate`` can spot them; with
     ``--init``, the starting model's too (it saw them)."""
     if not args.export:
+        return []
+    if args.volumes:  # fingerprints are of stored pictures, which relseg evaluate compares; volumes have none
         return []
     from ..data.general import parse_data_spec
     from ..data.readers import folder_fingerprints

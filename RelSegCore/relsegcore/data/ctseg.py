@@ -106,8 +106,8 @@ def patient_of(case: str) -> str:
 
 
 def patient_of_name(name: str) -> str:
-    """The patient of a slice name ``CASE/FILE``."""
-    return patient_of(name.split("/", 1)[0])
+    """The patient of a slice name: ``CASE/FILE`` (covid-ct-seg-2d) or ``CASE:zN`` (a slice of a CT volume)."""
+    return patient_of(name.split("/", 1)[0].split(":", 1)[0])
 
 
 def patient_folds(names: list[str], folds: int, seed: int = 0) -> list[np.ndarray]:
