@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .data.intensity import FULL_SLICE_CLAHE, LUNG_CROP, recipe_of, resize_slices
 from .data.readers import (
+    chosen_pairs,
     find_picture_pairs,
     find_volume_pairs,
     needs_transpose,
@@ -192,10 +193,15 @@ def seen_in_training(card, images: list[np.ndarray]) -> int | None:
     return sum(picture_fingerprint(image) in known for image in images)
 
 
-def evaluate_volumes(loaded_name: str | os.PathLike, images_dir: Path, masks_dir: Path, device: str = "auto",
-                     tta: bool = False, tolerance_mm: float = 3.0, progress: Progress | None = None) -> dict:
-    """Infection metrics on CT volumes through the full ``segment`` pipeline (lungs, crop, model)."""
-    pairs = find_volume_pairs(images_dir, masks_dir, "", "")
+def evaluate_volumes(loaded_name: str | os.PathLike, images_dir: Path, masks_dir: Path | None, device: str = "auto",
+                     tta: bool = False, tolerance_mm: float = 3.0, progress: Progress | None = None,
+                     cases: list[str] | None = None) -> dict:
+    """Infection metrics on CT volumes through the full ``segment`` pipeline (lungs, crop, model): the masks
+    in ``masks_dir`` under the CTs' own file names, or beside the CTs (None); only ``cases`` when given (cases
+    or patients, e.g. a fold's held-out ones)."""
+    pairs = (find_volume_pairs(images_dir, masks_dir, "", "") if masks_dir is not None
+             else find_volume_pairs(images_dir))
+    pairs = chosen_pairs(pairs, cases, images_dir)
     return evaluate_volume_cases(loaded_name, pairs, device=device, tta=tta, tolerance_mm=tolerance_mm,
                                  progress=progress)
 

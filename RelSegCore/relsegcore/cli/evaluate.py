@@ -24,8 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a covid-ct-seg-2d folder (images/, masks/, lungs/, cases.csv), not --images/--masks")
     parser.add_argument("--target", choices=("infection", "lungs"), default="infection",
                         help="with --data: score against the infection or the lung masks")
-    parser.add_argument("--cases", help="with --data: only these cases or patients (comma-separated)")
-    parser.add_argument("--volumes", action="store_true", help="the folders hold CT volumes (default: 2D slices)")
+    parser.add_argument("--cases", help="with --data or --volumes: only these cases or patients (comma-separated), "
+                                        "e.g. the val_patients of a fold's fold_result.json")
+    parser.add_argument("--volumes", action="store_true",
+                        help="--images holds CT volumes and --masks their masks under the same file names, or "
+                             "the masks lie beside the CTs without --masks (default: 2D slices)")
     parser.add_argument("--tolerance-mm", type=float, default=3.0, help="NSD tolerance for volumes (default 3 mm)")
     parser.add_argument("--tta", action="store_true",
                         help="flip test-time augmentation (always on for models whose card sets flip_tta)")
@@ -47,11 +50,13 @@ def run(args: argparse.Namespace) -> int:
         path = ctseg_folder(args.data, "evaluate", "picture folders as --images/--masks, or --volumes")
         result = evaluate_ctseg2d(load_model(args.model, select_device(args.device)), path, args.target, tta=args.tta,
                                   cases=case_list(args.cases))
+    elif args.volumes and args.images is not None:
+        result = evaluate_volumes(args.model, args.images, args.masks, device=args.device, tta=args.tta,
+                                  tolerance_mm=args.tolerance_mm, cases=case_list(args.cases))
     elif args.images is None or args.masks is None:
         raise RelSegError("give --data ctseg2d:DIR, or --images DIR and --masks DIR")
-    elif args.volumes:
-        result = evaluate_volumes(args.model, args.images, args.masks, device=args.device, tta=args.tta,
-                                  tolerance_mm=args.tolerance_mm)
+    elif args.cases:
+        raise RelSegError("--cases selects cases of --data ctseg2d:DIR or of --volumes; a picture folder has none")
     else:
         loaded = load_model(args.model, select_device(args.device))
         result = evaluate_image_folder(loaded, args.images, args.masks, tta=args.tta)

@@ -224,7 +224,7 @@ def _load_target(args: argparse.Namespace):
 
 def _load_volumes(args: argparse.Namespace):
     """Every slice of the ``--volumes`` pairs (``--cases`` of them), rendered from HU as at inference."""
-    from ..data.readers import VolumeOptions, find_volume_pairs, read_pairs
+    from ..data.readers import VolumeOptions, chosen_pairs, find_volume_pairs, read_pairs
     from ..errors import RelSegError
 
     if args.images is None or args.data:
@@ -234,15 +234,7 @@ def _load_volumes(args: argparse.Namespace):
         raise RelSegError("--upright is for --data ctseg2d:DIR: CT volumes are read anterior up already")
     if not 0.0 < args.lesion_fraction < 1.0:
         raise RelSegError(f"--lesion-fraction must lie between 0 and 1, not {args.lesion_fraction}")
-    pairs = find_volume_pairs(args.images, args.masks)
-    wanted = case_list(args.cases)
-    if wanted is not None:
-        from ..data.ctseg import patient_of
-
-        unknown = sorted(set(wanted) - {case for case, _, _ in pairs} - {patient_of(case) for case, _, _ in pairs})
-        if unknown:
-            raise RelSegError(f"--cases: no volume named {unknown[0]!r} in {args.images}")
-        pairs = [pair for pair in pairs if pair[0] in wanted or patient_of(pair[0]) in wanted]
+    pairs = chosen_pairs(find_volume_pairs(args.images, args.masks), case_list(args.cases), args.images)
     options = VolumeOptions(size=args.size, label_map={1: 1, 2: 2} if args.multiclass else None,
                             only_lesion_slices=False, context="lungs", recipe=FULL_SLICE_CLAHE)
     data = read_pairs(pairs, options, source=args.images.name, cache_dir=args.cache_dir)

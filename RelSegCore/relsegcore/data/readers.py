@@ -278,6 +278,21 @@ def read_volume_pairs(
                       lung_segmenter=lung_segmenter)
 
 
+def chosen_pairs(pairs: Sequence[tuple[str, Path, Path]], wanted: Sequence[str] | None,
+                 folder: str | os.PathLike) -> list[tuple[str, Path, Path]]:
+    """The ``(case, image, mask)`` pairs named in ``wanted`` (cases, or patients: ``radiopaedia_10`` selects
+    both its series); all of them for None. A name matching no volume in ``folder`` is an error."""
+    from .ctseg import patient_of
+
+    if wanted is None:
+        return list(pairs)
+    known = {case for case, _, _ in pairs} | {patient_of(case) for case, _, _ in pairs}
+    unknown = sorted(set(wanted) - known)
+    if unknown:
+        raise InputError(f"--cases: no volume named {unknown[0]!r} in {folder}")
+    return [pair for pair in pairs if pair[0] in wanted or patient_of(pair[0]) in wanted]
+
+
 def find_volume_pairs(
     images_dir: str | os.PathLike, masks_dir: str | os.PathLike | None = None,
     image_suffix: str | None = None, mask_suffix: str | None = None,

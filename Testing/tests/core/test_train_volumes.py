@@ -82,3 +82,16 @@ def test_bad_requests_are_one_line_errors(volumes, tmp_path, capsys):
     assert train_volumes(volumes, tmp_path / "c", "--upright") == 2
     assert "anterior up already" in capsys.readouterr().err
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_folds_held_out_patients_are_scored_alone_by_relseg_evaluate(volumes, tmp_path):
+    out = tmp_path / "fold"
+    assert train_volumes(volumes, out, "--folds", "2", "--fold", "1", "--export", "own") == 0
+    held_out = json.loads((out / "fold_result.json").read_text())["val_patients"]
+    assert main(["evaluate", "--model", str(out / "own.pt"), "--images", str(volumes / "ct"), "--masks",
+                 str(volumes / "masks"), "--volumes", "--cases", ",".join(held_out), "--device", "cpu",
+                 "--json", str(tmp_path / "scores.json")]) == 0
+    scored = [case["case"] for case in json.loads((tmp_path / "scores.json").read_text())["per_case"]]
+    expected = {"coronacases_001": ["coronacases_001"],
+                "radiopaedia_10": ["radiopaedia_10_85902_1", "radiopaedia_10_85902_3"]}[held_out[0]]
+    assert held_out == [held_out[0]] and sorted(scored) == expected
