@@ -63,8 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a covid-ct-seg-2d folder (images/, masks/, lungs/, cases.csv): whole slices in the "
                              "full-slice-clahe appearance; folds and splits go by patient")
     stage2.add_argument("--target", choices=("infection", "lungs"), default="infection",
-                        help="with --data: learn the infection masks or the lung masks (a lung model)")
-    stage2.add_argument("--cases", help="with --data: only these cases or patients (comma-separated)")
+                        help="with --data: learn the infection masks or the lung masks (a lung model); with "
+                             "--volumes: what the masks hold")
+    stage2.add_argument("--cases", help="with --data or --volumes: only these cases or patients (comma-separated)")
     stage2.add_argument("--multiclass", action="store_true",
                         help="masks hold 0 background, 1 ground-glass, 2 consolidation")
     stage2.add_argument("--general-encoder", type=Path, help="stage-1 model (.pt) whose encoder is the general one")
