@@ -195,21 +195,49 @@ def seen_in_training(card, images: list[np.ndarray]) -> int | None:
 
 def evaluate_volumes(loaded_name: str | os.PathLike, images_dir: Path, masks_dir: Path | None, device: str = "auto",
                      tta: bool = False, tolerance_mm: float = 3.0, progress: Progress | None = None,
-                     cases: list[str] | None = None) -> dict:
-    """Infection metrics on CT volumes through the full ``segment`` pipeline (lungs, crop, model): the masks
-    in ``masks_dir`` under the CTs' own file names, or beside the CTs (None); only ``cases`` when given (cases
-    or patients, e.g. a fold's held-out ones)."""
+                     cases: list[str] | None = None, target: str = "infection",
+                     lung_model: str | os.PathLike = "hu") -> dict:
+    """Metrics on CT volumes against the masks in ``masks_dir`` under the CTs' own file names, or beside the CTs
+    (None); only ``cases`` when given (cases or patients, e.g. a fold's held-out ones). ``target`` "infection":
+    the full ``segment`` pipeline (lungs, model) against infection masks; "lungs": the pipeline's lungs step
+    ``lung_model`` (``relseg segment --lungs``) against lung masks."""
     pairs = (find_volume_pairs(images_dir, masks_dir, "", "") if masks_dir is not None
              else find_volume_pairs(images_dir))
     pairs = chosen_pairs(pairs, cases, images_dir)
+    if target == "lungs":
+        return evaluate_lung_volume_cases(pairs, lung_model, device=device, tolerance_mm=tolerance_mm,
+                                          progress=progress)
+    if target != "infection":
+        raise InputError(f"--target must be infection or lungs, not {target!r}")
     return evaluate_volume_cases(loaded_name, pairs, device=device, tta=tta, tolerance_mm=tolerance_mm,
                                  progress=progress)
+
+
+def evaluate_lung_volume_cases(pairs: list[tuple[str, Path, Path]], lung_model: str | os.PathLike = "hu",
+                               device: str = "auto", tolerance_mm: float = 3.0,
+                               progress: Progress | None = None) -> dict:
+    """The lungs step ``relseg segment --lungs lung_model`` runs, against lung masks (every non-zero voxel is
+    lung; both lungs scored as one), in mm: to compare the HU method and a lung model on one's own CTs."""
+
+    from .imageio import read_image
+    from .pipeline import lung_model_card, segment_lungs
+
+    card = lung_model_card(lung_model)
+    cases = []
+    for index, (name, image_path, mask_path) in enumerate(pairs):
+        lungs = segment_lungs(read_image(image_path), model=lung_model, device=device)
+        cases.append({"case": name, **_volume_metrics(lungs > 0, mask_path, tolerance_mm, binary=True)})
+        if progress is not None:
+            progress.update((index + 1) / len(pairs), "evaluating")
+    method = ({"name": "hu-threshold", "version": "", "sha256": ""} if card is None
+              else {"name": card.name, "version": card.version, "sha256": card.sha256})
+    return {"model": method, "target": "lungs", "units": "mm", "tolerance_mm": tolerance_mm, "per_case": cases,
+            **summarise(cases)}
 
 
 def evaluate_volume_cases(loaded_name: str | os.PathLike, pairs: list[tuple[str, Path, Path]], device: str = "auto",
                           tta: bool = False, tolerance_mm: float = 3.0, progress: Progress | None = None) -> dict:
     """``evaluate_volumes`` on chosen ``(case, image, mask)`` files (a benchmark fold's test cases)."""
-    import SimpleITK as sitk
 
     from .imageio import read_image
     from .pipeline import segment
@@ -219,15 +247,34 @@ def evaluate_volume_cases(loaded_name: str | os.PathLike, pairs: list[tuple[str,
     cases = []
     for index, (name, image_path, mask_path) in enumerate(pairs):
         result = segment(read_image(image_path), model=loaded_name, device=device, tta=tta)
-        prediction = sitk.GetArrayFromImage(result.infection)
-        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(mask_path)))
-        spacing_zyx = tuple(reversed(result.infection.GetSpacing()))
-        cases.append({"case": name, **case_metrics(prediction, reference, spacing_zyx, tolerance_mm)})
+        cases.append({"case": name, **_volume_metrics(result.infection, mask_path, tolerance_mm)})
         if progress is not None:
             progress.update((index + 1) / len(pairs), "evaluating")
     return {"model": {"name": card.name, "version": card.version, "sha256": card.sha256}, "units": "mm",
             "tolerance_mm": tolerance_mm, "postprocessing": applied_postprocessing(card, tta), "per_case": cases,
             **summarise(cases)}
+
+
+def _volume_metrics(prediction, mask_path: Path, tolerance_mm: float, binary: bool = False) -> dict:
+    """``case_metrics`` of a prediction on the CT's grid against a mask file, in mm, scored on the mask's grid:
+    a mask stored on another grid (a crop of the CT, another spacing) is where the expert looked, so the
+    prediction is resampled onto it (nearest neighbour) and the case says so. ``binary``: every non-zero label
+    of the mask is one structure."""
+    import SimpleITK as sitk
+
+    from .imageio import same_grid
+
+    reference_image = sitk.ReadImage(str(mask_path))
+    resampled = not same_grid(prediction, reference_image)
+    if resampled:
+        prediction = sitk.Resample(prediction, reference_image, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                   prediction.GetPixelID())
+    reference = sitk.GetArrayFromImage(reference_image)
+    if binary:
+        reference = (reference > 0).astype(np.uint8)
+    spacing_zyx = tuple(reversed(reference_image.GetSpacing()))
+    metrics = case_metrics(sitk.GetArrayFromImage(prediction), reference, spacing_zyx, tolerance_mm)
+    return {**metrics, **({"prediction_resampled_to_mask_grid": True} if resampled else {})}
 
 
 def applied_postprocessing(card: ModelCard, tta: bool, lungs: LoadedModel | None = None) -> dict:

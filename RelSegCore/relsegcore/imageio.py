@@ -263,7 +263,7 @@ def from_canonical(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
     resampled with nearest neighbour, which keeps labels as labels.
     """
     oriented = sitk.DICOMOrient(image, _orientation_code(reference))
-    if _same_grid(oriented, reference):
+    if same_grid(oriented, reference):
         oriented.CopyInformation(reference)
         return oriented
     return sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, image.GetPixelID())
@@ -273,7 +273,8 @@ def _orientation_code(image: sitk.Image) -> str:
     return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
 
 
-def _same_grid(image: sitk.Image, reference: sitk.Image, tolerance: float = 1e-4) -> bool:
+def same_grid(image: sitk.Image, reference: sitk.Image, tolerance: float = 1e-4) -> bool:
+    """Whether two images share size, origin (to 0.01 mm), spacing and direction."""
     return (
         image.GetSize() == reference.GetSize()
         and np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=tolerance * 100)

@@ -23,7 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", metavar="ctseg2d:DIR",
                         help="a covid-ct-seg-2d folder (images/, masks/, lungs/, cases.csv), not --images/--masks")
     parser.add_argument("--target", choices=("infection", "lungs"), default="infection",
-                        help="with --data: score against the infection or the lung masks")
+                        help="with --data: score against the infection or the lung masks; with --volumes: lungs "
+                             "scores the pipeline's lungs step (--lungs) against lung masks")
+    parser.add_argument("--lungs", default="hu", metavar="hu|auto|MODEL",
+                        help="with --volumes --target lungs: the lungs step scored, as relseg segment --lungs "
+                             "(default: hu, the HU method)")
     parser.add_argument("--cases", help="with --data or --volumes: only these cases or patients (comma-separated), "
                                         "e.g. the val_patients of a fold's fold_result.json")
     parser.add_argument("--volumes", action="store_true",
@@ -44,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from ..fileutil import atomic_write_text
     from ..zoo import load_model
 
+    if args.lungs != "hu" and not (args.volumes and args.target == "lungs"):
+        raise RelSegError("--lungs chooses the lungs step scored by --volumes --target lungs; with --data, score a "
+                          "lung model with --model")
     if args.data:
         from ..evaluation import evaluate_ctseg2d
 
@@ -52,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
                                   cases=case_list(args.cases))
     elif args.volumes and args.images is not None:
         result = evaluate_volumes(args.model, args.images, args.masks, device=args.device, tta=args.tta,
-                                  tolerance_mm=args.tolerance_mm, cases=case_list(args.cases))
+                                  tolerance_mm=args.tolerance_mm, cases=case_list(args.cases), target=args.target,
+                                  lung_model=args.lungs)
     elif args.images is None or args.masks is None:
         raise RelSegError("give --data ctseg2d:DIR, or --images DIR and --masks DIR")
     elif args.cases:
@@ -64,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{case['case']:>24}  Dice {case['dice']:.4f}  sensitivity {case['sensitivity']:.4f}  "
               f"specificity {case['specificity']:.4f}")
     sd = result["metrics"]["dice"]["sd"] or 0.0
-    print(f"mean Dice {result['mean_dice']:.4f} ± {sd:.4f} over {result['cases']} cases"
-          f" ({result['model']['name']} {result['model']['version']})")
+    scored = " ".join(filter(None, (result["model"]["name"], result["model"]["version"])))
+    print(f"mean Dice {result['mean_dice']:.4f} ± {sd:.4f} over {result['cases']} cases ({scored})")
     if result.get("per_patient_dice"):
         print("per patient: " + ", ".join(f"{p} {d:.4f}" for p, d in result["per_patient_dice"].items()))
     for key in ("note", "orientation_note"):

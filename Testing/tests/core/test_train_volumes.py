@@ -95,3 +95,36 @@ def test_a_folds_held_out_patients_are_scored_alone_by_relseg_evaluate(volumes, 
     expected = {"coronacases_001": ["coronacases_001"],
                 "radiopaedia_10": ["radiopaedia_10_85902_1", "radiopaedia_10_85902_3"]}[held_out[0]]
     assert held_out == [held_out[0]] and sorted(scored) == expected
+
+
+def test_the_lungs_step_is_scored_on_volumes_against_lung_masks(tmp_path, capsys):
+    """The HU method against the demo's true lungs scores high; against the infection masks (not lungs) low."""
+    images, lungs, infection = tmp_path / "ct", tmp_path / "lungs", tmp_path / "infection"
+    for folder in (images, lungs, infection):
+        folder.mkdir()
+    for seed in (1, 2):
+        case = make_demo_ct(seed, shape=(16, 96, 96), spacing=(3.7, 3.7, 10.0))
+        sitk.WriteImage(case.image, str(images / f"case{seed}.nii.gz"))
+        sitk.WriteImage(case.lungs, str(lungs / f"case{seed}.nii.gz"))
+        sitk.WriteImage(case.infection, str(infection / f"case{seed}.nii.gz"))
+
+    def score(masks: Path) -> dict:
+        out = tmp_path / f"{masks.name}.json"
+        assert main(["evaluate", "--images", str(images), "--masks", str(masks), "--volumes", "--target", "lungs",
+                     "--lungs", "hu", "--device", "cpu", "--json", str(out)]) == 0
+        return json.loads(out.read_text())
+
+    right = score(lungs)
+    assert right["model"]["name"] == "hu-threshold" and right["target"] == "lungs" and right["cases"] == 2
+    assert right["mean_dice"] > 0.9 and all(case["nsd"] > 0.9 for case in right["per_case"])
+    assert score(infection)["mean_dice"] < 0.3
+    # masks kept on a crop of the CT's grid (slices 4-11) are scored where the expert looked, on the mask's grid
+    for path in lungs.iterdir():
+        mask = sitk.ReadImage(str(path))
+        sitk.WriteImage(sitk.RegionOfInterest(mask, [96, 96, 8], [0, 0, 4]), str(path))
+    cropped = score(lungs)
+    assert all(case["prediction_resampled_to_mask_grid"] for case in cropped["per_case"])
+    assert cropped["mean_dice"] > 0.9 and "prediction_resampled_to_mask_grid" not in right["per_case"][0]
+    assert "(hu-threshold)" in capsys.readouterr().out
+    assert main(["evaluate", "--images", str(images), "--masks", str(lungs), "--volumes", "--lungs", "auto"]) == 2
+    assert "--volumes --target lungs" in capsys.readouterr().err
