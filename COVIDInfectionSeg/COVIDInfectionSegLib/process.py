@@ -60,7 +60,7 @@ def segment_command(input_path: Path, out_dir: Path, model: str, device: str, tt
 
 def read_result_files(out_dir: Path, volume_node) -> ResultArrays:
     """Load the labelmaps and report the command wrote, checked against the input volume's grid."""
-    report = json.loads((out_dir / f"{INPUT_STEM}_report.json").read_text())
+    report = json.loads((out_dir / f"{INPUT_STEM}_report.json").read_text(encoding="utf-8"))
     lungs = array_on_volume_grid(sitk.ReadImage(str(out_dir / f"{INPUT_STEM}_lungs.nii.gz")), volume_node)
     infection = array_on_volume_grid(sitk.ReadImage(str(out_dir / f"{INPUT_STEM}_infection.nii.gz")), volume_node)
     classes = sorted(report["infection"]["classes"].values(), key=lambda item: item["label"])

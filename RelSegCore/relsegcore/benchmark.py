@@ -145,7 +145,7 @@ def read_splits(path: Path, cases: Sequence[str]) -> list[list[str]]:
     ``splits_final.json`` (``[{"train": [...], "val": [...]}, ...]``; the benchmark's published ``.pkl``
     splits hold the same lists, pickled, and are not read here because unpickling can run code)."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise InputError(f"cannot read the splits file {path}: {error}") from error
     splits = data.get("folds") if isinstance(data, dict) else data
@@ -306,7 +306,7 @@ def run_fold(config: BenchmarkConfig, fold: int, train_pairs: Sequence[CasePair]
     result_path = fold_dir(config, fold) / "result.json"
     train_names = [case for case, _, _ in train_pairs]
     if result_path.is_file():
-        result = json.loads(result_path.read_text())
+        result = json.loads(result_path.read_text(encoding="utf-8"))
         if result.get("train_cases") != train_names or result.get("task") != config.task:
             raise InputError(f"{result_path} was made with other training cases or another task; "
                              "use a new --out folder")
@@ -346,7 +346,7 @@ def run_benchmark(config: BenchmarkConfig, only_fold: int | None = None, say: Ca
     for fold, (train_pairs, test_pairs) in enumerate(plan, start=1):
         if only_fold is None or fold == only_fold:
             run_fold(config, fold, train_pairs, test_pairs, say, show_bar)
-    finished = [json.loads(path.read_text()) for fold in range(1, len(plan) + 1)
+    finished = [json.loads(path.read_text(encoding="utf-8")) for fold in range(1, len(plan) + 1)
                 if (path := fold_dir(config, fold) / "result.json").is_file()]
     summary = summarise_benchmark(config, finished, planned_folds=len(plan))
     atomic_write_text(Path(config.out_dir) / "results.json", json.dumps(summary, indent=2) + "\n")

@@ -257,7 +257,7 @@ def write_log(out_dir: Path, history: list[dict]) -> None:
     if not history:
         return
     columns = sorted({key for row in history for key in row}, key=lambda k: (k != "iteration", k))
-    with atomic_path(out_dir / "log.csv") as tmp, open(tmp, "w", newline="") as handle:
+    with atomic_path(out_dir / "log.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(history)

@@ -222,7 +222,7 @@ def models_dirs() -> list[Path]:
 
 def read_card(card_path: Path) -> ModelCard:
     try:
-        data = json.loads(Path(card_path).read_text())
+        data = json.loads(Path(card_path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise ModelError(f"cannot read model card {card_path}: {error}") from None
     card = ModelCard.from_dict(data)

@@ -82,7 +82,7 @@ def read_cases_csv(root: Path) -> list[dict[str, str]]:
     path = root / "cases.csv"
     if not path.is_file():
         raise InputError(f"{root} is not a covid-ct-seg-2d folder: it has no cases.csv")
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
     if not rows or not {"file", "case"} <= set(rows[0]):
         raise InputError(f"{path} needs the columns file and case")

@@ -581,7 +581,7 @@ def read_decathlon(root: str | os.PathLike, size: int = 256, cache_dir: str | os
     if not listing.is_file():
         raise InputError(f"{root} has no dataset.json, so it is not a Decathlon dataset folder")
     try:
-        training = json.loads(listing.read_text())["training"]
+        training = json.loads(listing.read_text(encoding="utf-8"))["training"]
         pairs = [(_volume_stem(Path(item["image"])), root / item["image"], root / item["label"]) for item in training]
     except (ValueError, KeyError, TypeError) as error:
         raise InputError(f"{listing} does not list training pairs as {{'image': ..., 'label': ...}}") from error
