@@ -545,7 +545,8 @@ def _cross_validate(args: argparse.Namespace) -> int:
     if any(codes):
         print(f"relseg: error: {sum(1 for c in codes if c)} fold(s) failed", file=sys.stderr)
         return 1
-    results = [json.loads((args.out / f"fold{k}" / "fold_result.json").read_text(encoding="utf-8")) for k in range(args.folds)]
+    results = [json.loads((args.out / f"fold{k}" / "fold_result.json").read_text(encoding="utf-8"))
+               for k in range(args.folds)]
     summary = summarise_folds(results)
     summary["command"] = "relseg " + shlex.join(args.argv)
     write_summary(args.out / "cv_summary.json", summary)
