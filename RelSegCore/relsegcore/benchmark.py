@@ -193,17 +193,6 @@ def general_slices(config: BenchmarkConfig) -> SliceSet:
     return dataclasses.replace(data, masks=(data.masks > 0).astype(np.uint8))
 
 
-def lesion_weights(masks: np.ndarray, lesion_fraction: float) -> np.ndarray | None:
-    """Per-slice draw weights giving slices with a lesion at least ``lesion_fraction`` of the draws."""
-    from .training import share_weights
-
-    has_lesion = masks.reshape(len(masks), -1).any(axis=1)
-    count = int(has_lesion.sum())
-    if count == 0 or count == len(masks) or count / len(masks) >= lesion_fraction:
-        return None
-    return share_weights(has_lesion, lesion_fraction)
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -221,11 +210,11 @@ def _train_config(config: BenchmarkConfig, out_dir: Path, general: bool, iterati
 def train_and_save(config: BenchmarkConfig, train_config, data: SliceSet, name: str, role: str,
                    show_bar: bool = False) -> Path:
     """Train on ``data`` (resuming a checkpoint in the run folder) and save ``<name>.pt`` + card there."""
-    from .training import train
+    from .training import lesion_share, train
     from .zoo import ModelCard, save_model
 
     masks = (data.masks > 0).astype(np.uint8)
-    result = train(train_config, data.images, masks, sample_weights=lesion_weights(masks, config.lesion_fraction),
+    result = train(train_config, data.images, masks, sample_weights=lesion_share(masks, config.lesion_fraction),
                    show_bar=show_bar)
     card = ModelCard(
         name=name, version="1.0.0", description=f"COVID-19-CT-Seg {config.task} {role} model (relseg benchmark)",

@@ -306,6 +306,21 @@ def share_weights(member: np.ndarray, share: float) -> np.ndarray:
     return np.where(member, share / count, (1.0 - share) / (len(member) - count))
 
 
+def lesion_share(masks: np.ndarray, fraction: float, weights: np.ndarray | None = None,
+                 targets: int | None = None) -> np.ndarray | None:
+    """Draw weights under which the slices with a lesion among the first ``targets`` (all by default; pooled or
+    negative slices come after them) get at least ``fraction`` of those slices' draws, which keep their total
+    share of ``weights`` (uniform when None). None when no weights were given and none are needed (lesions
+    already that common, or none at all), i.e. uniform draws."""
+    targets = len(masks) if targets is None else targets
+    has_lesion = np.asarray(masks[:targets]).reshape(targets, -1).any(axis=1)
+    if has_lesion.all() or not has_lesion.any() or has_lesion.mean() >= fraction:
+        return weights
+    weights = np.full(len(masks), 1.0 / len(masks)) if weights is None else np.asarray(weights, np.float64).copy()
+    weights[:targets] = share_weights(has_lesion, fraction) * weights[:targets].sum()
+    return weights
+
+
 def random_crops(images: torch.Tensor, masks: torch.Tensor, size: int | None,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A random ``size x size`` crop of each 2D sample (B,1,H,W) / (B,H,W); unchanged when ``size`` is None or

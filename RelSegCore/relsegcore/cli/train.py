@@ -14,7 +14,14 @@ from pathlib import Path
 from ..crossval import summarise_folds, train_val_split, write_summary
 from ..data.intensity import FULL_SLICE_CLAHE, LUNG_CROP, RECIPES
 from ..models import NetworkConfig
-from ..training import RELATION_READINGS, RelationConfig, TrainConfig, distributed_context, train
+from ..training import (
+    RELATION_READINGS,
+    RelationConfig,
+    TrainConfig,
+    distributed_context,
+    lesion_share,
+    train,
+)
 from . import add_device_argument, case_list, ctseg_folder
 
 
@@ -243,20 +250,6 @@ def _load_volumes(args: argparse.Namespace):
     return data
 
 
-def _lesion_share(weights, masks, targets: int, fraction: float):
-    """Draw weights under which the first ``targets`` slices (the target CTs' own, before any pooled or negative
-    slices) keep their total share, of which slices with a lesion get at least ``fraction``."""
-    import numpy as np
-
-    from ..training import share_weights
-
-    weights = np.full(len(masks), 1.0 / len(masks)) if weights is None else np.asarray(weights, np.float64).copy()
-    has_lesion = masks[:targets].reshape(targets, -1).any(axis=1)
-    if has_lesion.mean() < fraction:
-        weights[:targets] = share_weights(has_lesion, fraction) * weights[:targets].sum()
-    return weights
-
-
 def _recipe(args: argparse.Namespace) -> str:
     """The appearance the training slices are in: covid-ct-seg-2d slices are whole CLAHE slices, and CT volumes
     are rendered so."""
@@ -316,7 +309,7 @@ def run_train(args: argparse.Namespace) -> int:
         images, train_masks, weights = _with_negatives(images, train_masks, negatives, args.negative_fraction)
         weights = _pooled_share(weights, len(images), len(train_idx), pooled, args.pooled_fraction)
         if args.volumes:
-            weights = _lesion_share(weights, train_masks, len(train_idx), args.lesion_fraction)
+            weights = lesion_share(train_masks, args.lesion_fraction, weights, targets=len(train_idx))
         val_images, val_masks = (None, None) if args.no_validation else (data.images[val_idx], masks[val_idx])
         initial = _initial_state(args, config, [data.names[i] for i in val_idx])
         result = train(config, images, train_masks, val_images, val_masks,
@@ -339,7 +332,7 @@ def run_train(args: argparse.Namespace) -> int:
     images, train_masks, weights = _with_negatives(images, train_masks, negatives, args.negative_fraction)
     weights = _pooled_share(weights, len(images), len(data.images), pooled, args.pooled_fraction)
     if args.volumes:
-        weights = _lesion_share(weights, train_masks, len(data.images), args.lesion_fraction)
+        weights = lesion_share(train_masks, args.lesion_fraction, weights, targets=len(data.images))
     result = train(config, images, train_masks, resume=not args.no_resume, show_bar=True, sample_weights=weights,
                    initial_state=_initial_state(args, config, []))
     _export_trained(args, result, config, data.names, pooled, negatives)

@@ -19,13 +19,13 @@ from relsegcore.benchmark import (
     fold_plan,
     format_table,
     in_hounsfield_units,
-    lesion_weights,
     read_splits,
     training_splits,
 )
 from relsegcore.cli import main
 from relsegcore.demo import make_demo_ct
 from relsegcore.errors import InputError
+from relsegcore.training import lesion_share
 
 SHAPE, SPACING = (24, 96, 96), (3.7, 3.7, 10.0)
 CASES = [f"coronacases_{i:03d}" for i in range(1, 5)] + ["radiopaedia_10_85902_3"]  # the last stored windowed
@@ -130,11 +130,11 @@ def test_ct_stored_windowed_is_brought_back_to_hounsfield_units(dataset, tmp_pat
 def test_lesion_slices_are_drawn_at_least_half_the_time():
     masks = np.zeros((10, 4, 4), np.uint8)
     masks[:2, 1, 1] = 1
-    weights = lesion_weights(masks, 0.5)
+    weights = lesion_share(masks, 0.5)
     assert weights[:2].sum() == pytest.approx(0.5) and weights.sum() == pytest.approx(1.0)
     assert np.allclose(weights[2:], 0.5 / 8)
     masks[:6, 1, 1] = 1  # already more than half: uniform draws
-    assert lesion_weights(masks, 0.5) is None
+    assert lesion_share(masks, 0.5) is None
 
 
 def test_table_has_the_benchmark_layout_with_percent_mean_and_sd(tmp_path):

@@ -10,9 +10,9 @@ import pytest
 import SimpleITK as sitk
 
 from relsegcore.cli import main
-from relsegcore.cli.train import _lesion_share
 from relsegcore.data.intensity import render_full_slice
 from relsegcore.demo import make_demo_ct
+from relsegcore.training import lesion_share
 
 SHAPE, SPACING = (10, 64, 64), (5.5, 5.5, 12.0)
 CASES = ["coronacases_001", "radiopaedia_10_85902_1", "radiopaedia_10_85902_3"]  # the last two: one patient
@@ -68,7 +68,7 @@ def test_slices_with_a_lesion_get_their_share_and_the_other_sets_keep_theirs():
     masks = np.zeros((10, 4, 4), np.uint8)
     masks[0, 1, 1] = 1  # one of 8 target slices has a lesion; slices 8, 9 are negatives at 0.5 of the draws
     before = np.r_[np.full(8, 0.5 / 8), np.full(2, 0.25)]
-    weights = _lesion_share(before, masks, targets=8, fraction=0.5)
+    weights = lesion_share(masks, 0.5, before, targets=8)
     assert weights.sum() == pytest.approx(1.0)
     assert weights[0] == pytest.approx(0.25) and weights[1:8].sum() == pytest.approx(0.25)
     assert weights[8:].tolist() == [0.25, 0.25]
