@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tta", action="store_true",
                         help="flip test-time augmentation (always on for models whose card sets flip_tta)")
     parser.add_argument("--json", type=Path, help="write per-case and summary metrics here")
+    parser.add_argument("--progress", choices=("bar", "lines", "none"), default="bar",
+                        help="progress over the cases (a CT volume takes seconds each); 'lines' prints "
+                             "'PROGRESS <fraction> <stage>' for tools")
     add_device_argument(parser)
     parser.set_defaults(func=run)
 
@@ -47,27 +50,29 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate_image_folder, evaluate_volumes
     from ..fileutil import atomic_write_text
     from ..zoo import load_model
+    from .segment import progress_display
 
     if args.lungs != "hu" and not (args.volumes and args.target == "lungs"):
         raise RelSegError("--lungs chooses the lungs step scored by --volumes --target lungs; with --data, score a "
                           "lung model with --model")
-    if args.data:
-        from ..evaluation import evaluate_ctseg2d
-
-        path = ctseg_folder(args.data, "evaluate", "picture folders as --images/--masks, or --volumes")
-        result = evaluate_ctseg2d(load_model(args.model, select_device(args.device)), path, args.target, tta=args.tta,
-                                  cases=case_list(args.cases))
-    elif args.volumes and args.images is not None:
-        result = evaluate_volumes(args.model, args.images, args.masks, device=args.device, tta=args.tta,
-                                  tolerance_mm=args.tolerance_mm, cases=case_list(args.cases), target=args.target,
-                                  lung_model=args.lungs)
-    elif args.images is None or args.masks is None:
+    if not args.data and (args.images is None or (args.masks is None and not args.volumes)):
         raise RelSegError("give --data ctseg2d:DIR, or --images DIR and --masks DIR")
-    elif args.cases:
+    if args.cases and not (args.data or args.volumes):
         raise RelSegError("--cases selects cases of --data ctseg2d:DIR or of --volumes; a picture folder has none")
-    else:
-        loaded = load_model(args.model, select_device(args.device))
-        result = evaluate_image_folder(loaded, args.images, args.masks, tta=args.tta)
+    with progress_display(args.progress) as progress:
+        if args.data:
+            from ..evaluation import evaluate_ctseg2d
+
+            path = ctseg_folder(args.data, "evaluate", "picture folders as --images/--masks, or --volumes")
+            result = evaluate_ctseg2d(load_model(args.model, select_device(args.device)), path, args.target,
+                                      tta=args.tta, progress=progress, cases=case_list(args.cases))
+        elif args.volumes:
+            result = evaluate_volumes(args.model, args.images, args.masks, device=args.device, tta=args.tta,
+                                      tolerance_mm=args.tolerance_mm, progress=progress, cases=case_list(args.cases),
+                                      target=args.target, lung_model=args.lungs)
+        else:
+            loaded = load_model(args.model, select_device(args.device))
+            result = evaluate_image_folder(loaded, args.images, args.masks, tta=args.tta, progress=progress)
     for case in result["per_case"]:
         print(f"{case['case']:>24}  Dice {case['dice']:.4f}  sensitivity {case['sensitivity']:.4f}  "
               f"specificity {case['specificity']:.4f}")

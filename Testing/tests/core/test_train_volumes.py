@@ -111,13 +111,17 @@ def test_the_lungs_step_is_scored_on_volumes_against_lung_masks(tmp_path, capsys
     def score(masks: Path) -> dict:
         out = tmp_path / f"{masks.name}.json"
         assert main(["evaluate", "--images", str(images), "--masks", str(masks), "--volumes", "--target", "lungs",
-                     "--lungs", "hu", "--device", "cpu", "--json", str(out)]) == 0
+                     "--lungs", "hu", "--device", "cpu", "--json", str(out), "--progress", "lines"]) == 0
         return json.loads(out.read_text())
 
     right = score(lungs)
+    printed = capsys.readouterr().out  # a line per CT for tools (and a tqdm bar in a terminal)
+    assert "PROGRESS 0.5000 evaluating" in printed and "PROGRESS 1.0000 evaluating" in printed
+    assert "(hu-threshold)" in printed
     assert right["model"]["name"] == "hu-threshold" and right["target"] == "lungs" and right["cases"] == 2
     assert right["mean_dice"] > 0.9 and all(case["nsd"] > 0.9 for case in right["per_case"])
     assert score(infection)["mean_dice"] < 0.3
+    capsys.readouterr()
     # masks kept on a crop of the CT's grid (slices 4-11) are scored where the expert looked, on the mask's grid
     for path in lungs.iterdir():
         mask = sitk.ReadImage(str(path))
@@ -125,6 +129,6 @@ def test_the_lungs_step_is_scored_on_volumes_against_lung_masks(tmp_path, capsys
     cropped = score(lungs)
     assert all(case["prediction_resampled_to_mask_grid"] for case in cropped["per_case"])
     assert cropped["mean_dice"] > 0.9 and "prediction_resampled_to_mask_grid" not in right["per_case"][0]
-    assert "(hu-threshold)" in capsys.readouterr().out
+    capsys.readouterr()
     assert main(["evaluate", "--images", str(images), "--masks", str(lungs), "--volumes", "--lungs", "auto"]) == 2
     assert "--volumes --target lungs" in capsys.readouterr().err
