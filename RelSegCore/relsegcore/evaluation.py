@@ -218,7 +218,6 @@ def evaluate_lung_volume_cases(pairs: list[tuple[str, Path, Path]], lung_model: 
                                progress: Progress | None = None) -> dict:
     """The lungs step ``relseg segment --lungs lung_model`` runs, against lung masks (every non-zero voxel is
     lung; both lungs scored as one), in mm: to compare the HU method and a lung model on one's own CTs."""
-
     from .imageio import read_image
     from .pipeline import lung_model_card, segment_lungs
 
@@ -238,7 +237,6 @@ def evaluate_lung_volume_cases(pairs: list[tuple[str, Path, Path]], lung_model: 
 def evaluate_volume_cases(loaded_name: str | os.PathLike, pairs: list[tuple[str, Path, Path]], device: str = "auto",
                           tta: bool = False, tolerance_mm: float = 3.0, progress: Progress | None = None) -> dict:
     """``evaluate_volumes`` on chosen ``(case, image, mask)`` files (a benchmark fold's test cases)."""
-
     from .imageio import read_image
     from .pipeline import segment
     from .zoo import find_model
