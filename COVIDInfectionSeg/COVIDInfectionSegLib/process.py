@@ -93,9 +93,12 @@ class CommandProcess:
         popen_group = (
             {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
         )
+        # The child writes and this side reads UTF-8, whatever the host's code page (Windows pipes use the ANSI
+        # one, in which a user's path may not be printable); an undecodable byte must not end the reader thread.
         self._process = subprocess.Popen(
-            self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, **(self._environment or {})}, **popen_group,
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+            errors="replace", env={**os.environ, **(self._environment or {}), "PYTHONIOENCODING": "utf-8"},
+            **popen_group,
         )
         for stream, name in ((self._process.stdout, "out"), (self._process.stderr, "err")):
             threading.Thread(target=self._read_lines, args=(stream, name), daemon=True).start()

@@ -137,6 +137,26 @@ def test_failure_reports_the_error_line_and_adds_nothing(mrml):
     assert node_ids() == before
 
 
+# A message naming a user's folder outside Latin-1 (a Windows user name in Chinese, say).
+NON_ASCII_FAILING_JOB = r"""
+import sys
+print("PROGRESS 0.05 Checks", flush=True)
+print("relseg: error: Cannot read C:/Users/张伟/Jürgen ≥ 5 mm/ct.nii.gz: not a NIfTI file.", file=sys.stderr)
+sys.exit(2)
+"""
+
+
+def test_an_error_naming_a_non_latin_path_reaches_the_panel_whatever_the_hosts_encoding(mrml, monkeypatch):
+    """Slicer on Windows pipes a child's output in the ANSI code page: the child could not even print such a
+    path (it died with a UnicodeEncodeError traceback). The child writes and the panel reads UTF-8."""
+    monkeypatch.setenv("PYTHONIOENCODING", "latin-1")  # a host whose stdio cannot hold the path
+    volume = small_ct(mrml)
+    process = SegmentationProcess(volume, command=python_job(NON_ASCII_FAILING_JOB))
+    process.start()
+    assert process.wait(timeout_s=30) == FAILED
+    assert process.error == "relseg: error: Cannot read C:/Users/张伟/Jürgen ≥ 5 mm/ct.nii.gz: not a NIfTI file."
+
+
 def test_progress_lines_and_command():
     assert parse_progress_line("PROGRESS 0.4200 Infection slices") == (0.42, "Infection slices")
     assert parse_progress_line("PROGRESS 1.5 Done") == (1.0, "Done")
