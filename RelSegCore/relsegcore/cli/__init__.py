@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _escape_unprintable_output()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -63,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("relseg: interrupted", file=sys.stderr)
         return 130
+
+
+def _escape_unprintable_output() -> None:
+    """Characters the console's code page cannot show (a path in another script) are printed escaped: a
+    UnicodeEncodeError at the final summary would turn a finished run into a traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def ctseg_folder(spec: str, command: str, instead: str):

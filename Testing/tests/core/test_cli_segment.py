@@ -186,6 +186,20 @@ def test_the_installed_command_prints_no_traceback(bad_inputs, model_path, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_a_console_that_cannot_show_a_path_still_gets_the_run_and_its_summary(ct_file, model_path, tmp_path):
+    """A result folder named in another script, printed to a console in an ASCII (or ANSI) code page: the path
+    is escaped in the printout; the run is not lost to a UnicodeEncodeError after its files were written."""
+    out = tmp_path / "Zürich 张伟"
+    completed = subprocess.run(
+        [sys.executable, "-m", "relsegcore.cli", "segment", str(ct_file), "--out", str(out), "--model",
+         str(model_path), "--device", "cpu", "--progress", "none"],
+        capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "ascii"},
+    )
+    assert completed.returncode == 0, completed.stderr.decode("ascii", "replace")
+    assert files_in(out) == sorted(f"chest{suffix}" for suffix in OUTPUT_SUFFIXES)
+    assert "Z\\xfcrich \\u5f20\\u4f1f" in completed.stdout.decode("ascii")
+
+
 def read_summary(out: Path) -> dict[str, dict[str, str]]:
     with open(out / "summary.csv", newline="", encoding="utf-8") as handle:
         return {row["name"]: row for row in csv.DictReader(handle)}
