@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+from pathlib import Path
 
 from ..errors import RelSegError
 
@@ -64,6 +66,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("relseg: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # the file system refused: disk full, no permission, a file where a folder goes
+        if args.verbose:
+            raise
+        where = f": {error.filename}" if error.filename else ""
+        print(f"relseg: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
+
+
+def check_output_folder(folder: str | os.PathLike) -> None:
+    """Stop before any slow work when no results could be written to ``folder`` (created later, only once there
+    is something to write): a file in the way, or a folder the user may not write in."""
+    from ..errors import InputError
+
+    folder = Path(folder).expanduser().absolute()
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot write results to {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write results to {folder}: no permission to write in {existing}")
 
 
 def _escape_unprintable_output() -> None:

@@ -200,6 +200,34 @@ def test_a_console_that_cannot_show_a_path_still_gets_the_run_and_its_summary(ct
     assert "Z\\xfcrich \\u5f20\\u4f1f" in completed.stdout.decode("ascii")
 
 
+def test_an_output_folder_that_cannot_be_made_is_one_line_before_any_work(ct_file, model_path, tmp_path, capsys,
+                                                                          monkeypatch):
+    in_the_way = tmp_path / "results"
+    in_the_way.write_text("a file where the folder should go")
+    import relsegcore.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "segment", lambda *a, **k: pytest.fail("segmented although nothing can be written"))
+    for out in (in_the_way, in_the_way / "case1"):
+        assert segment(ct_file, "--out", out, model=model_path) == 2
+        error = capsys.readouterr().err
+        assert error == f"relseg: error: cannot write results to {out}: {in_the_way} is a file, not a folder\n"
+
+
+def test_a_full_disk_while_writing_is_one_line_naming_the_file(ct_file, model_path, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import relsegcore.outputs as outputs
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "chest.seg.nrrd"))
+
+    monkeypatch.setattr(outputs, "_write_seg_nrrd", no_space)
+    assert segment(ct_file, "--out", tmp_path / "out", model=model_path) == 2
+    error = capsys.readouterr().err
+    assert error == f"relseg: error: No space left on device: {tmp_path / 'out' / 'chest.seg.nrrd'}\n"
+    assert files_in(tmp_path / "out") == []  # none of the five outputs, not even the ones that were written
+
+
 def read_summary(out: Path) -> dict[str, dict[str, str]]:
     with open(out / "summary.csv", newline="", encoding="utf-8") as handle:
         return {row["name"]: row for row in csv.DictReader(handle)}
