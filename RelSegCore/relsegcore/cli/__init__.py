@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
+        _check_outputs(args)
         return int(args.func(args) or 0)
     except RelSegError as error:
         print(f"relseg: error: {error}", file=sys.stderr)
@@ -72,6 +73,20 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {error.filename}" if error.filename else ""
         print(f"relseg: error: {error.strerror or error}{where}", file=sys.stderr)
         return 2
+
+
+OUTPUT_OPTIONS = ("out", "json", "model_dir")  # where commands write: a folder, or a file (.pt, .json) in one
+OUTPUT_FILE_SUFFIXES = (".pt", ".json")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Where the command will write, checked before its slow work (a training writes its first checkpoint
+    minutes in, a segmentation its files at the end)."""
+    for option in OUTPUT_OPTIONS:
+        value = getattr(args, option, None)
+        if value is not None:
+            path = Path(value)
+            check_output_folder(path.parent if path.suffix in OUTPUT_FILE_SUFFIXES else path)
 
 
 def check_output_folder(folder: str | os.PathLike) -> None:

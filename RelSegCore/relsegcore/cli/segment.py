@@ -12,7 +12,7 @@ from ..engines import ENGINES
 from ..errors import InputError
 from ..opacity import HIGH_OPACITY_HU
 from ..progress import Progress, line_progress
-from . import add_device_argument, check_output_folder
+from . import add_device_argument
 
 
 def register(subparsers) -> None:
@@ -64,7 +64,6 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("Give either an INPUT or --demo.")
     if args.workers < 1:
         raise InputError("--workers must be at least 1.")
-    check_output_folder(args.out)
     with progress_display(args.progress) as progress:
         if args.demo:
             return run_demo(args, progress)

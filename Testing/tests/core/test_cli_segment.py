@@ -228,6 +228,18 @@ def test_a_full_disk_while_writing_is_one_line_naming_the_file(ct_file, model_pa
     assert files_in(tmp_path / "out") == []  # none of the five outputs, not even the ones that were written
 
 
+def test_training_and_evaluation_outputs_are_checked_before_the_work(tmp_path, capsys):
+    in_the_way = tmp_path / "runs"
+    in_the_way.write_text("a file")
+    commands = (["train", "--images", str(tmp_path), "--masks", str(tmp_path), "--out", str(in_the_way / "run")],
+                ["evaluate", "--data", f"ctseg2d:{tmp_path}", "--json", str(in_the_way / "scores.json")])
+    for command in commands:
+        assert main(command) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"relseg: error: cannot write results to {in_the_way}")
+        assert error.endswith(f"{in_the_way} is a file, not a folder\n")
+
+
 def read_summary(out: Path) -> dict[str, dict[str, str]]:
     with open(out / "summary.csv", newline="", encoding="utf-8") as handle:
         return {row["name"]: row for row in csv.DictReader(handle)}
