@@ -19,8 +19,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import SimpleITK as sitk
-
 from . import imageio, outputs, zoo
 from .errors import Cancelled, InputError, RelSegError
 from .fileutil import atomic_write_text
@@ -58,7 +56,7 @@ def is_batch_input(path: str | os.PathLike) -> bool:
     path = Path(path)
     if path.is_file():
         return path.suffix.lower() == CSV_SUFFIX
-    if not path.is_dir() or sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)):
+    if not path.is_dir() or imageio.dicom_series_ids(path):
         return False
     return any(_is_case_entry(entry) for entry in path.iterdir())
 

@@ -141,11 +141,22 @@ def _nifti_expected_bytes(header: bytes) -> int | None:
     return None
 
 
+def dicom_series_ids(folder: str | os.PathLike) -> tuple[str, ...]:
+    """The SeriesInstanceUIDs of the DICOM files directly in ``folder``, () for none, without ITK's
+    "No Series were found" warning on stderr (a folder of NIfTI cases is not a mistake)."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def list_dicom_series(folder: Path) -> list[SeriesInfo]:
     """All DICOM series directly in ``folder``."""
     if not any(folder.iterdir()):
         raise InputError(f"The folder {folder} is empty.")
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    series_ids = dicom_series_ids(folder)
     if not series_ids:
         raise InputError(f"No DICOM series found in {folder}.")
     found = []

@@ -337,3 +337,20 @@ def test_a_volume_too_large_for_memory_is_refused_before_any_work(ct_file, model
     stderr = capsys.readouterr().err
     assert stderr.startswith("relseg: error: ") and "voxels" in stderr and "Traceback" not in stderr
     assert files_in(tmp_path / "out") == []
+
+
+def test_a_folder_of_nifti_cases_or_an_empty_one_prints_no_itk_warning(ct_file, model_path, tmp_path, capfd):
+    """Telling a DICOM series from a folder of cases asks GDCM, whose "No Series were found" warning went to
+    stderr (C++ level) before every batch run of NIfTI files and before the one-line error for an empty folder."""
+    from relsegcore.batch import is_batch_input
+
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "a.nii.gz").write_bytes(ct_file.read_bytes())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert is_batch_input(cases) is True and is_batch_input(empty) is False
+    assert segment(empty, "--out", tmp_path / "out", model=model_path) == 2
+    captured = capfd.readouterr()
+    assert "WARNING" not in captured.err and "No Series" not in captured.err
+    assert captured.err == f"relseg: error: The folder {empty} is empty.\n"
