@@ -89,14 +89,21 @@ def read_cases_csv(root: Path) -> list[dict[str, str]]:
     return rows
 
 
+def case_selection(cases: list[str], wanted: list[str]) -> tuple[list[bool], list[str]]:
+    """Which of ``cases`` (case names, one per slice or volume) the ``wanted`` cases or patients name, and the
+    wanted names that match none of them, sorted (a typo would otherwise select nothing, or everything else)."""
+    chosen = set(wanted)
+    unknown = sorted(chosen - set(cases) - {patient_of(case) for case in cases})
+    return [case in chosen or patient_of(case) in chosen for case in cases], unknown
+
+
 def selected_rows(rows: list[dict[str, str]], cases: list[str], root: Path) -> list[bool]:
     """Which ``cases.csv`` rows belong to the named cases or patients; a name that matches nothing is an
-    error (a typo would otherwise select nothing, or everything else)."""
-    wanted = set(cases)
-    unknown = wanted - {row["case"] for row in rows} - {patient_of(row["case"]) for row in rows}
+    error."""
+    selected, unknown = case_selection([row["case"] for row in rows], cases)
     if unknown:
-        raise InputError(f"{root}: no case or patient named {sorted(unknown)[0]!r} in cases.csv")
-    return [row["case"] in wanted or patient_of(row["case"]) in wanted for row in rows]
+        raise InputError(f"{root}: no case or patient named {unknown[0]!r} in cases.csv")
+    return selected
 
 
 def patient_of(case: str) -> str:

@@ -282,15 +282,14 @@ def chosen_pairs(pairs: Sequence[tuple[str, Path, Path]], wanted: Sequence[str] 
                  folder: str | os.PathLike) -> list[tuple[str, Path, Path]]:
     """The ``(case, image, mask)`` pairs named in ``wanted`` (cases, or patients: ``radiopaedia_10`` selects
     both its series); all of them for None. A name matching no volume in ``folder`` is an error."""
-    from .ctseg import patient_of
+    from .ctseg import case_selection
 
     if wanted is None:
         return list(pairs)
-    known = {case for case, _, _ in pairs} | {patient_of(case) for case, _, _ in pairs}
-    unknown = sorted(set(wanted) - known)
+    selected, unknown = case_selection([case for case, _, _ in pairs], list(wanted))
     if unknown:
         raise InputError(f"--cases: no volume named {unknown[0]!r} in {folder}")
-    return [pair for pair in pairs if pair[0] in wanted or patient_of(pair[0]) in wanted]
+    return [pair for pair, chosen in zip(pairs, selected, strict=True) if chosen]
 
 
 def find_volume_pairs(
