@@ -218,16 +218,11 @@ def evaluate_lung_volume_cases(pairs: list[tuple[str, Path, Path]], lung_model: 
                                progress: Progress | None = None) -> dict:
     """The lungs step ``relseg segment --lungs lung_model`` runs, against lung masks (every non-zero voxel is
     lung; both lungs scored as one), in mm: to compare the HU method and a lung model on one's own CTs."""
-    from .imageio import read_image
     from .pipeline import lung_model_card, segment_lungs
 
     card = lung_model_card(lung_model)
-    cases = []
-    for index, (name, image_path, mask_path) in enumerate(pairs):
-        lungs = segment_lungs(read_image(image_path), model=lung_model, device=device)
-        cases.append({"case": name, **_volume_metrics(lungs > 0, mask_path, tolerance_mm, binary=True)})
-        if progress is not None:
-            progress.update((index + 1) / len(pairs), "evaluating")
+    cases = _score_volumes(pairs, lambda image: segment_lungs(image, model=lung_model, device=device) > 0,
+                           tolerance_mm, progress, binary=True)
     method = ({"name": "hu-threshold", "version": "", "sha256": ""} if card is None
               else {"name": card.name, "version": card.version, "sha256": card.sha256})
     return {"model": method, "target": "lungs", "units": "mm", "tolerance_mm": tolerance_mm, "per_case": cases,
@@ -237,20 +232,29 @@ def evaluate_lung_volume_cases(pairs: list[tuple[str, Path, Path]], lung_model: 
 def evaluate_volume_cases(loaded_name: str | os.PathLike, pairs: list[tuple[str, Path, Path]], device: str = "auto",
                           tta: bool = False, tolerance_mm: float = 3.0, progress: Progress | None = None) -> dict:
     """``evaluate_volumes`` on chosen ``(case, image, mask)`` files (a benchmark fold's test cases)."""
-    from .imageio import read_image
     from .pipeline import segment
     from .zoo import find_model
 
     card = find_model(loaded_name)
-    cases = []
-    for index, (name, image_path, mask_path) in enumerate(pairs):
-        result = segment(read_image(image_path), model=loaded_name, device=device, tta=tta)
-        cases.append({"case": name, **_volume_metrics(result.infection, mask_path, tolerance_mm)})
-        if progress is not None:
-            progress.update((index + 1) / len(pairs), "evaluating")
+    cases = _score_volumes(pairs, lambda image: segment(image, model=loaded_name, device=device, tta=tta).infection,
+                           tolerance_mm, progress)
     return {"model": {"name": card.name, "version": card.version, "sha256": card.sha256}, "units": "mm",
             "tolerance_mm": tolerance_mm, "postprocessing": applied_postprocessing(card, tta), "per_case": cases,
             **summarise(cases)}
+
+
+def _score_volumes(pairs: list[tuple[str, Path, Path]], predict, tolerance_mm: float, progress: Progress | None,
+                   binary: bool = False) -> list[dict]:
+    """Each case's metrics of ``predict(CT image) -> label image on its grid`` against its mask file."""
+    from .imageio import read_image
+
+    cases = []
+    for index, (name, image_path, mask_path) in enumerate(pairs):
+        prediction = predict(read_image(image_path))
+        cases.append({"case": name, **_volume_metrics(prediction, mask_path, tolerance_mm, binary)})
+        if progress is not None:
+            progress.update((index + 1) / len(pairs), "evaluating")
+    return cases
 
 
 def _volume_metrics(prediction, mask_path: Path, tolerance_mm: float, binary: bool = False) -> dict:
