@@ -136,6 +136,12 @@ def case_list(text: str | None) -> list[str] | None:
     return cases
 
 
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    """``--progress bar|lines|none``, shown by ``segment.progress_display``."""
+    parser.add_argument("--progress", choices=("bar", "lines", "none"), default="bar",
+                        help="progress display; 'lines' prints 'PROGRESS <fraction> <stage>' for tools")
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"),

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import add_device_argument, case_list, ctseg_folder
+from . import add_device_argument, add_progress_argument, case_list, ctseg_folder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,9 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tta", action="store_true",
                         help="flip test-time augmentation (always on for models whose card sets flip_tta)")
     parser.add_argument("--json", type=Path, help="write per-case and summary metrics here")
-    parser.add_argument("--progress", choices=("bar", "lines", "none"), default="bar",
-                        help="progress over the cases (a CT volume takes seconds each); 'lines' prints "
-                             "'PROGRESS <fraction> <stage>' for tools")
+    add_progress_argument(parser)
     add_device_argument(parser)
     parser.set_defaults(func=run)
 

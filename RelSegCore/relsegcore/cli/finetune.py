@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 
 from ..errors import InputError
-from . import add_device_argument, case_list, ctseg_folder
+from . import add_device_argument, add_progress_argument, case_list, ctseg_folder
 
 OPTIONS_IN_COMMAND = ("model", "data", "cases", "store", "images", "masks", "holdout_images", "holdout_masks", "out",
                       "iterations", "batch_size", "lr", "edited_weight", "seed", "device")
@@ -63,8 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="which layers learn: all (target encoder, decoder and head), decoder (and head), norm "
                              f"(the normalisation layers' scales and shifts) (default: {DEFAULT_TRAINABLE})")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--progress", choices=("bar", "lines", "none"), default="bar",
-                        help="progress display; 'lines' prints 'PROGRESS <fraction> <stage>' for tools")
+    add_progress_argument(parser)
     add_device_argument(parser)
     parser.set_defaults(func=run_finetune)
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import numbers
 
+from . import add_progress_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -30,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     install.add_argument("name")
     install.add_argument("--index", required=True, metavar="URL", help="models index: a JSON list of models")
     install.add_argument("--default", action="store_true", help="also make it the default")
-    install.add_argument("--progress", choices=("bar", "lines", "none"), default="bar")
+    add_progress_argument(install)
     install.set_defaults(func=run_install)
     ensemble = actions.add_parser(
         "ensemble", help="one model that averages the probabilities of several trained runs of one recipe",

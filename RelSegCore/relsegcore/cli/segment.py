@@ -12,7 +12,7 @@ from ..engines import ENGINES
 from ..errors import InputError
 from ..opacity import HIGH_OPACITY_HU
 from ..progress import Progress, line_progress
-from . import add_device_argument
+from . import add_device_argument, add_progress_argument
 
 
 def register(subparsers) -> None:
@@ -49,8 +49,7 @@ def register(subparsers) -> None:
                         help="infection at or above this HU is consolidation and counts in the percentage of "
                              f"high opacity (PHO); below it is ground-glass (default: {HIGH_OPACITY_HU:g})")
     parser.add_argument("--series", metavar="UID", help="DICOM series to read (UID, description or number)")
-    parser.add_argument("--progress", choices=("bar", "lines", "none"), default="bar",
-                        help="progress display; 'lines' prints 'PROGRESS <fraction> <stage>' for tools")
+    add_progress_argument(parser)
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="worker processes for a folder or CSV of cases (default: 1)")
     parser.add_argument("--demo", action="store_true",
