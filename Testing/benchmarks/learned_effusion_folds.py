@@ -34,6 +34,7 @@ from scipy import ndimage
 from relsegcore.data.ctseg import patient_of_name, read_ctseg2d
 from relsegcore.data.intensity import FULL_SLICE_CLAHE, render_full_slice, resize_slices
 from relsegcore.data.readers import read_volume_pairs
+from relsegcore.inference import class_probabilities
 from relsegcore.lungs import LEFT_LUNG, RIGHT_LUNG, segment_lungs_array
 from relsegcore.metrics import dice
 from relsegcore.models.unet import NetworkConfig
@@ -87,7 +88,7 @@ def effusion_probability(network: torch.nn.Module, images: np.ndarray) -> np.nda
     with torch.no_grad():
         for start in range(0, len(images), 16):
             x = torch.from_numpy(images[start:start + 16]).float().div(255).unsqueeze(1)
-            out.append(torch.softmax(network(x), 1)[:, 1].numpy())
+            out.append(class_probabilities(network, x)[:, 1].numpy())
     return np.concatenate(out)
 
 

@@ -244,7 +244,7 @@ def _load_volumes(args: argparse.Namespace):
         raise RelSegError(f"--lesion-fraction must lie between 0 and 1, not {args.lesion_fraction}")
     pairs = chosen_pairs(find_volume_pairs(args.images, args.masks), case_list(args.cases), args.images)
     options = VolumeOptions(size=args.size, label_map={1: 1, 2: 2} if args.multiclass else None,
-                            only_lesion_slices=False, context="lungs", recipe=FULL_SLICE_CLAHE)
+                            only_lesion_slices=False, context="lungs", recipe=_recipe(args))
     data = read_pairs(pairs, options, source=args.images.name, cache_dir=args.cache_dir)
     print(f"volumes: {len(data)} slices of {len(pairs)} CTs in {args.images}")
     return data
