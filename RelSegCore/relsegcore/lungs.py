@@ -29,6 +29,7 @@ AIR_HU = -400.0  # halfway between aerated lung (-850) and soft tissue (+40)
 AIRWAY_HU = (-980.0, -960.0, -940.0)  # trachea lumen thresholds, tried from the most permissive
 GAS_QUARTILE_HU = -950.0  # bowel/stomach gas is pure air: its lower quartile is below this, lung's is not
 MAX_AIRWAY_ML = 250.0  # an airway tree larger than this has leaked into the lungs
+MIN_AIRWAY_LENGTH_MM = 30.0  # a trachea grown from the top slices runs at least this far down; a stub does not
 SOFT_TISSUE_MAX_HU = 150.0  # closing may add infection and vessels, never bone
 WORK_SPACING_MM = 1.4
 CLOSING_RADIUS_MM = 7.0
@@ -211,11 +212,26 @@ def _body_midline_x(hu: np.ndarray) -> float:
 
 
 def _airway(hu: np.ndarray, inside_air: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
-    """Trachea and main bronchi: a dark tube grown from a seed found in the top slices."""
-    seed = _trachea_seed(inside_air, spacing)
-    if seed is None:
-        return np.zeros(hu.shape, bool)
+    """Trachea and main bronchi: a dark tube grown from a seed found in the top slices.
+
+    Each top slice offers its most central candidate, from the top down; the first whose tube runs at least
+    ``MIN_AIRWAY_LENGTH_MM`` down is taken. The top slice's alone is not enough: where the trachea's lumen is
+    broken in a slice (lung1: a 5 mm slice through the neck where it is not a closed air region), the piece
+    above the break is a stub, and the trachea and main bronchi below it joined the lungs. When no seed runs
+    that far (a CT that starts below the carina), the first seed's airway is kept."""
     voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
+    first = None
+    for seed in _trachea_seeds(inside_air, spacing):
+        airway = _grow_airway(hu, inside_air, seed, voxel_ml)
+        slices = np.flatnonzero(airway.any(axis=(1, 2)))
+        if len(slices) and (slices[-1] - slices[0] + 1) * spacing[2] >= MIN_AIRWAY_LENGTH_MM:
+            return airway
+        first = airway if first is None else first
+    return np.zeros(hu.shape, bool) if first is None else first
+
+
+def _grow_airway(hu: np.ndarray, inside_air: np.ndarray, seed: tuple[int, int, int], voxel_ml: float) -> np.ndarray:
+    """The dark region connected to ``seed`` at the most permissive of ``AIRWAY_HU`` that stays airway-sized."""
     airway = np.zeros(hu.shape, bool)
     for threshold in AIRWAY_HU:
         components, _ = ndimage.label((hu < threshold) & inside_air)
@@ -229,14 +245,16 @@ def _airway(hu: np.ndarray, inside_air: np.ndarray, spacing: tuple[float, float,
     return airway
 
 
-def _trachea_seed(inside_air: np.ndarray, spacing: tuple[float, float, float]) -> tuple[int, int, int] | None:
-    """A voxel of the trachea: a small round air region near the centre of one of the top slices."""
+def _trachea_seeds(inside_air: np.ndarray, spacing: tuple[float, float, float]) -> list[tuple[int, int, int]]:
+    """Voxels that may be the trachea, top slice first: in each of the top 40 mm, the small round air region
+    nearest the centre, if any."""
     pixel_cm2 = spacing[0] * spacing[1] / 100.0
     n_slices = inside_air.shape[0]
     top_slices = min(n_slices, max(1, int(round(40.0 / spacing[2]))))
     if n_slices < 3:
-        return None
+        return []
     width = inside_air.shape[2]
+    seeds = []
     for z in range(n_slices - 1, n_slices - 1 - top_slices, -1):
         components, count = ndimage.label(inside_air[z])
         if count == 0:
@@ -253,8 +271,8 @@ def _trachea_seed(inside_air: np.ndarray, spacing: tuple[float, float, float]) -
         if best is not None:
             ys, xs = np.nonzero(components == best[1])
             middle = len(ys) // 2
-            return (z, int(ys[middle]), int(xs[middle]))
-    return None
+            seeds.append((z, int(ys[middle]), int(xs[middle])))
+    return seeds
 
 
 def _lung_components(

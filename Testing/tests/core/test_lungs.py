@@ -108,6 +108,41 @@ def test_real_chest_volume_has_plausible_lungs_on_the_right_sides(shared_data):
     assert (labels[tumour > 0] > 0).mean() > 0.95
 
 
+def test_trachea_broken_near_the_top_is_still_taken_out_of_the_lungs(demo_case):
+    """Where the trachea's lumen is not a closed air region in one slice near the top (lung1's neck), the
+    top slice holds only a stub of it; the tube below must still be found, not join the lungs."""
+    hu = sitk.GetArrayFromImage(demo_case.image)
+    spacing = demo_case.image.GetSpacing()
+    whole = segment_lungs_array(hu, spacing)
+    broken = hu.copy()
+    below_top = broken[-2]
+    below_top[below_top < -900] = 40  # the top slice's trachea is now a 4 mm stub, the tube below cut off
+    assert (broken[-2] < -900).sum() == 0 and (broken[-1] < -900).sum() > 0
+    labels = segment_lungs_array(broken, spacing)
+    truth = sitk.GetArrayFromImage(demo_case.lungs)
+    added = (labels > 0) & (whole == 0)
+    assert added.sum() < 0.001 * (whole > 0).sum()  # without the fix: the whole trachea and both bronchi
+    assert not (labels > 0)[(hu < -950) & (truth == 0) & (np.arange(hu.shape[0]) > hu.shape[0] // 2)[:, None, None]
+                            & (np.abs(np.arange(hu.shape[2]) - hu.shape[2] / 2) < 10)].any()
+
+
+def test_real_trachea_is_not_lung(shared_data):
+    """lung1: the trachea's lumen is broken 5-10 mm below the top slice; it and the main bronchi used to be
+    counted as lung (22,836 voxels, 36 mL) because only the top slice's stub was taken for the airway."""
+    image = imageio.to_canonical(imageio.read_image(shared_data / "lung-tumor-volumes" / "lung1_image.nrrd"))
+    hu = sitk.GetArrayFromImage(image)
+    labels = segment_lungs_array(hu, image.GetSpacing())
+    for z in range(38, 44):  # the trachea: the central dark region of each of these slices
+        components, count = ndimage.label(hu[z] < -900)
+        ids = np.arange(1, count + 1)
+        areas = ndimage.sum_labels(np.ones_like(components), components, ids)
+        centres = np.array(ndimage.center_of_mass(hu[z] < -900, components, ids))
+        distance = np.hypot(centres[:, 0] - hu.shape[1] / 2, centres[:, 1] - hu.shape[2] / 2)
+        candidates = [(d, i) for d, i, a in zip(distance, ids, areas, strict=True) if 100 <= a <= 2000]
+        trachea = components == min(candidates)[1]
+        assert not (labels[z][trachea] > 0).any(), f"slice {z}"
+
+
 def test_single_synthetic_slice_reaches_dice_095(demo_case):
     hu = sitk.GetArrayFromImage(demo_case.image)
     truth = sitk.GetArrayFromImage(demo_case.lungs)
