@@ -30,6 +30,7 @@ AIRWAY_HU = (-980.0, -960.0, -940.0)  # trachea lumen thresholds, tried from the
 GAS_QUARTILE_HU = -950.0  # bowel/stomach gas is pure air: its lower quartile is below this, lung's is not
 MAX_AIRWAY_ML = 250.0  # an airway tree larger than this has leaked into the lungs
 MIN_AIRWAY_LENGTH_MM = 30.0  # a trachea grown from the top slices runs at least this far down; a stub does not
+STUB_GAP_MM = 15.0  # the trachea below a break in its lumen lies within this of the stub above it
 SOFT_TISSUE_MAX_HU = 150.0  # closing may add infection and vessels, never bone
 WORK_SPACING_MM = 1.4
 CLOSING_RADIUS_MM = 7.0
@@ -214,20 +215,34 @@ def _body_midline_x(hu: np.ndarray) -> float:
 def _airway(hu: np.ndarray, inside_air: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
     """Trachea and main bronchi: a dark tube grown from a seed found in the top slices.
 
-    Each top slice offers its most central candidate, from the top down; the first whose tube runs at least
-    ``MIN_AIRWAY_LENGTH_MM`` down is taken. The top slice's alone is not enough: where the trachea's lumen is
-    broken in a slice (lung1: a 5 mm slice through the neck where it is not a closed air region), the piece
-    above the break is a stub, and the trachea and main bronchi below it joined the lungs. When no seed runs
-    that far (a CT that starts below the carina), the first seed's airway is kept."""
+    Where the trachea's lumen is not a closed air region in one slice (lung1: a 5 mm slice through the neck),
+    the tube grown from the top slice is a stub, and the trachea and main bronchi below the break would join
+    the lungs: then the tube is grown again from the first seed below the stub, within ``STUB_GAP_MM`` of its
+    axis, that runs at least ``MIN_AIRWAY_LENGTH_MM`` down. Nothing else changes: without a stub (no dark tube at
+    the top, as in a CT of the upper abdomen, whose central gas is bowel) no other seed is tried."""
+    seeds = _trachea_seeds(hu, inside_air, spacing)
+    if not seeds:
+        return np.zeros(hu.shape, bool)
     voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
-    first = None
-    for seed in _trachea_seeds(inside_air, spacing):
-        airway = _grow_airway(hu, inside_air, seed, voxel_ml)
-        slices = np.flatnonzero(airway.any(axis=(1, 2)))
-        if len(slices) and (slices[-1] - slices[0] + 1) * spacing[2] >= MIN_AIRWAY_LENGTH_MM:
-            return airway
-        first = airway if first is None else first
-    return np.zeros(hu.shape, bool) if first is None else first
+    airway = _grow_airway(hu, inside_air, seeds[0], voxel_ml)
+    slices = np.flatnonzero(airway.any(axis=(1, 2)))
+    if not len(slices) or _length_mm(slices, spacing) >= MIN_AIRWAY_LENGTH_MM:
+        return airway
+    bottom = slices[0]  # z increases superiorly: the stub's lowest slice
+    axis = np.argwhere(airway[bottom]).mean(axis=0)
+    for z, y, x in seeds[1:]:
+        if z >= bottom or np.hypot((y - axis[0]) * spacing[1], (x - axis[1]) * spacing[0]) > STUB_GAP_MM:
+            continue
+        below = _grow_airway(hu, inside_air, (z, y, x), voxel_ml)
+        below_slices = np.flatnonzero(below.any(axis=(1, 2)))
+        if len(below_slices) and _length_mm(below_slices, spacing) >= MIN_AIRWAY_LENGTH_MM:
+            return airway | below
+    return airway
+
+
+def _length_mm(slices: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """How far along z the sorted slice indices ``slices`` reach, in mm."""
+    return float(slices[-1] - slices[0] + 1) * spacing[2]
 
 
 def _grow_airway(hu: np.ndarray, inside_air: np.ndarray, seed: tuple[int, int, int], voxel_ml: float) -> np.ndarray:
@@ -245,7 +260,8 @@ def _grow_airway(hu: np.ndarray, inside_air: np.ndarray, seed: tuple[int, int, i
     return airway
 
 
-def _trachea_seeds(inside_air: np.ndarray, spacing: tuple[float, float, float]) -> list[tuple[int, int, int]]:
+def _trachea_seeds(hu: np.ndarray, inside_air: np.ndarray,
+                   spacing: tuple[float, float, float]) -> list[tuple[int, int, int]]:
     """Voxels that may be the trachea, top slice first: in each of the top 40 mm, the small round air region
     nearest the centre, if any."""
     pixel_cm2 = spacing[0] * spacing[1] / 100.0
@@ -268,10 +284,10 @@ def _trachea_seeds(inside_air: np.ndarray, spacing: tuple[float, float, float]) 
                 continue
             if best is None or abs(cx - width / 2.0) < best[0]:
                 best = (abs(cx - width / 2.0), component_id)
-        if best is not None:
-            ys, xs = np.nonzero(components == best[1])
-            middle = len(ys) // 2
-            seeds.append((z, int(ys[middle]), int(xs[middle])))
+        if best is not None:  # its darkest voxel: the lumen, not a partial-volume voxel at its wall
+            region = np.where(components == best[1], hu[z], np.inf)
+            y, x = np.unravel_index(int(np.argmin(region)), region.shape)
+            seeds.append((z, int(y), int(x)))
     return seeds
 
 

@@ -126,21 +126,42 @@ def test_trachea_broken_near_the_top_is_still_taken_out_of_the_lungs(demo_case):
                             & (np.abs(np.arange(hu.shape[2]) - hu.shape[2] / 2) < 10)].any()
 
 
-def test_real_trachea_is_not_lung(shared_data):
-    """lung1: the trachea's lumen is broken 5-10 mm below the top slice; it and the main bronchi used to be
-    counted as lung (22,836 voxels, 36 mL) because only the top slice's stub was taken for the airway."""
-    image = imageio.to_canonical(imageio.read_image(shared_data / "lung-tumor-volumes" / "lung1_image.nrrd"))
+def test_trachea_found_when_the_top_slices_lumen_has_a_pale_voxel_in_its_middle(demo_case):
+    """The seed of the airway is the candidate region's darkest voxel: its middle voxel (by raster order) was
+    taken before, and on LUNG1-005, 013 and 016 that voxel is a pale partial-volume one (-668, -928, -784 HU),
+    from which nothing grows, so those CTs had no airway at all."""
+    hu = sitk.GetArrayFromImage(demo_case.image)
+    spacing = demo_case.image.GetSpacing()
+    whole = segment_lungs_array(hu, spacing)
+    pale = hu.copy()
+    components, _ = ndimage.label(pale[-1] < -400)
+    centre = components[pale.shape[1] // 2 - 11 : pale.shape[1] // 2 + 1, pale.shape[2] // 2]  # the trachea's
+    trachea = components == np.bincount(centre[centre > 0]).argmax()
+    ys, xs = np.nonzero(trachea)
+    pale[-1, ys[len(ys) // 2], xs[len(xs) // 2]] = -700
+    labels = segment_lungs_array(pale, spacing)
+    assert ((labels > 0) & (whole == 0)).sum() < 0.001 * (whole > 0).sum()  # before: the airway tree joined
+
+
+@pytest.mark.parametrize(("volume", "trachea_slices", "trachea_yx"), [
+    ("lung-tumor-volumes/lung1_image.nrrd", range(38, 44), (294, 260)),  # lumen broken below the top: a stub
+    ("pleural-effusion/LUNG1-005_ct.nii.gz", range(44, 54), (137, 201)),  # pale seed voxel: no airway at all
+])
+def test_real_trachea_is_not_lung(shared_data, volume, trachea_slices, trachea_yx):
+    """The trachea and main bronchi used to be counted as lung on lung1 (36 mL) and LUNG1-005 (60 mL), and on
+    LUNG1-013 and 016 like the latter. ``trachea_yx``: near the lumen on those slices (canonical grid)."""
+    image = imageio.to_canonical(imageio.read_image(shared_data / volume))
     hu = sitk.GetArrayFromImage(image)
     labels = segment_lungs_array(hu, image.GetSpacing())
-    for z in range(38, 44):  # the trachea: the central dark region of each of these slices
+    for z in trachea_slices:  # the trachea: the dark region of the slice nearest trachea_yx, 12 to 25 mm wide
         components, count = ndimage.label(hu[z] < -900)
         ids = np.arange(1, count + 1)
         areas = ndimage.sum_labels(np.ones_like(components), components, ids)
         centres = np.array(ndimage.center_of_mass(hu[z] < -900, components, ids))
-        distance = np.hypot(centres[:, 0] - hu.shape[1] / 2, centres[:, 1] - hu.shape[2] / 2)
-        candidates = [(d, i) for d, i, a in zip(distance, ids, areas, strict=True) if 100 <= a <= 2000]
-        trachea = components == min(candidates)[1]
-        assert not (labels[z][trachea] > 0).any(), f"slice {z}"
+        distance = np.hypot(centres[:, 0] - trachea_yx[0], centres[:, 1] - trachea_yx[1])
+        nearest, index = min((d, i) for d, i, a in zip(distance, ids, areas, strict=True) if 100 <= a <= 2000)
+        assert nearest < 25, f"no trachea on slice {z}"
+        assert not (labels[z][components == index] > 0).any(), f"slice {z}"
 
 
 def test_single_synthetic_slice_reaches_dice_095(demo_case):
