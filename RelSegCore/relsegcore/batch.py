@@ -115,8 +115,10 @@ def _cases_from_csv(csv_path: Path) -> list[Case]:
     return cases
 
 
-def case_is_finished(out_dir: Path, name: str, model_sha256: str, high_opacity_hu: float = HIGH_OPACITY_HU) -> bool:
-    """All outputs of ``name`` exist and its report was made by the model with this SHA-256 at this threshold."""
+def case_is_finished(out_dir: Path, name: str, model_sha256: str, high_opacity_hu: float = HIGH_OPACITY_HU,
+                     stored_window: tuple[float, float] | None = None) -> bool:
+    """All outputs of ``name`` exist and its report was made by the model with this SHA-256 at this threshold,
+    from the CT read the same way (``stored_window``)."""
     paths = outputs.output_paths(out_dir, name)
     if not all(path.is_file() for path in paths.values()):
         return False
@@ -124,8 +126,9 @@ def case_is_finished(out_dir: Path, name: str, model_sha256: str, high_opacity_h
         report = json.loads(paths["report"].read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
+    window = None if stored_window is None else [float(value) for value in stored_window]
     return (isinstance(report, dict) and report.get("model", {}).get("sha256") == model_sha256
-            and report.get("high_opacity_hu") == high_opacity_hu)
+            and report.get("high_opacity_hu") == high_opacity_hu and report.get("stored_window_hu") == window)
 
 
 def run_batch(
@@ -139,6 +142,7 @@ def run_batch(
     lung_model: str | os.PathLike = "hu",
     high_opacity_hu: float = HIGH_OPACITY_HU,
     engine: str = "auto",
+    stored_window: tuple[float, float] | None = None,
 ) -> list[CaseOutcome]:
     """Segment every unfinished case, then write ``summary.csv``; failures are recorded, not raised.
 
@@ -151,12 +155,13 @@ def run_batch(
     progress = progress or Progress()
     outcomes: dict[Case, CaseOutcome] = {}
     for case in cases:
-        if case_is_finished(out_dir, case.name, card.sha256, high_opacity_hu):
+        if case_is_finished(out_dir, case.name, card.sha256, high_opacity_hu, stored_window):
             outcomes[case] = CaseOutcome(case, "skipped", report=_read_report(out_dir, case.name))
     pending = [case for case in cases if case not in outcomes]
     if outcomes:
         log.info("Skipping %d finished case(s) in %s", len(outcomes), out_dir)
-    job = (str(out_dir), str(card.path.with_suffix(".json")), device, tta, high_opacity_hu, str(lung_model), engine)
+    job = (str(out_dir), str(card.path.with_suffix(".json")), device, tta, high_opacity_hu, str(lung_model), engine,
+           stored_window)
     try:
         if workers <= 1 or len(pending) <= 1:
             _run_here(pending, job, progress, outcomes, len(cases))
@@ -207,14 +212,14 @@ def _init_worker(threads: int) -> None:
 
 def segment_case(case: Case, out_dir: str, model_card: str, device: str, tta: bool,
                  high_opacity_hu: float = HIGH_OPACITY_HU, lung_model: str = "hu", engine: str = "auto",
-                 progress: Progress | None = None) -> CaseOutcome:
+                 stored_window: tuple[float, float] | None = None, progress: Progress | None = None) -> CaseOutcome:
     """Segment one case and write its outputs; any failure becomes a ``failed`` outcome (``Cancelled`` excepted)."""
     from .pipeline import segment_file
 
     try:
         segment_file(case.path, out_dir, model=model_card, device=device, tta=tta, series=case.series,
                      progress=progress, name=case.name, high_opacity_hu=high_opacity_hu, lung_model=lung_model,
-                     engine=engine)
+                     engine=engine, stored_window=stored_window)
     except Cancelled:
         raise
     except RelSegError as error:

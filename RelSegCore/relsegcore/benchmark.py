@@ -31,6 +31,7 @@ from .data.intensity import FULL_SLICE_CLAHE, RECIPES, preprocessing_for, recipe
 from .data.readers import SliceSet, VolumeOptions, find_volume_pairs, read_pairs
 from .errors import InputError
 from .fileutil import atomic_path, atomic_write_text
+from .imageio import hu_from_stored_window
 
 TASKS = ("task1", "task3")
 METHODS = ("dual", "pooled")
@@ -118,9 +119,7 @@ def in_hounsfield_units(pairs: Sequence[CasePair], out_dir: Path) -> list[CasePa
             if voxels.min() < 0 or voxels.max() > 255 or image.GetNumberOfComponentsPerPixel() != 1:
                 result.append((case, image_path, mask_path))
                 continue
-            low, high = BENCHMARK_WINDOW
-            hu = sitk.GetImageFromArray(np.round(voxels / 255.0 * (high - low) + low).astype(np.int16))
-            hu.CopyInformation(image)
+            hu = hu_from_stored_window(image, BENCHMARK_WINDOW)
             with atomic_path(target) as tmp:
                 sitk.WriteImage(hu, str(tmp), useCompression=True)
         result.append((case, target, mask_path))

@@ -30,6 +30,7 @@ HU_RANGE = (-2048.0, 4095.0)  # the usual stored CT scale; below: padding outsid
 PADDING_FLOOR_HU = -32768.0  # scanners pad outside the circular field with -3024, -2048 or int16's minimum
 MAX_SHARE_ABOVE_SCALE = 0.001  # metal is a few voxels; a CT with more above 4095 is not in HU
 AIR_PERCENTILE_MAX_HU = -500.0  # a CT always shows air (outside the body, lungs) near -1000
+STORED_GREY_RANGE = (0, 255)  # a CT stored windowed as 8-bit grey values (hu_from_stored_window)
 BYTES_PER_VOXEL_NEEDED = 16  # working copies (float32 HU, masks, labels) during segmentation
 MAX_VOXELS_ENV = "RELSEG_MAX_VOXELS"
 
@@ -220,10 +221,35 @@ def validate_ct(image: sitk.Image) -> None:
         )
     first_percentile = float(np.percentile(_sample(hu), 1))
     if first_percentile > AIR_PERCENTILE_MAX_HU:
+        stored_as_grey = STORED_GREY_RANGE[0] <= low and high <= STORED_GREY_RANGE[1]
         raise InputError(
             f"The image shows no air near -1000 HU (1st percentile {first_percentile:g}): "
             "it does not look like a CT in Hounsfield units (MR or rescaled data?)."
+            + (" If it is a CT stored windowed as grey values 0..255 (as the Radiopaedia cases of COVID-19-CT-Seg, "
+               "window -1250..250 HU), give its window: relseg segment --stored-window=-1250,250 "
+               "(Python: relsegcore.imageio.hu_from_stored_window)." if stored_as_grey else "")
         )
+
+
+def hu_from_stored_window(image: sitk.Image, window: tuple[float, float]) -> sitk.Image:
+    """A CT stored windowed as grey values 0..255 back in HU, grey ``g`` -> ``low + g / 255 * (high - low)``.
+
+    COVID-19-CT-Seg stores its Radiopaedia cases so, in the window -1250..250 HU: what the window clipped (bone,
+    metal) stays at its edge, which the lungs and the infection do not need. An image with other values is
+    refused rather than guessed at."""
+    low, high = (float(value) for value in window)
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise InputError(f"A stored window needs LOW < HIGH in HU, not {low:g},{high:g}.")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError("The image has several values per voxel (colour): a windowed CT has one grey value.")
+    voxels = sitk.GetArrayViewFromImage(image)
+    smallest, largest = float(np.min(voxels)), float(np.max(voxels))
+    if not (STORED_GREY_RANGE[0] <= smallest and largest <= STORED_GREY_RANGE[1]):
+        raise InputError(f"Voxel values {smallest:g}..{largest:g} are not grey values "
+                         f"{STORED_GREY_RANGE[0]}..{STORED_GREY_RANGE[1]}: this CT is not stored windowed.")
+    hu = sitk.GetImageFromArray(np.round(voxels / 255.0 * (high - low) + low).astype(np.int16))
+    hu.CopyInformation(image)
+    return hu
 
 
 def _check_fits_in_memory(image: sitk.Image) -> None:

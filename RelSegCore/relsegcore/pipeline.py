@@ -371,14 +371,20 @@ def segment_file(
     lung_model: str | os.PathLike = "hu",
     high_opacity_hu: float = opacity.HIGH_OPACITY_HU,
     engine: str = "auto",
+    stored_window: tuple[float, float] | None = None,
 ) -> dict[str, Path]:
-    """Read a CT file or DICOM folder, segment it and write all outputs (all or nothing)."""
+    """Read a CT file or DICOM folder, segment it and write all outputs (all or nothing). ``stored_window``:
+    the CT is stored windowed as grey values 0..255 in this window (``imageio.hu_from_stored_window``)."""
     progress = progress or Progress()
     progress.update(0.0, "Reading")
     image = imageio.read_image(path, series)
+    if stored_window is not None:
+        image = imageio.hu_from_stored_window(image, stored_window)
     result = segment(image, model=model, device=device, tta=tta, progress=progress, high_opacity_hu=high_opacity_hu,
                      lung_model=lung_model, engine=engine)
     result.report["input"] = str(path)
+    if stored_window is not None:
+        result.report["stored_window_hu"] = [float(value) for value in stored_window]
     chosen = imageio.last_series_choice
     if chosen is not None:  # say which DICOM series was segmented
         result.report["dicom_series"] = {"uid": chosen.uid, "description": chosen.description,

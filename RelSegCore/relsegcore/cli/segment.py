@@ -49,6 +49,10 @@ def register(subparsers) -> None:
                         help="infection at or above this HU is consolidation and counts in the percentage of "
                              f"high opacity (PHO); below it is ground-glass (default: {HIGH_OPACITY_HU:g})")
     parser.add_argument("--series", metavar="UID", help="DICOM series to read (UID, description or number)")
+    parser.add_argument("--stored-window", metavar="LOW,HIGH",
+                        help="the CT is stored windowed as grey values 0..255, not in HU (as the Radiopaedia cases "
+                             "of COVID-19-CT-Seg: --stored-window=-1250,250, with '=' before a negative LOW): "
+                             "map it back to HU in this window first")
     add_progress_argument(parser)
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="worker processes for a folder or CSV of cases (default: 1)")
@@ -63,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("Give either an INPUT or --demo.")
     if args.workers < 1:
         raise InputError("--workers must be at least 1.")
+    if args.stored_window is not None:
+        if args.demo:
+            raise InputError("The demo CT is in HU: --stored-window is for a CT stored as grey values 0..255.")
+        args.stored_window = _window(args.stored_window)
     with progress_display(args.progress) as progress:
         if args.demo:
             return run_demo(args, progress)
@@ -102,7 +110,7 @@ def run_single(args: argparse.Namespace, progress: Progress) -> int:
 
     paths = segment_file(args.input, args.out, model=args.model, device=args.device, tta=args.tta,
                          series=args.series, progress=progress, high_opacity_hu=args.high_opacity_hu,
-                         lung_model=args.lungs, engine=args.engine)
+                         lung_model=args.lungs, engine=args.engine, stored_window=args.stored_window)
     print_outputs(paths)
     return 0
 
@@ -112,7 +120,7 @@ def run_batch(args: argparse.Namespace, progress: Progress) -> int:
 
     outcomes = run_batch(list_cases(args.input, args.out), args.out, model=args.model, device=args.device, tta=args.tta,
                          workers=args.workers, progress=progress, high_opacity_hu=args.high_opacity_hu,
-                         lung_model=args.lungs, engine=args.engine)
+                         lung_model=args.lungs, engine=args.engine, stored_window=args.stored_window)
     for outcome in outcomes:
         detail = f": {outcome.error}" if outcome.error else ""
         opacity = outcome.report.get("percent_opacity", {}).get("overall") if outcome.report else None
@@ -189,3 +197,15 @@ def print_outputs(paths: dict[str, Path]) -> None:
 
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f} %"
+
+
+def _window(text: str) -> tuple[float, float]:
+    """``"-1250,250"`` -> ``(-1250.0, 250.0)``, LOW below HIGH."""
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(f"--stored-window expects LOW,HIGH in HU (e.g. --stored-window=-1250,250), "
+                         f"not {text!r}.") from None
+    if not low < high:
+        raise InputError(f"--stored-window: LOW must be below HIGH, not {text!r}.")
+    return low, high

@@ -354,3 +354,61 @@ def test_a_folder_of_nifti_cases_or_an_empty_one_prints_no_itk_warning(ct_file, 
     captured = capfd.readouterr()
     assert "WARNING" not in captured.err and "No Series" not in captured.err
     assert captured.err == f"relseg: error: The folder {empty} is empty.\n"
+
+
+@pytest.fixture(scope="module")
+def windowed_ct(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """The small demo CT stored as COVID-19-CT-Seg stores its Radiopaedia cases: grey values 0..255 in the
+    window -1250..250 HU; and the HU lungs of the CT in HU."""
+    from relsegcore.lungs import segment_lungs
+
+    image = make_demo_ct(shape=(32, 128, 128), spacing=(2.8, 2.8, 8.0)).image
+    hu = sitk.GetArrayFromImage(image).astype(np.float64)
+    grey = sitk.GetImageFromArray(np.round(np.clip((hu + 1250) / 1500, 0, 1) * 255).astype(np.uint8))
+    grey.CopyInformation(image)
+    path = tmp_path_factory.mktemp("windowed") / "radiopaedia_like.nii.gz"
+    sitk.WriteImage(grey, str(path))
+    return path, sitk.GetArrayFromImage(segment_lungs(image))
+
+
+def test_a_ct_stored_as_grey_values_is_refused_with_the_way_to_read_it(windowed_ct, model_path, tmp_path, capsys):
+    path, _ = windowed_ct
+    assert segment(path, "--out", tmp_path / "out", model=model_path) == 2
+    stderr = capsys.readouterr().err.strip()
+    assert len(stderr.splitlines()) == 1 and "--stored-window=-1250,250" in stderr, stderr
+    assert files_in(tmp_path / "out") == []
+
+
+def test_stored_window_maps_grey_values_back_to_hu(windowed_ct, model_path, tmp_path, capsys):
+    path, hu_lungs = windowed_ct
+    out = tmp_path / "out"
+    assert segment(path, "--out", out, "--stored-window=-1250,250", model=model_path) == 0
+    report = json.loads((out / "radiopaedia_like_report.json").read_text())
+    assert report["stored_window_hu"] == [-1250.0, 250.0]
+    lungs = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "radiopaedia_like_lungs.nii.gz")))
+    for side in (1, 2):  # the lungs of the CT in HU, within the window's 6 HU grey steps
+        overlap = 2 * ((lungs == side) & (hu_lungs == side)).sum() / ((lungs == side).sum() + (hu_lungs == side).sum())
+        assert overlap >= 0.98, side
+
+
+def test_stored_window_is_part_of_a_batchs_resume_key(windowed_ct, ct_file, model_path, tmp_path, capsys):
+    path, _ = windowed_ct
+    cases, out = tmp_path / "cases", tmp_path / "out"
+    cases.mkdir()
+    (cases / path.name).write_bytes(path.read_bytes())
+    assert segment(cases, "--out", out, "--stored-window=-1250,250", model=model_path) == 0
+    assert segment(cases, "--out", out, "--stored-window=-1250,250", model=model_path) == 0
+    assert read_summary(out)["radiopaedia_like"]["status"] == "skipped"
+    assert segment(cases, "--out", out, "--stored-window=-1000,400", model=model_path) == 0  # read otherwise
+    summary = read_summary(out)["radiopaedia_like"]
+    assert summary["status"] == "done" and json.loads(summary["stored_window_hu"]) == [-1000.0, 400.0]
+
+
+@pytest.mark.parametrize(("window", "phrase"), [("250,-1250", "LOW must be below HIGH"),
+                                                ("-1250", "expects LOW,HIGH"),
+                                                ("-1250,250", "not grey values 0..255")])
+def test_a_wrong_stored_window_is_one_line(ct_file, model_path, tmp_path, capsys, window, phrase):
+    assert segment(ct_file, "--out", tmp_path / "out", f"--stored-window={window}", model=model_path) == 2
+    stderr = capsys.readouterr().err.strip()
+    assert len(stderr.splitlines()) == 1 and phrase in stderr, stderr
+    assert files_in(tmp_path / "out") == []
