@@ -7,13 +7,16 @@ Each command module defines ``register(subparsers)`` which adds its parser(s) an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import RelSegError
+from ..progress import Progress, line_progress
 
 # Command modules, in the order they appear in ``relseg --help``.
 COMMAND_MODULES = ("segment", "evaluate", "train", "finetune", "models", "benchmark")
@@ -137,9 +140,33 @@ def case_list(text: str | None) -> list[str] | None:
 
 
 def add_progress_argument(parser: argparse.ArgumentParser) -> None:
-    """``--progress bar|lines|none``, shown by ``segment.progress_display``."""
+    """``--progress bar|lines|none``, shown by ``progress_display``."""
     parser.add_argument("--progress", choices=("bar", "lines", "none"), default="bar",
                         help="progress display; 'lines' prints 'PROGRESS <fraction> <stage>' for tools")
+
+
+@contextlib.contextmanager
+def progress_display(kind: str) -> Iterator[Progress]:
+    """A tqdm bar on stderr (when it is a terminal), ``PROGRESS`` lines on stdout, or nothing."""
+    if kind == "lines":
+        yield line_progress()
+        return
+    if kind == "none":
+        yield Progress()
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=1000, file=sys.stderr, bar_format="{desc:<28.28} {percentage:3.0f}%|{bar}| {elapsed}",
+               leave=False, disable=None)  # None: no bar when stderr is not a terminal (logs, pipes)
+
+    def show(fraction: float, stage: str) -> None:
+        bar.set_description_str(stage, refresh=False)
+        bar.update(round(fraction * 1000) - bar.n)
+
+    try:
+        yield Progress(callback=show)
+    finally:
+        bar.close()
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:

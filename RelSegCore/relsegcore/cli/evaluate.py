@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate_image_folder, evaluate_volumes
     from ..fileutil import atomic_write_text
     from ..zoo import load_model
-    from .segment import progress_display
+    from . import progress_display
 
     if args.lungs != "hu" and not (args.volumes and args.target == "lungs"):
         raise RelSegError("--lungs chooses the lungs step scored by --volumes --target lungs; with --data, score a "

@@ -80,7 +80,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         spread,
     )
     from ..zoo import find_model
-    from .segment import progress_display
+    from . import progress_display
 
     _check_arguments(args)
     parent = find_model(args.model)

@@ -100,7 +100,7 @@ def run_install(args: argparse.Namespace) -> int:
     from ..download import fetch_models_index
     from ..errors import ModelError
     from ..registry import ModelRegistry
-    from .segment import progress_display
+    from . import progress_display
 
     entries = {entry["name"]: entry for entry in fetch_models_index(args.index)}
     if args.name not in entries:

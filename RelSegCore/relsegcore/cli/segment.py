@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from ..engines import ENGINES
 from ..errors import InputError
 from ..opacity import HIGH_OPACITY_HU
-from ..progress import Progress, line_progress
-from . import add_device_argument, add_progress_argument
+from ..progress import Progress
+from . import add_device_argument, add_progress_argument, progress_display
 
 
 def register(subparsers) -> None:
@@ -79,30 +76,6 @@ def run(args: argparse.Namespace) -> int:
         if is_batch_input(args.input):
             return run_batch(args, progress)
         return run_single(args, progress)
-
-
-@contextlib.contextmanager
-def progress_display(kind: str) -> Iterator[Progress]:
-    """A tqdm bar on stderr (when it is a terminal), ``PROGRESS`` lines on stdout, or nothing."""
-    if kind == "lines":
-        yield line_progress()
-        return
-    if kind == "none":
-        yield Progress()
-        return
-    from tqdm import tqdm
-
-    bar = tqdm(total=1000, file=sys.stderr, bar_format="{desc:<28.28} {percentage:3.0f}%|{bar}| {elapsed}",
-               leave=False, disable=None)  # None: no bar when stderr is not a terminal (logs, pipes)
-
-    def show(fraction: float, stage: str) -> None:
-        bar.set_description_str(stage, refresh=False)
-        bar.update(round(fraction * 1000) - bar.n)
-
-    try:
-        yield Progress(callback=show)
-    finally:
-        bar.close()
 
 
 def run_single(args: argparse.Namespace, progress: Progress) -> int:
