@@ -81,7 +81,9 @@ def read_cases_csv(root: Path) -> list[dict[str, str]]:
     """The rows of ``root/cases.csv`` in the order of the slices (case, then order in case)."""
     path = root / "cases.csv"
     if not path.is_file():
-        raise InputError(f"{root} is not a covid-ct-seg-2d folder: it has no cases.csv")
+        raise InputError(f"{root} is not a covid-ct-seg-2d folder: it has no cases.csv (columns file and case, "
+                         "which keep each patient's slices together); without one, give its pictures as "
+                         f"--images {root / 'images'} --masks {root / 'masks'}")
     with open(path, newline="", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
     if not rows or not {"file", "case"} <= set(rows[0]):
