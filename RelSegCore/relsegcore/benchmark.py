@@ -31,7 +31,7 @@ from .data.intensity import FULL_SLICE_CLAHE, RECIPES, preprocessing_for, recipe
 from .data.readers import SliceSet, VolumeOptions, find_volume_pairs, read_pairs
 from .errors import InputError
 from .fileutil import atomic_path, atomic_write_text
-from .imageio import hu_from_stored_window
+from .imageio import hu_from_stored_window, in_grey_range
 
 TASKS = ("task1", "task3")
 METHODS = ("dual", "pooled")
@@ -116,7 +116,7 @@ def in_hounsfield_units(pairs: Sequence[CasePair], out_dir: Path) -> list[CasePa
         if not target.is_file():
             image = sitk.ReadImage(str(image_path))
             voxels = sitk.GetArrayViewFromImage(image)
-            if voxels.min() < 0 or voxels.max() > 255 or image.GetNumberOfComponentsPerPixel() != 1:
+            if image.GetNumberOfComponentsPerPixel() != 1 or not in_grey_range(voxels.min(), voxels.max()):
                 result.append((case, image_path, mask_path))
                 continue
             hu = hu_from_stored_window(image, BENCHMARK_WINDOW)

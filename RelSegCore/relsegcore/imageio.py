@@ -221,13 +221,12 @@ def validate_ct(image: sitk.Image) -> None:
         )
     first_percentile = float(np.percentile(_sample(hu), 1))
     if first_percentile > AIR_PERCENTILE_MAX_HU:
-        stored_as_grey = STORED_GREY_RANGE[0] <= low and high <= STORED_GREY_RANGE[1]
         raise InputError(
             f"The image shows no air near -1000 HU (1st percentile {first_percentile:g}): "
             "it does not look like a CT in Hounsfield units (MR or rescaled data?)."
             + (" If it is a CT stored windowed as grey values 0..255 (as the Radiopaedia cases of COVID-19-CT-Seg, "
                "window -1250..250 HU), give its window: relseg segment --stored-window=-1250,250 "
-               "(Python: relsegcore.imageio.hu_from_stored_window)." if stored_as_grey else "")
+               "(Python: relsegcore.imageio.hu_from_stored_window)." if in_grey_range(low, high) else "")
         )
 
 
@@ -237,19 +236,30 @@ def hu_from_stored_window(image: sitk.Image, window: tuple[float, float]) -> sit
     COVID-19-CT-Seg stores its Radiopaedia cases so, in the window -1250..250 HU: what the window clipped (bone,
     metal) stays at its edge, which the lungs and the infection do not need. An image with other values is
     refused rather than guessed at."""
-    low, high = (float(value) for value in window)
-    if not (np.isfinite(low) and np.isfinite(high) and low < high):
-        raise InputError(f"A stored window needs LOW < HIGH in HU, not {low:g},{high:g}.")
+    low, high = checked_window(window)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError("The image has several values per voxel (colour): a windowed CT has one grey value.")
     voxels = sitk.GetArrayViewFromImage(image)
     smallest, largest = float(np.min(voxels)), float(np.max(voxels))
-    if not (STORED_GREY_RANGE[0] <= smallest and largest <= STORED_GREY_RANGE[1]):
+    if not in_grey_range(smallest, largest):
         raise InputError(f"Voxel values {smallest:g}..{largest:g} are not grey values "
                          f"{STORED_GREY_RANGE[0]}..{STORED_GREY_RANGE[1]}: this CT is not stored windowed.")
     hu = sitk.GetImageFromArray(np.round(voxels / 255.0 * (high - low) + low).astype(np.int16))
     hu.CopyInformation(image)
     return hu
+
+
+def checked_window(window: tuple[float, float]) -> tuple[float, float]:
+    """``(low, high)`` in HU as floats, refused unless both are finite and LOW is below HIGH."""
+    low, high = (float(value) for value in window)
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise InputError(f"A stored window {low:g},{high:g} HU is not one: LOW must be below HIGH, both finite.")
+    return low, high
+
+
+def in_grey_range(smallest: float, largest: float) -> bool:
+    """Whether voxel values ``smallest..largest`` fit the grey values a windowed CT is stored in."""
+    return STORED_GREY_RANGE[0] <= smallest and largest <= STORED_GREY_RANGE[1]
 
 
 def _check_fits_in_memory(image: sitk.Image) -> None:

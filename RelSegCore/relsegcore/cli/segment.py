@@ -173,12 +173,12 @@ def _percent(value: float | None) -> str:
 
 
 def _window(text: str) -> tuple[float, float]:
-    """``"-1250,250"`` -> ``(-1250.0, 250.0)``, LOW below HIGH."""
+    """``"-1250,250"`` -> ``(-1250.0, 250.0)``, checked before any case is read (``imageio.checked_window``)."""
+    from ..imageio import checked_window
+
     try:
         low, high = (float(part) for part in text.split(","))
     except ValueError:
         raise InputError(f"--stored-window expects LOW,HIGH in HU (e.g. --stored-window=-1250,250), "
                          f"not {text!r}.") from None
-    if not low < high:
-        raise InputError(f"--stored-window: LOW must be below HIGH, not {text!r}.")
-    return low, high
+    return checked_window((low, high))
