@@ -225,24 +225,23 @@ def _airway(hu: np.ndarray, inside_air: np.ndarray, spacing: tuple[float, float,
         return np.zeros(hu.shape, bool)
     voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
     airway = _grow_airway(hu, inside_air, seeds[0], voxel_ml)
-    slices = np.flatnonzero(airway.any(axis=(1, 2)))
-    if not len(slices) or _length_mm(slices, spacing) >= MIN_AIRWAY_LENGTH_MM:
+    if not airway.any() or _reach_mm(airway, spacing) >= MIN_AIRWAY_LENGTH_MM:
         return airway
-    bottom = slices[0]  # z increases superiorly: the stub's lowest slice
+    bottom = int(np.flatnonzero(airway.any(axis=(1, 2)))[0])  # z increases superiorly: the stub's lowest slice
     axis = np.argwhere(airway[bottom]).mean(axis=0)
     for z, y, x in seeds[1:]:
         if z >= bottom or np.hypot((y - axis[0]) * spacing[1], (x - axis[1]) * spacing[0]) > STUB_GAP_MM:
             continue
         below = _grow_airway(hu, inside_air, (z, y, x), voxel_ml)
-        below_slices = np.flatnonzero(below.any(axis=(1, 2)))
-        if len(below_slices) and _length_mm(below_slices, spacing) >= MIN_AIRWAY_LENGTH_MM:
+        if _reach_mm(below, spacing) >= MIN_AIRWAY_LENGTH_MM:
             return airway | below
     return airway
 
 
-def _length_mm(slices: np.ndarray, spacing: tuple[float, float, float]) -> float:
-    """How far along z the sorted slice indices ``slices`` reach, in mm."""
-    return float(slices[-1] - slices[0] + 1) * spacing[2]
+def _reach_mm(mask: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """How far along z ``mask`` reaches, from its lowest to its highest slice, in mm (0 when empty)."""
+    slices = np.flatnonzero(mask.any(axis=(1, 2)))
+    return float(slices[-1] - slices[0] + 1) * spacing[2] if len(slices) else 0.0
 
 
 def _grow_airway(hu: np.ndarray, inside_air: np.ndarray, seed: tuple[int, int, int], voxel_ml: float) -> np.ndarray:
