@@ -346,7 +346,7 @@ def _export_trained(args: argparse.Namespace, result, config: TrainConfig, names
     classes = (["background", "ground-glass opacity", "consolidation"] if args.multiclass
                else ["background", "lung"] if args.target == "lungs" else ["background", "infection"])
     if args.volumes:
-        volumes = sorted({name.split(":")[0] for name in names})
+        volumes = _volumes_of(names)
         where = f"in {args.masks}" if args.masks else "beside them"
         training_data = (f"CT volumes in {args.images}, {args.target} masks {where} ({len(names)} slices of "
                          f"{len(volumes)} volume(s): {', '.join(volumes)}; slices with a lesion at least "
@@ -373,7 +373,7 @@ def _export_trained(args: argparse.Namespace, result, config: TrainConfig, names
         training_data = (f"started from {start.name} {start.version} (sha256 {start.sha256[:12]}: "
                          f"{start.training.get('data', 'data not stated')}), then {training_data}")
     if negatives is not None:
-        volumes = _volumes_of(negatives)
+        volumes = _volumes_of(negatives.names)
         which = f" of {', '.join(volumes)};" if volumes else ","
         training_data += (f"; negatives (no infection): {', '.join(args.negatives)} ({len(negatives)} slices{which} "
                           f"{args.negative_fraction:g} of each batch)")
@@ -492,15 +492,15 @@ def _read_negatives(args: argparse.Namespace):
         for spec in args.negatives])
     if not len(negatives):
         raise RelSegError(f"--negatives {' '.join(args.negatives)}: no slices found")
-    volumes = _volumes_of(negatives)
+    volumes = _volumes_of(negatives.names)
     which = f" of {len(volumes)} volumes ({', '.join(volumes)})" if volumes else ""
     print(f"negatives: {len(negatives)} slices{which}, {args.negative_fraction:g} of each batch")
     return negatives
 
 
-def _volumes_of(slices) -> list[str]:
-    """The volumes a SliceSet's slices come from (volume readers name slices ``CASE:zN``), [] for pictures."""
-    return sorted({name.split(":")[0] for name in slices.names if ":" in name})
+def _volumes_of(names: list[str]) -> list[str]:
+    """The volumes slices come from, by their names (volume readers name slices ``CASE:zN``), [] for pictures."""
+    return sorted({name.split(":")[0] for name in names if ":" in name})
 
 
 def _with_negatives(images, masks, negatives, fraction: float):
