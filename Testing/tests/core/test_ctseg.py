@@ -18,6 +18,10 @@ from relsegcore.models import DualEncoderUNet, NetworkConfig
 from relsegcore.training import random_crops
 from relsegcore.zoo import LoadedModel, ModelCard
 
+# A non-COVID CT padded outside its scan field may report an opacity this many points off the clean CT's: PO is
+# read at whole-percent resolution, and the specificity targets are 2 % (median) and 5 % (any CT) of the lungs.
+PADDING_PO_POINTS = 1.0
+
 
 def test_reader_keeps_slices_upright_and_names_them_by_case(tmp_path) -> None:
     root = make_ctseg_folder(tmp_path / "set")
@@ -259,16 +263,16 @@ def _covid_slices(shared_data) -> sitk.Image:
     return image
 
 
-@pytest.mark.parametrize("case, least", [("covid-hu-slices", 0.99), ("LUNG1-013", 0.93)])
-def test_a_real_ct_padded_outside_its_scan_field_with_metal_segments_like_the_clean_one(shared_data, case,
-                                                                                        least) -> None:
+@pytest.mark.parametrize("case", ["covid-hu-slices", "LUNG1-001", "LUNG1-002", "LUNG1-005", "LUNG1-008", "LUNG1-013"])
+def test_a_real_ct_padded_outside_its_scan_field_with_metal_segments_like_the_clean_one(shared_data, case) -> None:
     """Real series pad outside the circular scan field with -3024 and may hold metal above 4095 HU: the
-    default pipeline must segment them as the same CT without either: Dice >= 0.99 of lungs and infection.
-    Measured: real COVID-19 infection 0.995 (padded), metal 1.0. LUNG1-013 (no COVID-19) holds only
-    false-positive "infection", specks in the dependent lung near the decision threshold (2.0.0: 104 mL,
-    padded 0.983; 2.1.0: 78 mL, padded 0.967; 2.3.0: 1.11 % of the lungs, padded 0.99 %, Dice 0.938), so 0.93
-    there: its lungs still meet 0.99.
-    ``intensity.robust_hu`` says how the padding is filled and what else was measured."""
+    default pipeline must segment them as the same CT without either. Lungs: Dice >= 0.99 always; metal
+    leaves the infection as it was (measured 1.000 on all six CTs). Padding: real COVID-19 infection Dice
+    >= 0.99 (2.3.1 0.993, 2.4.0 0.994). On the non-COVID CTs the "infection" is false-positive specks near
+    the threshold, whose Dice is no measure (2.3.1: 0.58-0.93 on these five, 2.4.0: 0.00-0.88; the network's
+    instance norms see the whole slice, so the air outside the body nudges them), so there the padding may
+    move the reported opacity by at most ``PADDING_PO_POINTS`` (measured: 2.3.1 up to 0.20, 2.4.0 up to 0.58
+    on LUNG1-013). ``intensity.robust_hu`` says how the padding is filled; RelSegCore/README.md, session 25."""
     from relsegcore.metrics import dice
     from relsegcore.zoo import DEFAULT_MODEL, find_model
 
@@ -281,11 +285,15 @@ def test_a_real_ct_padded_outside_its_scan_field_with_metal_segments_like_the_cl
     reference = pipeline.segment(clean, device="cpu")
     for image, kind in zip(_padded_with_metal(clean), ("metal", "padding"), strict=True):
         result = pipeline.segment(image, device="cpu")
-        for name in ("lungs", "infection"):
-            expected, found = (sitk.GetArrayFromImage(getattr(r, name)) > 0 for r in (reference, result))
-            score = dice(found, expected)
-            bound = 0.99 if kind == "metal" or name == "lungs" else least
-            assert expected.any() and score >= bound, (kind, name, score)
+        expected, found = ((sitk.GetArrayFromImage(r.lungs) > 0) for r in (reference, result))
+        assert dice(found, expected) >= 0.99, (kind, "lungs")
+        if kind == "padding" and case != "covid-hu-slices":
+            moved = result.report["percent_opacity"]["overall"] - reference.report["percent_opacity"]["overall"]
+            assert abs(moved) <= PADDING_PO_POINTS, (kind, "opacity moved", moved)
+        else:
+            expected, found = ((sitk.GetArrayFromImage(r.infection) > 0) for r in (reference, result))
+            assert case != "covid-hu-slices" or expected.any(), "the COVID-19 CT must show infection"
+            assert dice(found, expected) >= 0.99, (kind, "infection")
 
 
 def test_a_slice_folder_without_cases_csv_is_one_line_naming_the_picture_route(tmp_path, capsys) -> None:
