@@ -31,6 +31,8 @@ GAS_QUARTILE_HU = -950.0  # bowel/stomach gas is pure air: its lower quartile is
 MAX_AIRWAY_ML = 250.0  # an airway tree larger than this has leaked into the lungs
 MIN_AIRWAY_LENGTH_MM = 30.0  # a trachea grown from the top slices runs at least this far down; a stub does not
 STUB_GAP_MM = 15.0  # the trachea below a break in its lumen lies within this of the stub above it
+TRACHEA_CM2 = (0.7, 8.0)  # a trachea's lumen in one slice
+TUBE_LUMEN_CM2 = (0.25, 0.7)  # an endotracheal tube's lumen (6-9 mm inside), tried after every trachea-sized seed
 SOFT_TISSUE_MAX_HU = 150.0  # closing may add infection and vessels, never bone
 WORK_SPACING_MM = 1.4
 CLOSING_RADIUS_MM = 7.0
@@ -215,26 +217,34 @@ def _body_midline_x(hu: np.ndarray) -> float:
 def _airway(hu: np.ndarray, inside_air: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
     """Trachea and main bronchi: a dark tube grown from a seed found in the top slices.
 
-    Where the trachea's lumen is not a closed air region in one slice (lung1: a 5 mm slice through the neck),
-    the tube grown from the top slice is a stub, and the trachea and main bronchi below the break would join
-    the lungs: then the tube is grown again from the first seed below the stub, within ``STUB_GAP_MM`` of its
-    axis, that runs at least ``MIN_AIRWAY_LENGTH_MM`` down. Nothing else changes: without a stub (no dark tube at
-    the top, as in a CT of the upper abdomen, whose central gas is bowel) no other seed is tried."""
-    seeds = _trachea_seeds(hu, inside_air, spacing)
-    if not seeds:
-        return np.zeros(hu.shape, bool)
-    voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
-    airway = _grow_airway(hu, inside_air, seeds[0], voxel_ml)
+    Seeds are tried top slice first, trachea-sized ones before the lumen of an endotracheal tube (an intubated
+    patient's trachea around the tube may hold no air at all); a seed that grows nothing (a lung apex near the
+    centre, not pure air) is passed over. Where the trachea's lumen is not a closed air region in one slice
+    (lung1: a 5 mm slice through the neck), the tube grown from the top slice is a stub, and the trachea and main
+    bronchi below the break would join the lungs: then the tube is grown again from the first seed below the stub,
+    within ``STUB_GAP_MM`` of its axis, that runs at least ``MIN_AIRWAY_LENGTH_MM`` down; failing that, from the
+    first other seed that does (a tube lumen under a stub of air beside the tube)."""
+    seeds = (_trachea_seeds(hu, inside_air, spacing, TRACHEA_CM2)
+             + _trachea_seeds(hu, inside_air, spacing, TUBE_LUMEN_CM2))
+    grow = _AirwayGrower(hu, inside_air, spacing)
+    airway = np.zeros(hu.shape, bool)
+    while seeds and not airway.any():
+        airway = grow(seeds.pop(0))
     if not airway.any() or _reach_mm(airway, spacing) >= MIN_AIRWAY_LENGTH_MM:
         return airway
     bottom = int(np.flatnonzero(airway.any(axis=(1, 2)))[0])  # z increases superiorly: the stub's lowest slice
     axis = np.argwhere(airway[bottom]).mean(axis=0)
-    for z, y, x in seeds[1:]:
-        if z >= bottom or np.hypot((y - axis[0]) * spacing[1], (x - axis[1]) * spacing[0]) > STUB_GAP_MM:
-            continue
-        below = _grow_airway(hu, inside_air, (z, y, x), voxel_ml)
+    below_stub = [(z, y, x) for z, y, x in seeds
+                  if z < bottom and np.hypot((y - axis[0]) * spacing[1], (x - axis[1]) * spacing[0]) <= STUB_GAP_MM]
+    for seed in below_stub:
+        below = grow(seed)
         if _reach_mm(below, spacing) >= MIN_AIRWAY_LENGTH_MM:
             return airway | below
+    for seed in seeds:
+        if seed not in below_stub and not airway[seed]:
+            tube = grow(seed)
+            if _reach_mm(tube, spacing) >= MIN_AIRWAY_LENGTH_MM:
+                return tube
     return airway
 
 
@@ -244,25 +254,39 @@ def _reach_mm(mask: np.ndarray, spacing: tuple[float, float, float]) -> float:
     return float(slices[-1] - slices[0] + 1) * spacing[2] if len(slices) else 0.0
 
 
-def _grow_airway(hu: np.ndarray, inside_air: np.ndarray, seed: tuple[int, int, int], voxel_ml: float) -> np.ndarray:
-    """The dark region connected to ``seed`` at the most permissive of ``AIRWAY_HU`` that stays airway-sized."""
-    airway = np.zeros(hu.shape, bool)
-    for threshold in AIRWAY_HU:
-        components, _ = ndimage.label((hu < threshold) & inside_air)
-        seed_id = components[seed]
-        if seed_id == 0:
-            continue
-        grown = components == seed_id
-        if grown.sum() * voxel_ml > MAX_AIRWAY_ML:
-            break
-        airway = grown
-    return airway
+class _AirwayGrower:
+    """The dark region connected to a seed at the most permissive of ``AIRWAY_HU`` that stays airway-sized.
+
+    Each threshold's connected components are labelled once, however many seeds are tried."""
+
+    def __init__(self, hu: np.ndarray, inside_air: np.ndarray, spacing: tuple[float, float, float]):
+        self._hu, self._inside_air = hu, inside_air
+        self._voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
+        self._components: dict[float, np.ndarray] = {}
+
+    def _components_below(self, threshold: float) -> np.ndarray:
+        if threshold not in self._components:
+            self._components[threshold] = ndimage.label((self._hu < threshold) & self._inside_air)[0]
+        return self._components[threshold]
+
+    def __call__(self, seed: tuple[int, int, int]) -> np.ndarray:
+        airway = np.zeros(self._hu.shape, bool)
+        for threshold in AIRWAY_HU:
+            components = self._components_below(threshold)
+            seed_id = components[seed]
+            if seed_id == 0:
+                continue
+            grown = components == seed_id
+            if grown.sum() * self._voxel_ml > MAX_AIRWAY_ML:
+                break
+            airway = grown
+        return airway
 
 
-def _trachea_seeds(hu: np.ndarray, inside_air: np.ndarray,
-                   spacing: tuple[float, float, float]) -> list[tuple[int, int, int]]:
-    """Voxels that may be the trachea, top slice first: in each of the top 40 mm, the small round air region
-    nearest the centre, if any."""
+def _trachea_seeds(hu: np.ndarray, inside_air: np.ndarray, spacing: tuple[float, float, float],
+                   area_cm2: tuple[float, float]) -> list[tuple[int, int, int]]:
+    """Voxels that may be the trachea, top slice first: in each of the top 40 mm, the air region of
+    ``area_cm2`` nearest the centre, if any."""
     pixel_cm2 = spacing[0] * spacing[1] / 100.0
     n_slices = inside_air.shape[0]
     top_slices = min(n_slices, max(1, int(round(40.0 / spacing[2]))))
@@ -279,7 +303,7 @@ def _trachea_seeds(hu: np.ndarray, inside_air: np.ndarray,
         centres = ndimage.center_of_mass(inside_air[z], components, ids)
         best = None
         for area, (_cy, cx), component_id in zip(areas, centres, ids, strict=True):
-            if not 0.7 <= area <= 8.0 or abs(cx - width / 2.0) > 0.15 * width:
+            if not area_cm2[0] <= area <= area_cm2[1] or abs(cx - width / 2.0) > 0.15 * width:
                 continue
             if best is None or abs(cx - width / 2.0) < best[0]:
                 best = (abs(cx - width / 2.0), component_id)

@@ -164,6 +164,70 @@ def test_real_trachea_is_not_lung(shared_data, volume, trachea_slices, trachea_y
         assert not (labels[z][components == index] > 0).any(), f"slice {z}"
 
 
+TUBE_LUMEN_MM, TUBE_OUTER_MM = 4.0, 5.5  # an adult endotracheal tube: 8 mm inside, 11 mm outside
+
+
+def _with_endotracheal_tube(hu: np.ndarray, spacing: tuple[float, float, float], trachea_yx: tuple[int, int],
+                            around: str, length_mm: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """``hu`` with a tube (air lumen, +100 HU wall) down the trachea from the top slice, and the trachea's voxels.
+
+    On each slice the trachea is the dark region nearest the one above it (``trachea_yx`` on the top slice); the
+    tube follows its centre. ``around``: the trachea outside the tube stays air, or becomes fluid (secretions, a
+    tight fit: the lumen is then the only air, smaller than any trachea)."""
+    tubed, trachea = hu.copy(), np.zeros(hu.shape, bool)
+    yy, xx = np.mgrid[: hu.shape[1], : hu.shape[2]]
+    centre = np.array(trachea_yx, float)
+    for z in range(hu.shape[0] - 1, hu.shape[0] - 1 - int(length_mm / spacing[2]), -1):
+        components, count = ndimage.label(hu[z] < -900)
+        ids = np.arange(1, count + 1)
+        areas = ndimage.sum_labels(np.ones_like(components), components, ids) * spacing[0] * spacing[1] / 100.0
+        centres = np.array(ndimage.center_of_mass(hu[z] < -900, components, ids)).reshape(-1, 2)
+        near = [(np.hypot(*(c - centre)), i) for c, i, a in zip(centres, ids, areas, strict=True) if 0.5 <= a <= 8.0]
+        if near and min(near)[0] * spacing[0] < 15.0:
+            index = min(near)[1]
+            trachea[z] = components == index
+            centre = np.array(ndimage.center_of_mass(trachea[z]))
+        radius_mm = np.hypot((yy - centre[0]) * spacing[1], (xx - centre[1]) * spacing[0])
+        if around == "fluid":
+            tubed[z][trachea[z] & (radius_mm >= TUBE_OUTER_MM)] = 30
+        tubed[z][(radius_mm >= TUBE_LUMEN_MM) & (radius_mm < TUBE_OUTER_MM)] = 100
+        tubed[z][radius_mm < TUBE_LUMEN_MM] = -1000
+    return tubed, trachea
+
+
+@pytest.mark.parametrize("around", ["fluid", "air"])
+@pytest.mark.parametrize(("volume", "trachea_yx"), [
+    ("lung-tumor-volumes/lung1_image.nrrd", (294, 260)),  # lumen broken in the neck: the air beside the tube a stub
+    ("lung-tumor-volumes/lung2_image.nrrd", (241, 256)),
+])
+def test_intubated_patients_trachea_is_not_lung(shared_data, volume, trachea_yx, around):
+    """COVID-19 patients in intensive care are scanned intubated. With fluid around the tube its lumen (0.5 cm2)
+    was too small to seed the airway, a lung apex near the centre became the seed and grew nothing, and the
+    trachea and main bronchi joined the lungs (both volumes fail here without the fix). With air around the tube
+    this form passed before; a throwaway form with a straight tube left a one-slice stub of air beside it on lung1
+    and 37 mL of airway in the lungs."""
+    image = imageio.to_canonical(imageio.read_image(shared_data / volume))
+    hu, spacing = sitk.GetArrayFromImage(image), image.GetSpacing()
+    clean = segment_lungs_array(hu, spacing)
+    tubed, trachea = _with_endotracheal_tube(hu, spacing, trachea_yx, around)
+    assert trachea.any(axis=(1, 2)).sum() >= 8  # the tube lies in the trachea on most of its 12 slices
+    labels = segment_lungs_array(tubed, spacing)
+    assert not (labels > 0)[trachea].any()
+    for side in (LEFT_LUNG, RIGHT_LUNG):
+        assert dice(labels == side, clean == side) > 0.999, f"side {side}"
+
+
+def test_intubated_synthetic_chest_keeps_its_airway_out_of_the_lungs(demo_case):
+    """The fresh-clone form of the test above, on the demo CT's trachea."""
+    hu, spacing = sitk.GetArrayFromImage(demo_case.image), demo_case.image.GetSpacing()
+    truth = sitk.GetArrayFromImage(demo_case.lungs)
+    tubed, trachea = _with_endotracheal_tube(hu, spacing, (hu.shape[1] // 2 - 6, hu.shape[2] // 2), "fluid")
+    assert trachea.sum() > 0
+    labels = segment_lungs_array(tubed, spacing)
+    for side in (LEFT_LUNG, RIGHT_LUNG):
+        assert dice(labels == side, truth == side) > 0.99, f"side {side}"
+
+
 def test_single_synthetic_slice_reaches_dice_095(demo_case):
     hu = sitk.GetArrayFromImage(demo_case.image)
     truth = sitk.GetArrayFromImage(demo_case.lungs)
