@@ -32,7 +32,7 @@ MAX_AIRWAY_ML = 250.0  # an airway tree larger than this has leaked into the lun
 MIN_AIRWAY_LENGTH_MM = 30.0  # a trachea grown from the top slices runs at least this far down; a stub does not
 STUB_GAP_MM = 15.0  # the trachea below a break in its lumen lies within this of the stub above it
 TRACHEA_CM2 = (0.7, 8.0)  # a trachea's lumen in one slice
-TUBE_LUMEN_CM2 = (0.25, 0.7)  # an endotracheal tube's lumen (6-9 mm inside), tried after every trachea-sized seed
+TUBE_LUMEN_CM2 = (0.25, 0.7)  # an endotracheal tube's lumen (6-9 mm inside), where no trachea-sized seed grows
 SOFT_TISSUE_MAX_HU = 150.0  # closing may add infection and vessels, never bone
 WORK_SPACING_MM = 1.4
 CLOSING_RADIUS_MM = 7.0
@@ -217,34 +217,30 @@ def _body_midline_x(hu: np.ndarray) -> float:
 def _airway(hu: np.ndarray, inside_air: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
     """Trachea and main bronchi: a dark tube grown from a seed found in the top slices.
 
-    Seeds are tried top slice first, trachea-sized ones before the lumen of an endotracheal tube (an intubated
-    patient's trachea around the tube may hold no air at all); a seed that grows nothing (a lung apex near the
-    centre, not pure air) is passed over. Where the trachea's lumen is not a closed air region in one slice
-    (lung1: a 5 mm slice through the neck), the tube grown from the top slice is a stub, and the trachea and main
-    bronchi below the break would join the lungs: then the tube is grown again from the first seed below the stub,
-    within ``STUB_GAP_MM`` of its axis, that runs at least ``MIN_AIRWAY_LENGTH_MM`` down; failing that, from the
-    first other seed that does (a tube lumen under a stub of air beside the tube)."""
-    seeds = (_trachea_seeds(hu, inside_air, spacing, TRACHEA_CM2)
-             + _trachea_seeds(hu, inside_air, spacing, TUBE_LUMEN_CM2))
+    The tube grows from the top slice's trachea-sized seed; when that grows nothing (no pure air: an intubated
+    patient's trachea around the tube may hold none, and a lung apex near the centre becomes the seed), from
+    the top slice's seed the size of an endotracheal tube's lumen. Where the trachea's lumen is not a closed air
+    region in one slice (lung1: a 5 mm slice through the neck), the tube grown from the top slice is a stub, and
+    the trachea and main bronchi below the break would join the lungs: then the tube is grown again from the first
+    seed below the stub, within ``STUB_GAP_MM`` of its axis, that runs at least ``MIN_AIRWAY_LENGTH_MM`` down.
+    Nothing else is tried: without a stub (no dark tube at the top, as in a CT of the upper abdomen, whose
+    central gas is bowel) no other seed is."""
+    trachea_seeds = _trachea_seeds(hu, inside_air, spacing, TRACHEA_CM2)
+    tube_seeds = _trachea_seeds(hu, inside_air, spacing, TUBE_LUMEN_CM2)
     grow = _AirwayGrower(hu, inside_air, spacing)
-    airway = np.zeros(hu.shape, bool)
-    while seeds and not airway.any():
-        airway = grow(seeds.pop(0))
+    airway = grow(trachea_seeds[0]) if trachea_seeds else np.zeros(hu.shape, bool)
+    if not airway.any() and tube_seeds:
+        airway = grow(tube_seeds[0])
     if not airway.any() or _reach_mm(airway, spacing) >= MIN_AIRWAY_LENGTH_MM:
         return airway
     bottom = int(np.flatnonzero(airway.any(axis=(1, 2)))[0])  # z increases superiorly: the stub's lowest slice
     axis = np.argwhere(airway[bottom]).mean(axis=0)
-    below_stub = [(z, y, x) for z, y, x in seeds
-                  if z < bottom and np.hypot((y - axis[0]) * spacing[1], (x - axis[1]) * spacing[0]) <= STUB_GAP_MM]
-    for seed in below_stub:
-        below = grow(seed)
+    for z, y, x in trachea_seeds + tube_seeds:
+        if z >= bottom or np.hypot((y - axis[0]) * spacing[1], (x - axis[1]) * spacing[0]) > STUB_GAP_MM:
+            continue
+        below = grow((z, y, x))
         if _reach_mm(below, spacing) >= MIN_AIRWAY_LENGTH_MM:
             return airway | below
-    for seed in seeds:
-        if seed not in below_stub and not airway[seed]:
-            tube = grow(seed)
-            if _reach_mm(tube, spacing) >= MIN_AIRWAY_LENGTH_MM:
-                return tube
     return airway
 
 
