@@ -283,6 +283,7 @@ def applied_postprocessing(card: ModelCard, tta: bool, lungs: LoadedModel | None
     """What decided the labels besides the weights (the card's choices; flip TTA also when asked for; the lung
     model that bounded them), so a result file says how its numbers were made."""
     applied = {"threshold": card.threshold, "flip_tta": bool(tta or card.flip_tta),
+               **({"upside_down_tta": True} if card.upside_down_tta else {}),
                "min_component_fraction": card.min_component_fraction}
     if lungs is not None:
         applied["within_lungs"] = {"name": lungs.card.name, "version": lungs.card.version,

@@ -48,7 +48,8 @@ def predict_slices(
     """Class probabilities float32 ``(N, C, S, S)`` for uint8 images ``(N, S, S)``.
 
     ``batch_size`` defaults to ``batch_size_for`` the model's device. ``tta`` (or the card's ``flip_tta``)
-    averages with the horizontally flipped prediction. ``progress`` gets updates
+    averages with the horizontally flipped prediction, and the card's ``upside_down_tta`` with the predictions on
+    the images turned upside down. ``progress`` gets updates
     mapped into ``progress_span`` and is asked about cancelling between batches.
     """
     images = np.asarray(images)
@@ -58,13 +59,14 @@ def predict_slices(
     probabilities = np.empty((len(images), num_classes, *images.shape[1:]), dtype=np.float32)
     runner = _BatchRunner(loaded, batch_size or batch_size_for(loaded.device))
     tta = tta or loaded.card.flip_tta
+    upside_down = loaded.card.upside_down_tta
     done = 0
     while done < len(images):
         if progress is not None:
             progress.check_cancelled()
         stop = min(done + runner.batch_size, len(images))
         batch = torch.from_numpy(np.ascontiguousarray(images[done:stop])).unsqueeze(1)
-        result = runner.run(batch, tta)
+        result = runner.run(batch, tta, upside_down)
         if result is None:
             continue  # batch was too large for the GPU: retried next turn with the halved size
         probabilities[done:stop] = result
@@ -125,6 +127,7 @@ def predict_volume(
     corners = list(itertools.product(*starts))
     runner = _BatchRunner(loaded, batch_size)
     tta = tta or loaded.card.flip_tta
+    upside_down = loaded.card.upside_down_tta
     done = 0
     while done < len(corners):
         if progress is not None:
@@ -132,7 +135,7 @@ def predict_volume(
         chunk = corners[done:done + runner.batch_size]
         windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch, strict=True)) for corner in chunk]
         batch = torch.from_numpy(np.stack([padded[w] for w in windows])).unsqueeze(1)
-        result = runner.run(batch, tta)
+        result = runner.run(batch, tta, upside_down)
         if result is None:
             continue
         for window, probs in zip(windows, result, strict=True):
@@ -157,15 +160,17 @@ def gaussian_importance(patch: tuple[int, ...], sigma_fraction: float = 0.125) -
     return np.maximum(bump, 1e-3).astype(np.float32)
 
 
-def class_probabilities(network, x: torch.Tensor, flip: bool = False) -> torch.Tensor:
+def class_probabilities(network, x: torch.Tensor, flip: bool = False, upside_down: bool = False) -> torch.Tensor:
     """Softmax of ``network`` (a module or an engine's forward) on the float batch ``x``; with ``flip``, averaged
-    with the prediction on the left-right mirrored batch, mirrored back (flip test-time augmentation). The last
-    axis is left-right in both (N, 1, H, W) and (N, 1, D, H, W)."""
+    with the prediction on the left-right mirrored batch, mirrored back (flip test-time augmentation); with
+    ``upside_down``, also with those on the batch turned upside down (a card's ``upside_down_tta``, for networks
+    trained on both orientations). The last axis is left-right and the one before it anterior-posterior in both
+    (N, 1, H, W) and (N, 1, D, H, W)."""
+    views = [()] + [(-1,)] * flip + [(-2,)] * upside_down + [(-2, -1)] * (flip and upside_down)
     probabilities = torch.softmax(network(x).float(), dim=1)
-    if flip:
-        mirrored = torch.softmax(network(torch.flip(x, dims=(-1,))).float(), dim=1)
-        probabilities = 0.5 * (probabilities + torch.flip(mirrored, dims=(-1,)))
-    return probabilities
+    for axes in views[1:]:
+        probabilities += torch.flip(torch.softmax(network(torch.flip(x, dims=axes)).float(), dim=1), dims=axes)
+    return probabilities / len(views)
 
 
 class _BatchRunner:
@@ -175,10 +180,10 @@ class _BatchRunner:
         self.loaded = loaded
         self.batch_size = max(1, int(batch_size))
 
-    def run(self, batch: torch.Tensor, tta: bool) -> np.ndarray | None:
+    def run(self, batch: torch.Tensor, tta: bool, upside_down: bool = False) -> np.ndarray | None:
         """Probabilities for ``batch``, or None when it did not fit and the caller must resend it smaller."""
         try:
-            return self._forward(batch, tta)
+            return self._forward(batch, tta, upside_down)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
             if not is_cuda_oom(error):
                 raise
@@ -192,13 +197,13 @@ class _BatchRunner:
             self._fall_back_to_cpu()
         return None
 
-    def _forward(self, batch: torch.Tensor, tta: bool) -> np.ndarray:
+    def _forward(self, batch: torch.Tensor, tta: bool, upside_down: bool) -> np.ndarray:
         device = self.loaded.device
         x = batch.to(device, non_blocking=True).float()
         if batch.dtype == torch.uint8:
             x = x / 255.0
         with torch.inference_mode(), autocast(device, allow_float16=True):
-            probs = class_probabilities(forward_of(self.loaded), x, tta)
+            probs = class_probabilities(forward_of(self.loaded), x, tta, upside_down)
         return probs.cpu().numpy()
 
     def _fall_back_to_cpu(self) -> None:

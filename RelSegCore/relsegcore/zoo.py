@@ -78,6 +78,13 @@ class ModelCard:
         return bool(self.postprocessing.get("flip_tta", False))
 
     @property
+    def upside_down_tta(self) -> bool:
+        """Whether every prediction also averages with those on the image turned upside down
+        (``postprocessing["upside_down_tta"]``): for networks trained on both orientations (``--augment-series``),
+        as chosen on the recipe's folds."""
+        return bool(self.postprocessing.get("upside_down_tta", False))
+
+    @property
     def min_component_fraction(self) -> float:
         """A 2D slice's foreground components smaller than this fraction of its largest are dropped
         (``postprocessing["min_component_fraction"]``; 0 keeps all). For organ models such as the lungs, whose

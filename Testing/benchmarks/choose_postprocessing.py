@@ -6,7 +6,8 @@ Three decisions the network's weights do not make, swept together on each fold m
 - the decision threshold: the foreground probability a pixel must exceed (a network trained with Dice +
   cross-entropy need not be calibrated at 0.5);
 - flip test-time augmentation: the prediction averaged with that of the left-right mirrored slice (twice the
-  network time);
+  network time); with ``--upside-down-tta``, also with those of the slice turned upside down (twice again; for
+  networks trained on both orientations, ``--augment-series``);
 - the smallest component kept: each slice's foreground components smaller than this fraction of its largest
   are dropped (for organs such as the lungs, never for lesions);
 - with ``--lung-folds``: the labels kept inside the lungs that a lung model of the same fold (the same held-out
@@ -26,7 +27,7 @@ touched. The pipeline and ``relseg evaluate`` then follow it (the fine-tuning gu
 
     python Testing/benchmarks/choose_postprocessing.py --folds work-dirs/cv/infection-fold0 work-dirs/cv/infection-fold1
         [--data ctseg2d:../shared/data/covid-ct-seg-2d] [--target infection|lungs] [--thresholds 0.3,0.4,...]
-        [--flip-tta] [--fractions 0,0.05,0.1] [--lung-folds DIR... [--lung-model covid-lungs-2d]]
+        [--flip-tta] [--upside-down-tta] [--fractions 0,0.05,0.1] [--lung-folds DIR... [--lung-model covid-lungs-2d]]
         [--min-gain 0.005] [--min-gain-agreeing 0.0025] [--json OUT] [--card covid-infection-2d]
 """
 
@@ -62,21 +63,24 @@ class Setting(NamedTuple):
     flip_tta: bool = False
     min_component_fraction: float = 0.0
     within_lungs: bool = False
+    upside_down_tta: bool = False
 
     @property
     def label(self) -> str:
         return f"threshold {self.threshold}, flip {'on' if self.flip_tta else 'off'}, " \
-               f"components >= {self.min_component_fraction}" + (", within the lungs" if self.within_lungs else "")
+               f"components >= {self.min_component_fraction}" + (", within the lungs" if self.within_lungs else "") \
+               + (", upside down too" if self.upside_down_tta else "")
 
 
 UNTUNED = Setting()
 
 
-def settings_grid(thresholds, flips, fractions, within_lungs=(False,)) -> list[Setting]:
+def settings_grid(thresholds, flips, fractions, within_lungs=(False,), upside_downs=(False,)) -> list[Setting]:
     """Every combination, the untuned setting first and the simpler ones before the others (ties go to them)."""
-    grid = [Setting(t, f, c, w) for w, f, c, t in itertools.product(within_lungs, flips, fractions, thresholds)]
-    return sorted(grid, key=lambda s: (s != UNTUNED, s.flip_tta, s.within_lungs, s.min_component_fraction > 0,
-                                       abs(s.threshold - 0.5)))
+    grid = [Setting(t, f, c, w, u) for u, w, f, c, t
+            in itertools.product(upside_downs, within_lungs, flips, fractions, thresholds)]
+    return sorted(grid, key=lambda s: (s != UNTUNED, s.upside_down_tta, s.flip_tta, s.within_lungs,
+                                       s.min_component_fraction > 0, abs(s.threshold - 0.5)))
 
 
 def fold_model(fold_dir: Path) -> zoo.ModelCard:
@@ -115,17 +119,13 @@ def sweep_fold(fold_dir: Path, root: Path, target: str, settings: list[Setting],
         upside_down = patient_of(row["case"]) in turned
         image = read_gray_picture(root / "images" / name)
         image = np.ascontiguousarray(image[::-1]) if upside_down else image
-        plain = native_probabilities(loaded, image)
-        flipped = None
-        if any(s.flip_tta for s in settings):  # relseg's flip TTA, reusing the plain pass (resizing commutes with it)
-            mirrored = native_probabilities(loaded, np.ascontiguousarray(image[:, ::-1]))[..., ::-1]
-            flipped = 0.5 * (plain + mirrored)
+        averaged = views_averaged(loaded, image, {(s.flip_tta, s.upside_down_tta) for s in settings})
         reference = read_mask_picture(root / CTSEG_TARGETS[target] / name, False) > 0
         reference = reference[::-1] if upside_down else reference
         lung_mask = predict_image(lungs, image) > 0 if lungs is not None else None
         for column, setting in enumerate(settings):
-            labels = drop_small_components(labels_from(flipped if setting.flip_tta else plain, setting.threshold),
-                                           setting.min_component_fraction) > 0
+            labels = drop_small_components(labels_from(averaged[setting.flip_tta, setting.upside_down_tta],
+                                                       setting.threshold), setting.min_component_fraction) > 0
             scores[index, column] = dice(labels & lung_mask if setting.within_lungs else labels, reference)
     of_patient = np.array([patient_of(row["case"]) for row in rows])
     return {
@@ -138,6 +138,18 @@ def sweep_fold(fold_dir: Path, root: Path, target: str, settings: list[Setting],
         "per_patient_dice": {patient: {s.label: round(float(scores[of_patient == patient, i].mean()), 4)
                                        for i, s in enumerate(settings)} for patient in sorted(set(of_patient))},
     }
+
+
+def views_averaged(loaded: zoo.LoadedModel, image: np.ndarray, wanted: set[tuple[bool, bool]]) -> dict:
+    """Probabilities for each wanted (flip, upside down) test-time augmentation, averaged as relseg averages them,
+    from one pass per view (resizing to the native size commutes with mirroring and averaging)."""
+    def views_of(flip: bool, upside_down: bool) -> list[tuple[int, ...]]:  # the axes each averaged view mirrors
+        return [(-2,) * turned + (-1,) * mirrored for turned in range(1 + upside_down) for mirrored in range(1 + flip)]
+
+    passes = {axes: np.flip(native_probabilities(loaded, np.ascontiguousarray(np.flip(image, axes))), axes)
+              for axes in {axes for flip, upside_down in wanted for axes in views_of(flip, upside_down)}}
+    return {(flip, upside_down): np.mean([passes[axes] for axes in views_of(flip, upside_down)], axis=0)
+            for flip, upside_down in wanted}
 
 
 def best_setting(folds: list[dict], settings: list[Setting], min_gain: float = 0.005,
@@ -162,6 +174,7 @@ def write_card(model: str, chosen: Setting, target: str, folds: list[dict], comm
     data["postprocessing"] = {
         **({"threshold": chosen.threshold} if chosen.threshold != UNTUNED.threshold else {}),
         **({"flip_tta": True} if chosen.flip_tta else {}),
+        **({"upside_down_tta": True} if chosen.upside_down_tta else {}),
         **({"min_component_fraction": chosen.min_component_fraction} if chosen.min_component_fraction else {}),
         **({"within_lungs": lung_model} if chosen.within_lungs else {}),
         "chosen_by": command,
@@ -182,6 +195,8 @@ def main() -> int:
     parser.add_argument("--target", choices=sorted(CTSEG_TARGETS), default="infection")
     parser.add_argument("--thresholds", default=",".join(str(t) for t in THRESHOLDS))
     parser.add_argument("--flip-tta", action="store_true", help="also try flip test-time augmentation")
+    parser.add_argument("--upside-down-tta", action="store_true",
+                        help="also try averaging with the slice turned upside down (networks trained on both)")
     parser.add_argument("--fractions", default="0", help="smallest components kept, as fractions of the largest")
     parser.add_argument("--lung-folds", nargs="+", type=Path,
                         help="a lung model's fold folders, one per --folds folder with the same held-out patients: "
@@ -205,7 +220,8 @@ def main() -> int:
     settings = settings_grid(tuple(float(t) for t in args.thresholds.split(",")),
                              (False, True) if args.flip_tta else (False,),
                              tuple(float(f) for f in args.fractions.split(",")),
-                             (False, True) if args.lung_folds else (False,))
+                             (False, True) if args.lung_folds else (False,),
+                             (False, True) if args.upside_down_tta else (False,))
     folds = [sweep_fold(fold_dir, root, args.target, settings, args.device, lung_dir)
              for fold_dir, lung_dir in zip(args.folds, args.lung_folds or [None] * len(args.folds), strict=True)]
     print("| setting | " + " | ".join(f"{f['model']['folder']} ({', '.join(f['held_out_patients'])})"

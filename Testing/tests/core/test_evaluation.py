@@ -240,6 +240,31 @@ def test_choose_postprocessing_sweeps_a_folds_held_out_patients_and_writes_the_c
     assert "choose_postprocessing.py" in card.postprocessing["chosen_by"]
 
 
+def test_choose_postprocessing_averages_the_views_as_relseg_does(tmp_path, repo_root):
+    """The sweep's (flip, upside down) averages must be what relseg computes for a card that names them, or a
+    setting chosen on the folds would not be the one shipped; on a random network the views differ."""
+    import importlib.util
+
+    from test_inference import save_tiny_model
+
+    from relsegcore.evaluation import native_probabilities
+
+    spec = importlib.util.spec_from_file_location("choose_postprocessing",
+                                                  repo_root / "Testing" / "benchmarks" / "choose_postprocessing.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    loaded = zoo.load_model(save_tiny_model(tmp_path), torch.device("cpu"))
+    image = np.random.default_rng(3).integers(0, 256, (40, 48), dtype=np.uint8)  # not the input size: resized
+    wanted = {(False, False), (True, False), (False, True), (True, True)}
+    averaged = module.views_averaged(loaded, image, wanted)
+    for flip, upside_down in wanted:
+        loaded.card.postprocessing.update(flip_tta=flip, upside_down_tta=upside_down)
+        np.testing.assert_allclose(averaged[flip, upside_down], native_probabilities(loaded, image), atol=1e-5)
+    assert not np.allclose(averaged[True, True], averaged[True, False], atol=1e-3)
+    assert module.Setting(upside_down_tta=True).label.endswith(", upside down too")
+    assert module.Setting().label == "threshold 0.5, flip off, components >= 0.0"  # old sweeps' labels unchanged
+
+
 def test_choose_postprocessing_keeps_the_untuned_setting_unless_another_wins_clearly(repo_root):
     import importlib.util
 

@@ -91,6 +91,24 @@ def test_a_card_that_names_flip_tta_gets_it_without_asking(tiny_model):
     np.testing.assert_allclose(inference.predict_slices(tiny_model, images), with_tta, atol=1e-6)
 
 
+def test_a_card_with_upside_down_tta_averages_the_four_mirror_images(tiny_model):
+    """``postprocessing.upside_down_tta`` (the lung model, trained on both orientations): the prediction is the
+    mean of those on the slice as is, left-right mirrored, upside down and both, each turned back; it then
+    commutes with turning the input upside down."""
+    images = random_images(3)
+
+    def turned_back(axes: tuple[int, ...]) -> np.ndarray:
+        return np.flip(reference_probabilities(tiny_model, np.ascontiguousarray(np.flip(images, axes))), axes)
+
+    four = np.mean([turned_back(axes) for axes in ((), (-1,), (-2,), (-2, -1))], axis=0)
+    tiny_model.card.postprocessing.update(flip_tta=True, upside_down_tta=True)
+    with_four = inference.predict_slices(tiny_model, images)
+    np.testing.assert_allclose(with_four, four, atol=1e-5)
+    assert not np.allclose(with_four, 0.5 * (turned_back(()) + turned_back((-1,))), atol=1e-3)
+    upside_down_input = inference.predict_slices(tiny_model, np.ascontiguousarray(images[:, ::-1]))
+    np.testing.assert_allclose(upside_down_input[:, :, ::-1], with_four, atol=1e-5)
+
+
 def test_drop_small_components_keeps_each_slice_large_pieces_and_their_labels():
     labels = np.zeros((30, 30), np.uint8)
     labels[0:10, 0:10] = 1  # 100 px: the largest
