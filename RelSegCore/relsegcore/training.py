@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data.augment import augment_batch
+from .data.augment import MAX_NOISE_SIGMA, augment_batch
 from .device import autocast, select_device
 from .errors import ModelError
 from .fileutil import atomic_path
@@ -82,6 +82,7 @@ class TrainConfig:
     relation: RelationConfig = field(default_factory=RelationConfig)
     augment_strength: float = 1.0
     augment_series: bool = False  # also the series differences of covid-ct-seg-2d (data.augment, series=True)
+    augment_noise: float = MAX_NOISE_SIGMA  # the top of the added noise's sigma, in grey range units (0..1)
     patch_size: int | None = None  # random square crops of the augmented slices (None: whole slices)
     validate_every: int = 250
     checkpoint_every: int = 250
@@ -414,7 +415,8 @@ def train(config: TrainConfig, train_images: np.ndarray, train_masks: np.ndarray
             index = torch.multinomial(weights, config.batch_size, replacement=True, generator=generator)
         batch_images = images[index].float() / 255.0
         batch_images, batch_masks = augment_batch(batch_images, masks[index], generator=generator,
-                                                  strength=config.augment_strength, series=config.augment_series)
+                                                  strength=config.augment_strength, series=config.augment_series,
+                                                  max_noise_sigma=config.augment_noise)
         batch_images, batch_masks = random_crops(batch_images, batch_masks, config.patch_size, generator)
         lr = learning_rate_at(iteration, config)
         for group in optimizer.param_groups:

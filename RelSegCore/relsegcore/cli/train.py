@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ..crossval import summarise_folds, train_val_split, write_summary
+from ..data.augment import MAX_NOISE_SIGMA
 from ..data.intensity import FULL_SLICE_CLAHE, LUNG_CROP, RECIPES
 from ..models import NetworkConfig
 from ..training import (
@@ -147,6 +148,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augment-series", action="store_true",
                         help="also flip slices upside down and squeeze their grey range, as the series of "
                              "covid-ct-seg-2d differ (Radiopaedia stored posterior-up, min-max squeezed by outliers)")
+    parser.add_argument("--augment-noise", type=float, default=MAX_NOISE_SIGMA, metavar="SIGMA",
+                        help=f"the top of the Gaussian noise added to the 0..1 image (default {MAX_NOISE_SIGMA}; "
+                             "0.1 covers about 60 HU of CT noise in the lungs after the full-slice-clahe recipe)")
     parser.add_argument("--validate-every", type=int, default=250)
     parser.add_argument("--no-validation", action="store_true",
                         help="with --fold: do not score the held-out slices while training (score them "
@@ -172,7 +176,7 @@ def _config(args: argparse.Namespace, out: Path, network: NetworkConfig, **extra
     return TrainConfig(
         out_dir=out, network=network, iterations=args.iterations, batch_size=args.batch_size,
         learning_rate=args.lr, seed=args.seed, augment_strength=args.augment,
-        augment_series=args.augment_series, device=args.device,
+        augment_series=args.augment_series, augment_noise=args.augment_noise, device=args.device,
         validate_every=args.validate_every, checkpoint_every=args.validate_every,
         patch_size=getattr(args, "patch_size", None), **extra,
     )

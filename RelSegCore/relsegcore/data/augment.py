@@ -79,10 +79,10 @@ class AugmentParams:
 
 
 def sample_params(batch: int, generator: torch.Generator | None = None, strength: float = 1.0,
-                  series: bool = False) -> AugmentParams:
+                  series: bool = False, max_noise_sigma: float = MAX_NOISE_SIGMA) -> AugmentParams:
     """Random parameters; ``strength`` scales every range (0 = identity, 1 = the ranges above); ``series`` adds
     the vertical flip and the squeezed grey range (drawn after the others, so a seed gives the same base
-    parameters either way)."""
+    parameters either way); ``max_noise_sigma`` is the noise range's top (the same draws, scaled)."""
     device = generator.device if generator is not None else torch.device("cpu")
 
     def uniform(*shape: int) -> torch.Tensor:  # in [-1, 1)
@@ -101,7 +101,7 @@ def sample_params(batch: int, generator: torch.Generator | None = None, strength
         contrast=1 + uniform(batch) * MAX_CONTRAST_CHANGE * strength,
         brightness=uniform(batch) * MAX_BRIGHTNESS * strength,
         blur=chance(BLUR_PROBABILITY * level) * (uniform(batch) + 1) / 2,
-        noise_sigma=(uniform(batch) + 1) / 2 * MAX_NOISE_SIGMA * strength,
+        noise_sigma=(uniform(batch) + 1) / 2 * max_noise_sigma * strength,
         noise_seed=int(torch.randint(0, 2**62, (1,), generator=generator, device=device)),
     )
     if series:
@@ -115,13 +115,14 @@ def sample_params(batch: int, generator: torch.Generator | None = None, strength
 
 def augment_batch(
     images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None, strength: float = 1.0,
-    series: bool = False,
+    series: bool = False, max_noise_sigma: float = MAX_NOISE_SIGMA,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Augmented copies of float ``images`` (B,1,H,W) or (B,1,D,H,W) in [0, 1] and long ``masks`` (B,H,W) /
-    (B,D,H,W); 3D samples are warped in-plane, every slice of a sample alike. ``series``: see the module."""
+    (B,D,H,W); 3D samples are warped in-plane, every slice of a sample alike. ``series``: see the module;
+    ``max_noise_sigma``: see ``sample_params``."""
     if strength <= 0:
         return images, masks
-    params = sample_params(len(images), generator, strength, series)
+    params = sample_params(len(images), generator, strength, series, max_noise_sigma)
     return apply_augmentation(images, masks, params)
 
 
