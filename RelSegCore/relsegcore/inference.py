@@ -160,13 +160,19 @@ def gaussian_importance(patch: tuple[int, ...], sigma_fraction: float = 0.125) -
     return np.maximum(bump, 1e-3).astype(np.float32)
 
 
+def tta_views(flip: bool, upside_down: bool) -> list[tuple[int, ...]]:
+    """The axes each averaged view of test-time augmentation mirrors (``()``: the input as it is), in the order
+    ``class_probabilities`` sums them: left-right is the last axis, upside down the one before it."""
+    return [(-2,) * turned + (-1,) * mirrored for turned in range(1 + upside_down) for mirrored in range(1 + flip)]
+
+
 def class_probabilities(network, x: torch.Tensor, flip: bool = False, upside_down: bool = False) -> torch.Tensor:
     """Softmax of ``network`` (a module or an engine's forward) on the float batch ``x``; with ``flip``, averaged
     with the prediction on the left-right mirrored batch, mirrored back (flip test-time augmentation); with
     ``upside_down``, also with those on the batch turned upside down (a card's ``upside_down_tta``, for networks
     trained on both orientations). The last axis is left-right and the one before it anterior-posterior in both
     (N, 1, H, W) and (N, 1, D, H, W)."""
-    views = [()] + [(-1,)] * flip + [(-2,)] * upside_down + [(-2, -1)] * (flip and upside_down)
+    views = tta_views(flip, upside_down)
     probabilities = torch.softmax(network(x).float(), dim=1)
     for axes in views[1:]:
         probabilities += torch.flip(torch.softmax(network(torch.flip(x, dims=axes)).float(), dim=1), dims=axes)

@@ -50,7 +50,7 @@ from relsegcore.data.readers import read_gray_picture, read_mask_picture
 from relsegcore.device import select_device
 from relsegcore.evaluation import native_probabilities, patients_to_turn_upright, predict_image
 from relsegcore.fileutil import atomic_write_text
-from relsegcore.inference import drop_small_components, labels_from
+from relsegcore.inference import drop_small_components, labels_from, tta_views
 from relsegcore.metrics import dice
 
 DATA = Path(os.environ.get("RELSEG_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
@@ -143,12 +143,9 @@ def sweep_fold(fold_dir: Path, root: Path, target: str, settings: list[Setting],
 def views_averaged(loaded: zoo.LoadedModel, image: np.ndarray, wanted: set[tuple[bool, bool]]) -> dict:
     """Probabilities for each wanted (flip, upside down) test-time augmentation, averaged as relseg averages them,
     from one pass per view (resizing to the native size commutes with mirroring and averaging)."""
-    def views_of(flip: bool, upside_down: bool) -> list[tuple[int, ...]]:  # the axes each averaged view mirrors
-        return [(-2,) * turned + (-1,) * mirrored for turned in range(1 + upside_down) for mirrored in range(1 + flip)]
-
     passes = {axes: np.flip(native_probabilities(loaded, np.ascontiguousarray(np.flip(image, axes))), axes)
-              for axes in {axes for flip, upside_down in wanted for axes in views_of(flip, upside_down)}}
-    return {(flip, upside_down): np.mean([passes[axes] for axes in views_of(flip, upside_down)], axis=0)
+              for axes in {axes for flip, upside_down in wanted for axes in tta_views(flip, upside_down)}}
+    return {(flip, upside_down): np.mean([passes[axes] for axes in tta_views(flip, upside_down)], axis=0)
             for flip, upside_down in wanted}
 
 
