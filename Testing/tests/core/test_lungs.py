@@ -143,6 +143,21 @@ def test_trachea_found_when_the_top_slices_lumen_has_a_pale_voxel_in_its_middle(
     assert ((labels > 0) & (whole == 0)).sum() < 0.001 * (whole > 0).sum()  # before: the airway tree joined
 
 
+def _nearest_dark_region(plane: np.ndarray, yx, pixels: tuple[float, float]) -> tuple[float, np.ndarray] | None:
+    """Of the regions below -900 HU of ``pixels[0]``..``pixels[1]`` pixels, the one whose centre lies nearest
+    ``yx``: its distance in pixels and its mask; None when there is none."""
+    components, count = ndimage.label(plane < -900)
+    ids = np.arange(1, count + 1)
+    areas = ndimage.sum_labels(np.ones_like(components), components, ids)
+    centres = np.array(ndimage.center_of_mass(plane < -900, components, ids)).reshape(-1, 2)
+    distance = np.hypot(centres[:, 0] - yx[0], centres[:, 1] - yx[1])
+    near = [(d, i) for d, i, a in zip(distance, ids, areas, strict=True) if pixels[0] <= a <= pixels[1]]
+    if not near:
+        return None
+    nearest, index = min(near)
+    return float(nearest), components == index
+
+
 @pytest.mark.parametrize(("volume", "trachea_slices", "trachea_yx"), [
     ("lung-tumor-volumes/lung1_image.nrrd", range(38, 44), (294, 260)),  # lumen broken below the top: a stub
     ("pleural-effusion/LUNG1-005_ct.nii.gz", range(44, 54), (137, 201)),  # pale seed voxel: no airway at all
@@ -154,14 +169,9 @@ def test_real_trachea_is_not_lung(shared_data, volume, trachea_slices, trachea_y
     hu = sitk.GetArrayFromImage(image)
     labels = segment_lungs_array(hu, image.GetSpacing())
     for z in trachea_slices:  # the trachea: the dark region of the slice nearest trachea_yx, 12 to 25 mm wide
-        components, count = ndimage.label(hu[z] < -900)
-        ids = np.arange(1, count + 1)
-        areas = ndimage.sum_labels(np.ones_like(components), components, ids)
-        centres = np.array(ndimage.center_of_mass(hu[z] < -900, components, ids))
-        distance = np.hypot(centres[:, 0] - trachea_yx[0], centres[:, 1] - trachea_yx[1])
-        nearest, index = min((d, i) for d, i, a in zip(distance, ids, areas, strict=True) if 100 <= a <= 2000)
-        assert nearest < 25, f"no trachea on slice {z}"
-        assert not (labels[z][components == index] > 0).any(), f"slice {z}"
+        found = _nearest_dark_region(hu[z], trachea_yx, (100, 2000))
+        assert found is not None and found[0] < 25, f"no trachea on slice {z}"
+        assert not (labels[z][found[1]] > 0).any(), f"slice {z}"
 
 
 TUBE_LUMEN_MM, TUBE_OUTER_MM = 4.0, 5.5  # an adult endotracheal tube: 8 mm inside, 11 mm outside
@@ -177,15 +187,11 @@ def _with_endotracheal_tube(hu: np.ndarray, spacing: tuple[float, float, float],
     tubed, trachea = hu.copy(), np.zeros(hu.shape, bool)
     yy, xx = np.mgrid[: hu.shape[1], : hu.shape[2]]
     centre = np.array(trachea_yx, float)
+    pixel_cm2 = spacing[0] * spacing[1] / 100.0
     for z in range(hu.shape[0] - 1, hu.shape[0] - 1 - int(length_mm / spacing[2]), -1):
-        components, count = ndimage.label(hu[z] < -900)
-        ids = np.arange(1, count + 1)
-        areas = ndimage.sum_labels(np.ones_like(components), components, ids) * spacing[0] * spacing[1] / 100.0
-        centres = np.array(ndimage.center_of_mass(hu[z] < -900, components, ids)).reshape(-1, 2)
-        near = [(np.hypot(*(c - centre)), i) for c, i, a in zip(centres, ids, areas, strict=True) if 0.5 <= a <= 8.0]
-        if near and min(near)[0] * spacing[0] < 15.0:
-            index = min(near)[1]
-            trachea[z] = components == index
+        found = _nearest_dark_region(hu[z], centre, (0.5 / pixel_cm2, 8.0 / pixel_cm2))  # 0.5 to 8 cm2
+        if found is not None and found[0] * spacing[0] < 15.0:
+            trachea[z] = found[1]
             centre = np.array(ndimage.center_of_mass(trachea[z]))
         radius_mm = np.hypot((yy - centre[0]) * spacing[1], (xx - centre[1]) * spacing[0])
         if around == "fluid":
