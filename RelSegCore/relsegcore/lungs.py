@@ -51,18 +51,29 @@ def segment_lungs(image: sitk.Image) -> sitk.Image:
     return imageio.from_canonical(result, image)
 
 
-def segment_lungs_array(hu: np.ndarray, spacing_xyz: tuple[float, float, float]) -> np.ndarray:
-    """Lung labels uint8 ``(z, y, x)``: 1 the patient's left lung (larger x), 2 the right."""
+def segment_lungs_array(hu: np.ndarray, spacing_xyz: tuple[float, float, float],
+                        z_closing: bool = True) -> np.ndarray:
+    """Lung labels uint8 ``(z, y, x)``: 1 the patient's left lung (larger x), 2 the right.
+
+    ``z_closing=False`` leaves out the closing along z (``closing_additions`` says what it adds).
+    """
     hu = np.asarray(hu)
     if hu.ndim != 3:
         raise ValueError(f"expected a (z, y, x) array, got shape {hu.shape}")
     factor = max(1, int(round(WORK_SPACING_MM / max(min(spacing_xyz[0], spacing_xyz[1]), 1e-3))))
     small = _downsample_inplane(hu, factor)
     work_spacing = (spacing_xyz[0] * factor, spacing_xyz[1] * factor, spacing_xyz[2])
-    labels = _lung_labels(small, work_spacing)
+    labels = _lung_labels(small, work_spacing, z_closing)
     if factor == 1:
         return labels
     return _upsample_labels(labels, small >= AIR_HU, hu, factor)
+
+
+def closing_additions(hu: np.ndarray, spacing_xyz: tuple[float, float, float], labels: np.ndarray) -> np.ndarray:
+    """The voxels of ``labels`` (``segment_lungs_array``'s, with the closing along z) that only that closing
+    brought in. They are pleural consolidation, but also pleural effusion, the heart's rim and the hila: HU and
+    shape cannot tell them apart (Testing/benchmarks/README.md, sessions 21-27); the infection model can."""
+    return (np.asarray(labels) > 0) & (segment_lungs_array(hu, spacing_xyz, z_closing=False) == 0)
 
 
 GUIDE_MIN_OVERLAP = 0.1  # a lung model's 2D component must lie this much in the HU method's lungs
@@ -104,7 +115,7 @@ def _components_in_guide(mask: np.ndarray, guide: np.ndarray) -> np.ndarray:
     return keep[components]
 
 
-def _lung_labels(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+def _lung_labels(hu: np.ndarray, spacing: tuple[float, float, float], z_closing: bool = True) -> np.ndarray:
     voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
     air = hu < AIR_HU
     inside_air = air & ~_border_connected_per_slice(air)
@@ -113,7 +124,7 @@ def _lung_labels(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndar
     lungs = _lung_components(candidates, hu, voxel_ml, midline_x=_body_midline_x(hu))
     labels = np.zeros(hu.shape, np.uint8)
     for side in (LEFT_LUNG, RIGHT_LUNG):
-        filled = _fill_lung(lungs == side, hu, spacing)
+        filled = _fill_lung(lungs == side, hu, spacing, z_closing)
         labels[filled & (labels == 0) & ~airway] = side
     return labels
 
@@ -368,7 +379,8 @@ def _split_at_midline(mask: np.ndarray, box: tuple[slice, ...], sides: np.ndarra
         target[plane] = np.broadcast_to(side_of_column, plane.shape)[plane]
 
 
-def _fill_lung(lung: np.ndarray, hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+def _fill_lung(lung: np.ndarray, hu: np.ndarray, spacing: tuple[float, float, float],
+               z_closing: bool = True) -> np.ndarray:
     """Bring back vessels and infection: a soft-tissue-limited closing, then lung-like holes filled."""
     if not lung.any():
         return lung
@@ -376,7 +388,9 @@ def _fill_lung(lung: np.ndarray, hu: np.ndarray, spacing: tuple[float, float, fl
     box = _bounding_box(lung, margin=radius + 1)
     mask = lung[box]
     hu_box = hu[box]
-    closed = _erode_disk(_dilate_disk(mask, radius), radius) | _close_along_z(mask, spacing[2])
+    closed = _erode_disk(_dilate_disk(mask, radius), radius)
+    if z_closing:
+        closed |= _close_along_z(mask, spacing[2])
     mask = mask | (closed & (hu_box < SOFT_TISSUE_MAX_HU))
     mask = _fill_lung_holes(mask, hu_box, pixel_cm2=spacing[0] * spacing[1] / 100.0)
     out = np.zeros_like(lung)

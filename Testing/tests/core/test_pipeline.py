@@ -214,6 +214,51 @@ def test_real_data_infection_lands_on_ground_glass_not_on_effusion_or_tumour(shi
             assert row["label_fraction_flagged"] < 0.5, row  # never flagged wholesale as COVID infection
 
 
+@pytest.mark.parametrize(("threshold", "painted"), [(0.6, True), (0.8, False)])
+def test_what_the_closing_along_z_adds_stays_lung_only_where_infection_is_painted(demo, tmp_path, threshold, painted):
+    """The demo's consolidation on the pleura comes into the HU lungs by the closing along z. A model that paints
+    every lung voxel keeps all of it lung; one that paints nothing leaves the lungs without the closing's
+    additions (effusion and the heart's rim come in the same way on real CTs), and nothing else changes."""
+    from synthetic_slices import save_constant_model
+
+    from relsegcore import lungs
+
+    canonical = imageio.to_canonical(demo.image)
+    hu, spacing = sitk.GetArrayFromImage(canonical), canonical.GetSpacing()
+    with_closing = lungs.segment_lungs_array(hu, spacing)
+    without_closing = lungs.segment_lungs_array(hu, spacing, z_closing=False)
+    consolidation = sitk.GetArrayFromImage(imageio.to_canonical(demo.infection)) == 2
+    added = lungs.closing_additions(hu, spacing, with_closing)
+    assert added.sum() > 0.3 * (consolidation & (without_closing == 0)).sum() > 0  # the test is not vacuous
+
+    path = save_constant_model(tmp_path, True, probability=0.7, postprocessing={"threshold": threshold})
+    result = pipeline.segment(demo.image, model=path, device="cpu", engine="torch")
+    found = sitk.GetArrayFromImage(imageio.to_canonical(result.lungs))
+    np.testing.assert_array_equal(found, with_closing if painted else without_closing)
+
+
+def test_real_effusion_brought_in_by_the_closing_leaves_the_lungs_and_the_infection_stays(shipped_model, shared_data):
+    """LUNG1-002: the closing along z takes 23.7 % of its pleural effusion into the HU lungs; the shipped model
+    paints none of it, so the lungs of ``segment`` keep under 5 %, and its infection is the one found inside the
+    closed lungs, voxel for voxel."""
+    from relsegcore import lungs
+
+    folder = shared_data / "pleural-effusion"
+    image = sitk.ReadImage(str(folder / "LUNG1-002_ct.nii.gz"))
+    effusion = array(sitk.ReadImage(str(folder / "LUNG1-002_effusion.nii.gz"))) > 0
+    closed_lungs = lungs.segment_lungs(image)
+    gated = pipeline.segment(image, model=shipped_model, device="cpu")
+    ungated = pipeline.segment(image, model=shipped_model, device="cpu", lungs=closed_lungs)
+
+    def inside(lung_image: sitk.Image) -> float:
+        return float((effusion & (array(lung_image) > 0)).sum() / effusion.sum())
+
+    assert inside(closed_lungs) > 0.2 and inside(ungated.lungs) > 0.2
+    assert inside(gated.lungs) < 0.05
+    np.testing.assert_array_equal(array(gated.infection), array(ungated.infection))
+    assert gated.report["lungs"]["total_ml"] < 0.97 * ungated.report["lungs"]["total_ml"]
+
+
 @pytest.mark.parametrize(("threshold", "infected"), [(0.6, True), (0.8, False)])
 def test_infection_is_decided_at_the_model_cards_threshold(demo, tmp_path, threshold, infected):
     """Every pixel at foreground probability 0.7: a card threshold of 0.6 makes all the lungs infection, 0.8
