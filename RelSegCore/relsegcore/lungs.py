@@ -55,25 +55,37 @@ def segment_lungs_array(hu: np.ndarray, spacing_xyz: tuple[float, float, float],
                         z_closing: bool = True) -> np.ndarray:
     """Lung labels uint8 ``(z, y, x)``: 1 the patient's left lung (larger x), 2 the right.
 
-    ``z_closing=False`` leaves out the closing along z (``closing_additions`` says what it adds).
+    ``z_closing=False`` leaves out the closing along z (``lungs_and_closing_additions`` says what it adds).
     """
+    return _lung_label_maps(hu, spacing_xyz, (z_closing,))[0]
+
+
+def lungs_and_closing_additions(hu: np.ndarray, spacing_xyz: tuple[float, float, float]
+                                ) -> tuple[np.ndarray, np.ndarray]:
+    """``segment_lungs_array``'s labels, and the voxels of them that only the closing along z brought in.
+
+    Those are pleural consolidation, but also pleural effusion, the heart's rim and the hila: HU and shape
+    cannot tell them apart (Testing/benchmarks/README.md, sessions 21-27); the infection model can. One pass:
+    the airway and the lung components are found once for both label maps.
+    """
+    closed, unclosed = _lung_label_maps(hu, spacing_xyz, (True, False))
+    return closed, (closed > 0) & (unclosed == 0)
+
+
+def _lung_label_maps(hu: np.ndarray, spacing_xyz: tuple[float, float, float],
+                     z_closings: tuple[bool, ...]) -> list[np.ndarray]:
+    """Lung labels with and/or without the closing along z, one map per entry of ``z_closings``."""
     hu = np.asarray(hu)
     if hu.ndim != 3:
         raise ValueError(f"expected a (z, y, x) array, got shape {hu.shape}")
     factor = max(1, int(round(WORK_SPACING_MM / max(min(spacing_xyz[0], spacing_xyz[1]), 1e-3))))
     small = _downsample_inplane(hu, factor)
     work_spacing = (spacing_xyz[0] * factor, spacing_xyz[1] * factor, spacing_xyz[2])
-    labels = _lung_labels(small, work_spacing, z_closing)
+    label_maps = _lung_labels(small, work_spacing, z_closings)
     if factor == 1:
-        return labels
-    return _upsample_labels(labels, small >= AIR_HU, hu, factor)
-
-
-def closing_additions(hu: np.ndarray, spacing_xyz: tuple[float, float, float], labels: np.ndarray) -> np.ndarray:
-    """The voxels of ``labels`` (``segment_lungs_array``'s, with the closing along z) that only that closing
-    brought in. They are pleural consolidation, but also pleural effusion, the heart's rim and the hila: HU and
-    shape cannot tell them apart (Testing/benchmarks/README.md, sessions 21-27); the infection model can."""
-    return (np.asarray(labels) > 0) & (segment_lungs_array(hu, spacing_xyz, z_closing=False) == 0)
+        return label_maps
+    dense = small >= AIR_HU
+    return [_upsample_labels(labels, dense, hu, factor) for labels in label_maps]
 
 
 GUIDE_MIN_OVERLAP = 0.1  # a lung model's 2D component must lie this much in the HU method's lungs
@@ -115,18 +127,22 @@ def _components_in_guide(mask: np.ndarray, guide: np.ndarray) -> np.ndarray:
     return keep[components]
 
 
-def _lung_labels(hu: np.ndarray, spacing: tuple[float, float, float], z_closing: bool = True) -> np.ndarray:
+def _lung_labels(hu: np.ndarray, spacing: tuple[float, float, float],
+                 z_closings: tuple[bool, ...]) -> list[np.ndarray]:
     voxel_ml = spacing[0] * spacing[1] * spacing[2] / 1000.0
     air = hu < AIR_HU
     inside_air = air & ~_border_connected_per_slice(air)
     airway = _airway(hu, inside_air, spacing)
     candidates = inside_air & ~_dilate_in_plane(airway, [_disk(1)[0]])
     lungs = _lung_components(candidates, hu, voxel_ml, midline_x=_body_midline_x(hu))
-    labels = np.zeros(hu.shape, np.uint8)
-    for side in (LEFT_LUNG, RIGHT_LUNG):
-        filled = _fill_lung(lungs == side, hu, spacing, z_closing)
-        labels[filled & (labels == 0) & ~airway] = side
-    return labels
+    label_maps = []
+    for z_closing in z_closings:
+        labels = np.zeros(hu.shape, np.uint8)
+        for side in (LEFT_LUNG, RIGHT_LUNG):
+            filled = _fill_lung(lungs == side, hu, spacing, z_closing)
+            labels[filled & (labels == 0) & ~airway] = side
+        label_maps.append(labels)
+    return label_maps
 
 
 def _downsample_inplane(hu: np.ndarray, factor: int) -> np.ndarray:

@@ -28,7 +28,7 @@ from .data import intensity
 from .device import describe_device, select_device
 from .errors import InputError, ModelError
 from .inference import batches, drop_small_components, labels_from, predict_slices, predict_volume
-from .lungs import closing_additions, lungs_from_mask, segment_lungs_array
+from .lungs import lungs_and_closing_additions, lungs_from_mask, segment_lungs_array
 from .progress import Progress
 
 SLICES_PER_CHUNK = 32  # probabilities of one chunk at most: 32 x C x 256 x 256 float32 = 16 MB for C=2
@@ -93,6 +93,7 @@ def segment(
     ``lungs`` may give known lung labels on ``image``'s grid (skipping lung segmentation).
     ``lung_model``: ``"hu"`` (the HU method, the default), ``"auto"`` (the learned ``covid-lungs-2d`` when
     installed, else the HU method) or a lung model's name or path; the report's ``lungs_method`` says which ran.
+    With the HU method, what its closing along z added stays lung only where the model paints infection.
     ``engine`` runs the networks on the CPU (``engines``: "auto" is OpenVINO when installed); the report says which.
     ``progress`` receives the stages "Lungs", "Infection", "Report" and may cancel between
     chunks of slices (``errors.Cancelled``).
@@ -107,9 +108,13 @@ def segment(
         canonical = imageio.to_canonical(image)
         hu = sitk.GetArrayViewFromImage(canonical)
     progress.update(STAGE_SPANS["Lungs"][0], "Lungs")
+    closing_added = None  # what the HU lungs' closing along z added (dropped where no infection is painted)
     with timer.stage("lungs"):
         if lungs is not None:
             lung_labels, lungs_method, lung_seconds = _canonical_lungs(lungs, image), "given", 0.0
+        elif lung_model_card(lung_model) is None:
+            lung_labels, closing_added = lungs_and_closing_additions(hu, canonical.GetSpacing())
+            lungs_method, lung_seconds = HU_METHOD, 0.0
         else:
             lung_labels, lungs_method, lung_seconds = lung_labels_for(hu, canonical.GetSpacing(), lung_model,
                                                                       loaded.device, progress, engine)
@@ -118,9 +123,11 @@ def segment(
     progress.update(STAGE_SPANS["Infection"][0], "Infection")
     with timer.stage("infection"):
         infection_labels, network_seconds = infection_labels_for(loaded, hu, lung_labels, tta, progress)
-    if lungs_method == HU_METHOD:
-        with timer.stage("lungs"):
-            drop_unpainted_closing_additions(lung_labels, hu, canonical.GetSpacing(), infection_labels)
+    if closing_added is not None:
+        # the closing is there for consolidation on the pleura, which the model paints; what it leaves unpainted
+        # there is effusion, the heart's rim, the hila: out of the lungs. The infection is unchanged.
+        lung_labels[closing_added & (infection_labels == 0)] = 0
+        del closing_added
     timer.seconds["network"] = round(network_seconds + lung_seconds, 3)
     progress.update(STAGE_SPANS["Report"][0], "Report")
     with timer.stage("report"):
@@ -232,15 +239,6 @@ def infection_labels_for(
     if loaded.card.architecture.get("dims", 2) == 3:
         return _infection_3d(loaded, hu, lung_labels, tta, progress)
     return _infection_2d(loaded, hu, lung_labels, tta, progress)
-
-
-def drop_unpainted_closing_additions(lung_labels: np.ndarray, hu: np.ndarray, spacing_xyz: tuple[float, float, float],
-                                     infection_labels: np.ndarray) -> None:
-    """Take out of the HU lungs, in place, what only their closing along z brought in and the infection model
-    leaves unpainted: pleural effusion, the heart's rim, the hila (the closing is there for consolidation on the
-    pleura, which the model paints). The infection, restricted to the lungs before, is unchanged; effusion inside
-    the lungs falls from up to 23.7 % of a mask to the label's rim (Testing/benchmarks/README.md, session 27)."""
-    lung_labels[closing_additions(hu, spacing_xyz, lung_labels) & (infection_labels == 0)] = 0
 
 
 def _infection_2d(loaded, hu, lung_labels, tta, progress) -> tuple[np.ndarray, float]:

@@ -228,7 +228,9 @@ def test_what_the_closing_along_z_adds_stays_lung_only_where_infection_is_painte
     with_closing = lungs.segment_lungs_array(hu, spacing)
     without_closing = lungs.segment_lungs_array(hu, spacing, z_closing=False)
     consolidation = sitk.GetArrayFromImage(imageio.to_canonical(demo.infection)) == 2
-    added = lungs.closing_additions(hu, spacing, with_closing)
+    both, added = lungs.lungs_and_closing_additions(hu, spacing)
+    np.testing.assert_array_equal(both, with_closing)  # one pass gives both maps as two would
+    np.testing.assert_array_equal(added, (with_closing > 0) & (without_closing == 0))
     assert added.sum() > 0.3 * (consolidation & (without_closing == 0)).sum() > 0  # the test is not vacuous
 
     path = save_constant_model(tmp_path, True, probability=0.7, postprocessing={"threshold": threshold})
