@@ -395,8 +395,7 @@ def _split_at_midline(mask: np.ndarray, box: tuple[slice, ...], sides: np.ndarra
         target[plane] = np.broadcast_to(side_of_column, plane.shape)[plane]
 
 
-def _fill_lung(lung: np.ndarray, hu: np.ndarray, spacing: tuple[float, float, float],
-               z_closing: bool = True) -> np.ndarray:
+def _fill_lung(lung: np.ndarray, hu: np.ndarray, spacing: tuple[float, float, float], z_closing: bool) -> np.ndarray:
     """Bring back vessels and infection: a soft-tissue-limited closing, then lung-like holes filled."""
     if not lung.any():
         return lung
