@@ -100,6 +100,43 @@ def drop_small_components(labels: np.ndarray, fraction: float) -> np.ndarray:
     return np.where(small[components], 0, labels).astype(labels.dtype)
 
 
+def drop_outside_body(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """A 2D label map without the foreground components (8-connected) of which at least half lies outside the
+    body of ``image`` (the same slice, any grey scale: HU or a rendered picture); ``labels`` itself when nothing
+    is dropped. The body is the convex hull of the largest region above the slice's Otsu threshold: the hull,
+    not the region, so that lungs are inside it however the tissue around them is cut, and a body cut by the
+    image's edge (a small field of view) keeps every lung in it (Testing/benchmarks/README.md, session 27)."""
+    components, count = ndimage.label(labels > 0, structure=np.ones((3, 3), bool))
+    if count == 0:
+        return labels
+    body = body_hull(image)
+    if not body.any():  # a flat slice: no body to judge by
+        return labels
+    sizes = np.bincount(components.ravel(), minlength=count + 1)
+    inside = np.bincount(components[body].ravel(), minlength=count + 1)
+    outside = inside < 0.5 * sizes
+    outside[0] = False
+    if not outside.any():
+        return labels
+    return np.where(outside[components], 0, labels).astype(labels.dtype)
+
+
+def body_hull(image: np.ndarray) -> np.ndarray:
+    """The convex hull of the largest region of a 2D slice above its Otsu threshold (all False for a flat one)."""
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import convex_hull_image
+
+    image = np.asarray(image, np.float32)
+    if image.max() <= image.min():
+        return np.zeros(image.shape, bool)
+    regions, count = ndimage.label(image > threshold_otsu(image))
+    if count == 0:
+        return np.zeros(image.shape, bool)
+    sizes = np.bincount(regions.ravel())
+    sizes[0] = 0
+    return convex_hull_image(regions == sizes.argmax())
+
+
 def predict_volume(
     loaded: LoadedModel,
     volume: np.ndarray,

@@ -92,6 +92,13 @@ class ModelCard:
         return float(self.postprocessing.get("min_component_fraction", 0.0))
 
     @property
+    def outside_body_dropped(self) -> bool:
+        """Whether a 2D slice's foreground components lying mostly outside the body are dropped
+        (``postprocessing["outside_body_dropped"]``, ``inference.drop_outside_body``): for organ models such as
+        the lungs, which never lie outside the body; never for lesions."""
+        return bool(self.postprocessing.get("outside_body_dropped", False))
+
+    @property
     def within_lungs(self) -> str | None:
         """A lung model (name or path) whose lungs bound this model's labels on 2D slices evaluated without HU
         (``relseg evaluate --data ctseg2d:``, ``--images``), as the lungs step bounds them in ``segment``

@@ -125,6 +125,61 @@ def test_drop_small_components_keeps_each_slice_large_pieces_and_their_labels():
     assert inference.drop_small_components(np.zeros((5, 5), np.uint8), 0.5).sum() == 0
 
 
+def _chest_slice(centre_x: float = 64.0) -> tuple[np.ndarray, np.ndarray]:
+    """A 128 x 128 rendered chest: dark air, a grey body (an ellipse around ``centre_x``) with two dark lungs in
+    it; and the lungs' labels (1 left, 2 right)."""
+    y, x = np.mgrid[:128, :128]
+    image = np.full((128, 128), 10, np.uint8)
+    image[((x - centre_x) / 50.0) ** 2 + ((y - 64) / 40.0) ** 2 <= 1] = 150
+    labels = np.zeros((128, 128), np.uint8)
+    for label, lung_x in ((1, centre_x + 22), (2, centre_x - 22)):
+        lung = ((x - lung_x) / 14.0) ** 2 + ((y - 64) / 25.0) ** 2 <= 1
+        image[lung], labels[lung] = 20, label
+    return image, labels
+
+
+def test_components_outside_the_body_are_dropped_and_the_lungs_kept():
+    """Lung painted in the air beside the body (as fold models do on some slices) goes; the lungs stay, also
+    where the body is cut by the image's edge (a small field of view: the hull, not the region, is the body)."""
+    image, lungs = _chest_slice()
+    assert inference.drop_outside_body(lungs, image) is lungs  # nothing outside: unchanged
+    painted = lungs.copy()
+    painted[2:20, 2:30] = 1  # air in a corner
+    painted[100:128, 60:70] = 2  # air below the body, touching the image's edge
+    kept = inference.drop_outside_body(painted, image)
+    np.testing.assert_array_equal(kept, lungs)
+
+    cut_image, cut_lungs = _chest_slice(centre_x=20.0)  # the body runs out of the image on the left
+    assert cut_lungs[:, 0].any() and cut_image[:, 0].max() == 150  # lung and body both cut by the edge
+    np.testing.assert_array_equal(inference.drop_outside_body(cut_lungs, cut_image), cut_lungs)
+    # across the body's edge (x = 114 on these rows): mostly outside goes, mostly inside stays
+    mostly_out, mostly_in = lungs.copy(), lungs.copy()
+    mostly_out[60:68, 108:124] = 1  # 6 of 16 columns inside
+    mostly_in[60:68, 104:118] = 1  # 10 of 14 columns inside
+    np.testing.assert_array_equal(inference.drop_outside_body(mostly_out, image), lungs)
+    np.testing.assert_array_equal(inference.drop_outside_body(mostly_in, image), mostly_in)
+    flat = np.full((32, 32), 7, np.uint8)
+    blob = np.zeros((32, 32), np.uint8)
+    blob[5:9, 5:9] = 1
+    assert inference.drop_outside_body(blob, flat) is blob  # no body to judge by: unchanged
+
+
+@pytest.mark.parametrize("dropped", [False, True])
+def test_a_cards_outside_body_dropped_is_followed_on_2d_slices(tmp_path, dropped):
+    """A model painting every pixel paints one component, mostly air around the body: the card's
+    ``outside_body_dropped`` takes it away in ``relseg evaluate``'s decision (``evaluation.predict_image``)."""
+    from synthetic_slices import save_constant_model
+
+    from relsegcore.evaluation import predict_image
+
+    path = save_constant_model(tmp_path, True, postprocessing={"outside_body_dropped": dropped})
+    loaded = zoo.load_model(zoo.find_model(path), torch.device("cpu"), "torch")
+    image, _ = _chest_slice()
+    labels = predict_image(loaded, image)
+    assert loaded.card.outside_body_dropped is dropped
+    assert labels.sum() == (0 if dropped else image.size)
+
+
 @pytest.mark.parametrize("bad", [1.0, -0.1, "most"])
 def test_a_component_fraction_outside_0_1_is_refused_when_the_card_is_read(tmp_path, bad):
     weights = save_tiny_model(tmp_path)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from test_inference import save_tiny_model
 
 import relsegcore
@@ -259,6 +260,26 @@ def test_real_effusion_brought_in_by_the_closing_leaves_the_lungs_and_the_infect
     assert inside(gated.lungs) < 0.05
     np.testing.assert_array_equal(array(gated.infection), array(ungated.infection))
     assert gated.report["lungs"]["total_ml"] < 0.97 * ungated.report["lungs"]["total_ml"]
+
+
+@pytest.mark.parametrize("dropped", [False, True])
+def test_a_lung_cards_outside_body_dropped_is_followed_on_ct_slices(demo, tmp_path, dropped):
+    """The pipeline decides 2D slices as ``relseg evaluate`` does: a model painting every pixel paints one
+    component per slice, mostly the air around the body, and the card's ``outside_body_dropped`` takes it away
+    (the body judged on the HU slice)."""
+    from synthetic_slices import save_constant_model
+
+    from relsegcore import zoo
+    from relsegcore.data import intensity
+
+    full_slice = intensity.preprocessing_for(intensity.FULL_SLICE_CLAHE, 32)
+    path = save_constant_model(tmp_path, True, preprocessing=full_slice,
+                               postprocessing={"outside_body_dropped": dropped})
+    loaded = zoo.load_model(zoo.find_model(path), torch.device("cpu"), "torch")
+    hu = sitk.GetArrayFromImage(imageio.to_canonical(demo.image))
+    z = np.array([len(hu) // 2])
+    labels, _ = pipeline.slice_labels_2d(loaded, hu, z, None)
+    assert labels[z[0]].sum() == (0 if dropped else labels[z[0]].size)
 
 
 @pytest.mark.parametrize(("threshold", "infected"), [(0.6, True), (0.8, False)])
