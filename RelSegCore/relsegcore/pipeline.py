@@ -29,6 +29,7 @@ from .device import describe_device, select_device
 from .errors import InputError, ModelError
 from .inference import batches, drop_outside_body, drop_small_components, labels_from, predict_slices, predict_volume
 from .lungs import lungs_and_closing_additions, lungs_from_mask, segment_lungs_array
+from .noise import estimate_noise_hu, noise_warning
 from .progress import Progress
 
 SLICES_PER_CHUNK = 32  # probabilities of one chunk at most: 32 x C x 256 x 256 float32 = 16 MB for C=2
@@ -107,6 +108,7 @@ def segment(
         _check_role(loaded.card, "infection")
         canonical = imageio.to_canonical(image)
         hu = sitk.GetArrayViewFromImage(canonical)
+        noise_hu = estimate_noise_hu(hu)  # the model takes noise above its training CTs' for ground-glass
     progress.update(STAGE_SPANS["Lungs"][0], "Lungs")
     closing_added = None  # what the HU lungs' closing along z added (dropped where no infection is painted)
     with timer.stage("lungs"):
@@ -142,6 +144,7 @@ def segment(
         infection_image = _on_input_grid(infection_labels, grid, image)
         del infection_labels
         report = outputs.compute_report(lungs_image, infection_image, class_names, image, high_opacity_hu)
+        report["warnings"] += [warning] if (warning := noise_warning(noise_hu)) else []
     timer.seconds["total"] = round(time.perf_counter() - started, 3)
     report.update(
         model={"name": loaded.card.name, "version": loaded.card.version, "sha256": loaded.card.sha256,
@@ -150,6 +153,7 @@ def segment(
         engine=loaded.engine,
         tta=bool(tta or loaded.card.flip_tta),  # the card may ask for it (postprocessing.flip_tta)
         lungs_method=lungs_method,
+        noise_hu=None if noise_hu is None else round(noise_hu, 1),
         timing_s=timer.seconds,
     )
     progress.update(1.0, "Report")

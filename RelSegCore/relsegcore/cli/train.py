@@ -105,6 +105,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stage2.add_argument("--negative-slices", type=int, default=16, metavar="N",
                         help="with --negatives ct:...: lung slices taken from each volume, evenly spread along z "
                              "(more slices: more of each volume's normal anatomy at the same share of each batch)")
+    stage2.add_argument("--negative-noise", type=_noise_levels, default=(), metavar="HU[,HU...]",
+                        help="with --negatives ct:...: each lung slice also rendered with white and with sharp-kernel "
+                             "noise of each of these stds added in HU (e.g. 30,60,100): noisy normal lung taught as "
+                             "no infection (else CT noise above the training CTs' is taken for ground-glass)")
     stage2.add_argument("--negative-fraction", type=float, default=0.25,
                         help="with --negatives: their share of the slices drawn for each batch")
     stage2.add_argument("--cache-dir", type=Path, help="cache the preprocessed --negatives slices here")
@@ -482,6 +486,17 @@ def _pooled_share(weights, total: int, start: int, pooled, fraction: float | Non
     return weights
 
 
+def _noise_levels(text: str) -> tuple[float, ...]:
+    """``--negative-noise``'s comma-separated HU levels, each above 0."""
+    try:
+        levels = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HU levels like 30,60,100, not {text!r}") from None
+    if not all(level > 0 for level in levels):
+        raise argparse.ArgumentTypeError(f"noise levels must be above 0 HU, not {text!r}")
+    return levels
+
+
 def _read_negatives(args: argparse.Namespace):
     """The ``--negatives`` slices as one SliceSet (their masks unused), or None without any."""
     if not args.negatives:
@@ -492,7 +507,8 @@ def _read_negatives(args: argparse.Namespace):
 
     negatives = SliceSet.concat([
         read_dataset_spec(spec, size=args.size, cache_dir=args.cache_dir, recipe=_recipe(args),
-                          **({"slices_per_volume": args.negative_slices} if parse_data_spec(spec)[0] == "ct" else {}))
+                          **({"slices_per_volume": args.negative_slices, "noise_hu": args.negative_noise}
+                             if parse_data_spec(spec)[0] == "ct" else {}))
         for spec in args.negatives])
     if not len(negatives):
         raise RelSegError(f"--negatives {' '.join(args.negatives)}: no slices found")

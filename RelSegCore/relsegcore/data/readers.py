@@ -23,6 +23,7 @@ import inspect
 import json
 import os
 import re
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from PIL import Image
 
 from ..errors import InputError
 from ..fileutil import atomic_path
+from ..noise import NOISE_KINDS, add_ct_noise
 from .intensity import (
     DEFAULT_WINDOW,
     FULL_SLICE_CLAHE,
@@ -429,29 +431,33 @@ def _map_labels(mask: np.ndarray, label_map: dict[int, int] | None) -> np.ndarra
 def read_ct_volumes(
     folder: str | os.PathLike, size: int = 256, slices_per_volume: int = 16, limit: int | None = None,
     window: tuple[float, float] = DEFAULT_WINDOW, cache_dir: str | os.PathLike | None = None,
-    lung_segmenter: LungSegmenter | None = None, recipe: str = LUNG_CROP,
+    lung_segmenter: LungSegmenter | None = None, recipe: str = LUNG_CROP, noise_hu: Sequence[float] = (),
 ) -> SliceSet:
     """Lung slices of chest CT volumes that have no mask, all background: negatives for ``relseg train``.
 
     ``folder`` is a folder, one file or a glob of files (``DIR/LUNG1-00*_ct.nii.gz``). Label volumes kept beside the
     CTs (names ending in ``_label``, ``_seg``, ``_mask``, ``_effusion``...) are skipped. Each volume gives up
     to ``slices_per_volume`` slices with lung, evenly spread along z, rendered by ``recipe`` as at inference;
-    every mask is empty. ``ct_volume_files`` says which files are used.
+    every mask is empty. ``ct_volume_files`` says which files are used. Each level of ``noise_hu`` adds the same
+    slices twice more, with white and with sharp-kernel noise of that std added in HU before the rendering
+    (``noise.add_ct_noise``, seeded by case, level and kind): noisy normal lung, as a noisier scanner shows it.
     """
     images = ct_volume_files(folder)[:limit]
     options = VolumeOptions(size, None, True, "lungs", LESION_FIELD_MM, tuple(window), slices_per_volume, recipe)
     segmenter = lung_segmenter or default_lung_segmenter()
     source = Path(str(folder)).parent.name if _is_glob(folder) else Path(str(folder)).name
 
+    noise_levels = tuple(float(level) for level in noise_hu)
+
     def build() -> SliceSet:
-        sets = [_ct_lung_slices(_volume_stem(path), path, options, segmenter) for path in images]
+        sets = [_ct_lung_slices(_volume_stem(path), path, options, segmenter, noise_levels) for path in images]
         result = SliceSet.concat(sets)
         return SliceSet(result.images, result.masks, result.names, source)
 
     description = {"reader": "ct-volumes", "source": source, "segmenter": getattr(segmenter, "__qualname__", None),
-                   **options.describe()}
+                   **options.describe(), **({"noise_hu": list(noise_levels)} if noise_levels else {})}
     return cached(cache_dir, description, [*images, *_source_files(_ct_lung_slices, model_image, segmenter,
-                                                                  render_full_slice)], build)
+                                                                  render_full_slice, add_ct_noise)], build)
 
 
 def ct_volume_files(folder: str | os.PathLike) -> list[Path]:
@@ -470,7 +476,8 @@ def ct_volume_files(folder: str | os.PathLike) -> list[Path]:
     return images
 
 
-def _ct_lung_slices(case: str, image_path: Path, options: VolumeOptions, lung_segmenter: LungSegmenter) -> SliceSet:
+def _ct_lung_slices(case: str, image_path: Path, options: VolumeOptions, lung_segmenter: LungSegmenter,
+                    noise_hu: Sequence[float] = ()) -> SliceSet:
     import SimpleITK as sitk
 
     from ..imageio import validate_ct
@@ -485,8 +492,15 @@ def _ct_lung_slices(case: str, image_path: Path, options: VolumeOptions, lung_se
     z_indices = _chosen_slices((lungs > 0).astype(np.uint8), options)  # slices with lung, evenly spread
     if not z_indices:
         raise InputError(f"{image_path.name}: no lungs were found: is it a chest CT?")
-    images, masks = _lung_crops(volume, None, z_indices, lungs, options)
-    return SliceSet(images, masks, [f"{case}:z{z}" for z in z_indices], case)
+    sets = [SliceSet(*_lung_crops(volume, None, z_indices, lungs, options), [f"{case}:z{z}" for z in z_indices], case)]
+    for level in noise_hu:
+        for kind in NOISE_KINDS:
+            seed = zlib.crc32(f"{case}:{kind}:{level:g}".encode())
+            noisy = volume.astype(np.float32)  # a copy: the noise goes on the chosen slices only
+            noisy[z_indices] = add_ct_noise(volume[z_indices], level, kind, seed)
+            sets.append(SliceSet(*_lung_crops(noisy, None, z_indices, lungs, options),
+                                 [f"{case}:z{z}:{kind}{level:g}" for z in z_indices], case))
+    return SliceSet.concat(sets)
 
 
 def _chosen_slices(labels: np.ndarray, options: VolumeOptions) -> list[int]:
