@@ -20,6 +20,7 @@ from relsegcore import imageio, pipeline
 from relsegcore.demo import make_demo_ct
 from relsegcore.errors import Cancelled, InputError
 from relsegcore.fileutil import sha256_of
+from relsegcore.noise import NOISY_CT_HU, add_ct_noise
 from relsegcore.progress import Progress
 
 SMALL_SHAPE, SMALL_SPACING = (32, 128, 128), (2.8, 2.8, 8.0)
@@ -106,6 +107,18 @@ def test_report_names_model_device_and_timing(lps_result, model_path):
     assert report["lungs"]["total_ml"] == pytest.approx(
         np.count_nonzero(array(lps_result.lungs)) * math.prod(SMALL_SPACING) / 1000)
     assert 0 <= report["percent_opacity"]["overall"] <= 100
+
+
+def test_the_report_gives_the_cts_noise_and_warns_when_it_is_above_the_training_cts(demo, lps_result, model_path):
+    """The demo CT (about 15 HU by the estimator) passes quietly; with 40 HU of white noise added, the report says
+    the opacity is likely overestimated (the model takes noise for ground-glass)."""
+    assert 10 < lps_result.report["noise_hu"] < NOISY_CT_HU
+    assert not any("noisier" in warning for warning in lps_result.report["warnings"])
+    noisy = sitk.GetImageFromArray(add_ct_noise(array(demo.image), 40.0, "white", seed=0))
+    noisy.CopyInformation(demo.image)
+    report = pipeline.segment(noisy, model=model_path, device="cpu").report
+    assert report["noise_hu"] > NOISY_CT_HU
+    assert [warning for warning in report["warnings"] if "noisier" in warning and "overestimated" in warning]
 
 
 def test_known_lungs_are_used_as_given(demo, model_path):

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from relsegcore.data.general import parse_data_spec, read_dataset_spec, read_general_sets
-from relsegcore.data.intensity import window_hu
+from relsegcore.data.intensity import FULL_SLICE_CLAHE, window_hu
 from relsegcore.data.readers import (
     SliceSet,
     mediastinum_band,
@@ -335,6 +335,40 @@ def test_train_negative_slices_sets_how_many_lung_slices_each_negative_ct_gives(
     assert len(_read_negatives(train_args())) == 2 * min(16, lung_slices)
     with pytest.raises(RelSegError, match="--negative-slices must be at least 1, not 0"):
         run_train(train_args("--negative-slices", "0"))
+
+
+def test_negative_noise_adds_each_slice_again_with_white_and_sharp_noise_in_hu(tmp_path: Path) -> None:
+    """``--negative-noise 30,60``: the clean slices as before, then each again per level and kind, noise added in HU
+    before the rendering (seeded: the same every time); the cache keeps noisy and clean sets apart."""
+    from relsegcore.cli import build_parser
+    from relsegcore.cli.train import _read_negatives
+
+    folder, _ = _normal_ct_folder(tmp_path)
+    cache = tmp_path / "cache"
+    clean = read_ct_volumes(folder, size=64, slices_per_volume=3, cache_dir=cache, recipe=FULL_SLICE_CLAHE)
+    noisy = read_ct_volumes(folder, size=64, slices_per_volume=3, cache_dir=cache, recipe=FULL_SLICE_CLAHE,
+                            noise_hu=(30, 60))
+    assert len(clean) == 6 and len(noisy) == 6 * 5
+    kinds = sorted({name.split(":")[2] for name in noisy.names if name.count(":") == 2})
+    assert kinds == ["sharp30", "sharp60", "white30", "white60"]
+    case_a = [i for i, name in enumerate(noisy.names) if name.startswith("a:")]
+    np.testing.assert_array_equal(noisy.images[case_a[:3]], clean.images[:3])  # clean slices unchanged
+    white30, white60 = (noisy.images[[noisy.names.index(f"{name}:white{level}") for name in clean.names[:3]]]
+                        for level in (30, 60))
+    change = [np.abs(images.astype(float) - clean.images[:3]).mean() for images in (white30, white60)]
+    assert 0 < change[0] < change[1]  # more noise in HU, more change in the rendered slice
+    assert not noisy.masks.any()
+    again = read_ct_volumes(folder, size=64, slices_per_volume=3, recipe=FULL_SLICE_CLAHE, noise_hu=(30, 60))
+    np.testing.assert_array_equal(again.images, noisy.images)  # built again without the cache: the same draws
+
+    def train_args(*extra: str):
+        return build_parser().parse_args(["train", "--images", str(tmp_path), "--masks", str(tmp_path), "--size", "64",
+                                          "--out", str(tmp_path / "run"), "--negatives", f"ct:{folder}",
+                                          "--negative-slices", "2", *extra])
+
+    assert len(_read_negatives(train_args("--negative-noise", "25"))) == 2 * 2 * 3
+    with pytest.raises(SystemExit):
+        train_args("--negative-noise", "0")
 
 
 def test_ct_volumes_refuse_a_volume_that_is_not_a_ct(tmp_path: Path) -> None:
