@@ -131,6 +131,7 @@ def false_positives(model: str, device: str, ct_path: Path, label_path: Path, lu
         # label voxels more than half air are lung the label overreaches: a correct lung mask keeps them
         "label_fraction_air": share_of_label(hu < HALF_AIR_HU),
         "lungs_method": result.report.get("lungs_method"),
+        "noise_hu": result.report.get("noise_hu"),  # false positives rise with it (relsegcore.noise)
         "seconds": result.report["timing_s"]["total"],
     }
 
