@@ -61,12 +61,13 @@ def result_rows(measurement: dict) -> list[tuple[str, list[str]]]:
 
 
 def model_info_text(report: dict | None) -> str:
-    """Which model made the result, where it ran, and the report's warnings (from the report stored on the
-    segmentation)."""
+    """Which model made the result, where it ran, the CT's noise (the model takes noise for ground-glass) and the
+    report's warnings (from the report stored on the segmentation)."""
     report = report or {}
     model = report.get("model", {})
     text = f"Model {model.get('name', '?')} {model.get('version', '')}".strip() + f" on {report.get('device', '?')}"
     if report.get("engine") not in (None, "torch"):
         text += f" ({report['engine']})"  # the faster CPU engine ran the network
     lungs = [f"Lungs: {report['lungs_method']}"] if report.get("lungs_method") else []
-    return "\n".join([text, *lungs, *(f"Warning: {warning}" for warning in report.get("warnings", []))])
+    noise = [f"CT noise: {report['noise_hu']:.0f} HU"] if report.get("noise_hu") is not None else []
+    return "\n".join([text, *lungs, *noise, *(f"Warning: {warning}" for warning in report.get("warnings", []))])

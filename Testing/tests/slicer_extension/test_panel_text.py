@@ -69,3 +69,11 @@ def test_model_line_says_which_lungs_the_numbers_are_divided_by():
     assert panel.model_info_text(report) == "Model covid-infection-2d 2.0.0 on cpu\nLungs: covid-lungs-2d 1.0.0"
     report["engine"] = "openvino"
     assert panel.model_info_text(report).startswith("Model covid-infection-2d 2.0.0 on cpu (openvino)\n")
+
+
+def test_model_line_gives_the_cts_noise_before_the_warnings():
+    report = {"model": {"name": "covid-infection-2d", "version": "2.4.0"}, "device": "cpu", "noise_hu": 41.3,
+              "warnings": ["This CT is noisier (41 HU) than those the model learned from (23-25 HU)."]}
+    assert panel.model_info_text(report) == ("Model covid-infection-2d 2.4.0 on cpu\nCT noise: 41 HU\n"
+                                             "Warning: This CT is noisier (41 HU) than those the model learned from "
+                                             "(23-25 HU).")
