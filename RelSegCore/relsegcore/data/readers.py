@@ -493,10 +493,10 @@ def _ct_lung_slices(case: str, image_path: Path, options: VolumeOptions, lung_se
     if not z_indices:
         raise InputError(f"{image_path.name}: no lungs were found: is it a chest CT?")
     sets = [SliceSet(*_lung_crops(volume, None, z_indices, lungs, options), [f"{case}:z{z}" for z in z_indices], case)]
+    noisy = volume.astype(np.float32) if noise_hu else None  # one copy; each variant rewrites the chosen slices
     for level in noise_hu:
         for kind in NOISE_KINDS:
             seed = zlib.crc32(f"{case}:{kind}:{level:g}".encode())
-            noisy = volume.astype(np.float32)  # a copy: the noise goes on the chosen slices only
             noisy[z_indices] = add_ct_noise(volume[z_indices], level, kind, seed)
             sets.append(SliceSet(*_lung_crops(noisy, None, z_indices, lungs, options),
                                  [f"{case}:z{z}:{kind}{level:g}" for z in z_indices], case))
