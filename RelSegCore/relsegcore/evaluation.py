@@ -28,7 +28,7 @@ from .data.readers import (
     read_mask_picture,
 )
 from .errors import InputError
-from .inference import drop_outside_body, drop_small_components, labels_from, predict_slices
+from .inference import labels_from, postprocess_slice, predict_slices
 from .metrics import case_metrics, summarise
 from .progress import Progress
 from .zoo import LoadedModel, ModelCard, load_model
@@ -53,10 +53,8 @@ def predict_image(loaded: LoadedModel, image: np.ndarray, tta: bool = False,
     as the pipeline decides (the card's ``threshold``, ``min_component_fraction`` and ``outside_body_dropped``),
     and kept inside the lungs that ``lungs`` (``lung_model_for``) finds on the same slice, as ``segment`` keeps it
     inside its lungs step's."""
-    labels = drop_small_components(labels_from(native_probabilities(loaded, image, tta), loaded.card.threshold),
-                                   loaded.card.min_component_fraction)
-    if loaded.card.outside_body_dropped:
-        labels = drop_outside_body(labels, image)
+    labels = postprocess_slice(labels_from(native_probabilities(loaded, image, tta), loaded.card.threshold), image,
+                               loaded.card)
     if lungs is not None:
         labels = np.where(predict_image(lungs, image) > 0, labels, 0).astype(np.uint8)
     return labels

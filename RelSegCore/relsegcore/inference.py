@@ -21,7 +21,7 @@ from scipy import ndimage
 from .device import autocast, is_cuda_oom
 from .engines import forward_of
 from .progress import Progress
-from .zoo import LoadedModel
+from .zoo import LoadedModel, ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,14 @@ def drop_outside_body(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
     if not dropped.any():
         return labels
     return np.where(dropped[components], 0, labels).astype(labels.dtype)
+
+
+def postprocess_slice(labels: np.ndarray, image: np.ndarray, card: ModelCard) -> np.ndarray:
+    """A 2D slice's decided labels after its card's postprocessing: small components dropped
+    (``min_component_fraction``) and, when the card says ``outside_body_dropped``, those lying mostly outside the
+    body of ``image`` (the same slice). The one place ``relseg evaluate`` and the pipeline's 2D step share."""
+    labels = drop_small_components(labels, card.min_component_fraction)
+    return drop_outside_body(labels, image) if card.outside_body_dropped else labels
 
 
 def _largest_bright_region(image: np.ndarray) -> np.ndarray | None:

@@ -27,7 +27,7 @@ from . import imageio, opacity, outputs, zoo
 from .data import intensity
 from .device import describe_device, select_device
 from .errors import InputError, ModelError
-from .inference import batches, drop_outside_body, drop_small_components, labels_from, predict_slices, predict_volume
+from .inference import batches, labels_from, postprocess_slice, predict_slices, predict_volume
 from .lungs import lungs_and_closing_additions, lungs_from_mask, segment_lungs_array
 from .noise import estimate_noise_hu, noise_warning
 from .progress import Progress
@@ -276,10 +276,7 @@ def slice_labels_2d(
         with _one_torch_thread():
             for z, (_, box), slice_probabilities in zip(chunk_z, prepared, probabilities, strict=True):
                 decided = _labels_resized(slice_probabilities, _box_shape(box), loaded.card.threshold)
-                decided = drop_small_components(decided, loaded.card.min_component_fraction)
-                if loaded.card.outside_body_dropped:
-                    decided = drop_outside_body(decided, hu[z][box])
-                labels[z][box] = decided
+                labels[z][box] = postprocess_slice(decided, hu[z][box], loaded.card)
     return labels, network_seconds
 
 
