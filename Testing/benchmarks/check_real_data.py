@@ -217,13 +217,13 @@ def card_summary(results: dict, command: str) -> dict:
     }
 
 
-def write_to_card(model: str, summary: dict) -> Path:
-    """``summary`` as the card's ``metrics.real_data``, written atomically beside the unchanged weights."""
+def write_to_card(model: str, summary: dict, key: str = "real_data") -> Path:
+    """``summary`` as the card's ``metrics.<key>``, written atomically beside the unchanged weights."""
     from relsegcore.fileutil import atomic_write_text
 
     card_path = zoo.find_model(model).path.with_suffix(".json")
     card = json.loads(card_path.read_text())
-    card["metrics"]["real_data"] = summary
+    card["metrics"][key] = summary
     atomic_write_text(card_path, json.dumps(card, indent=2) + "\n")
     return card_path
 

@@ -15,6 +15,7 @@ from relsegcore.data.ctseg import patient_folds, patient_of, patient_split, read
 from relsegcore.data.readers import ct_volume_files
 from relsegcore.errors import InputError
 from relsegcore.models import DualEncoderUNet, NetworkConfig
+from relsegcore.scanner import padded_with_metal
 from relsegcore.training import random_crops
 from relsegcore.zoo import LoadedModel, ModelCard
 
@@ -235,26 +236,6 @@ def test_pooled_slices_get_their_share_of_the_draws_and_the_others_keep_theirs()
     assert _pooled_share(negatives, 10, 6, np.zeros(2), None) is negatives
 
 
-def _padded_with_metal(clean: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
-    """``clean`` with an ECG electrode of metal (6000 HU) on the skin, and that CT also padded with -3024
-    outside a circular scan field that holds the body and the table, as scanners store it."""
-    array = sitk.GetArrayFromImage(clean).astype(np.int16)
-    _, rows, cols = array.shape
-    z, x = len(array) // 2, cols // 2
-    skin = int(np.flatnonzero(array[z, :, x] > -200)[-1])
-    array[z, skin - 2: skin + 1, x - 1: x + 2] = 6000
-    with_metal = sitk.GetImageFromArray(array)
-    yy, xx = np.mgrid[:rows, :cols]
-    distance2 = (yy - rows / 2) ** 2 + (xx - cols / 2) ** 2
-    outside = distance2 > distance2[(array > -500).any(axis=0)].max() + 3 ** 2
-    assert outside.mean() > 0.05  # the corners: 8-15 % of each slice
-    array[:, outside] = -3024
-    padded = sitk.GetImageFromArray(array)
-    for image in (with_metal, padded):
-        image.CopyInformation(clean)
-    return with_metal, padded
-
-
 def _covid_slices(shared_data) -> sitk.Image:
     """The three coronacases_001 slices of covid-hu-slices (real COVID-19 infection) as a thin volume."""
     paths = sorted((shared_data / "covid-hu-slices").glob("coronacases_001_*.npz"))
@@ -288,7 +269,7 @@ def test_a_real_ct_padded_outside_its_scan_field_with_metal_segments_like_the_cl
     else:
         clean = sitk.ReadImage(str(shared_data / "pleural-effusion" / f"{case}_ct.nii.gz"))
     reference = pipeline.segment(clean, device="cpu")
-    for image, kind in zip(_padded_with_metal(clean), ("metal", "padding"), strict=True):
+    for image, kind in zip(padded_with_metal(clean), ("metal", "padding"), strict=True):
         result = pipeline.segment(image, device="cpu")
         expected, found = _masks(reference, result, "lungs")
         score = dice(found, expected)
