@@ -53,16 +53,17 @@ def test_added_noise_spares_the_padding_is_seeded_and_sharp_noise_has_little_low
         add_ct_noise(phantom, 10.0, "pink")
 
 
-def test_real_cts_lie_below_the_warning_and_the_same_cts_with_30_hu_of_noise_above_it(shared_data):
-    """The training CTs' slices and all but at most one of the 12 non-COVID CTs lie below the warning's threshold,
-    and every one of them with 30 HU of white noise added above it (LUNG1-026 is then 9 % painted)."""
+def test_real_cts_lie_below_the_warning_and_the_same_cts_with_40_hu_of_noise_above_it(shared_data):
+    """The training CTs' slices and the 12 non-COVID CTs lie below the warning's threshold (the noisiest, LUNG1-024,
+    at 29 HU), and every one of them with 40 HU of white noise added above it (2.5.0 then paints LUNG1-024 at 9.6 %,
+    5.8 points more than clean)."""
     slices = [np.load(path)["image"] for path in sorted((shared_data / "covid-hu-slices").glob("*.npz"))]
     volumes = [sitk.GetArrayFromImage(imageio.to_canonical(sitk.ReadImage(str(path))))
                for path in [*sorted((shared_data / "pleural-effusion").glob("*_ct.nii.gz")),
                             *sorted((shared_data / "lung-tumor-volumes").glob("*_image.nrrd"))]]
     assert len(slices) == 4 and len(volumes) == 12
     clean = [estimate_noise_hu(hu) for hu in [*slices, *volumes]]
-    noisy = [estimate_noise_hu(add_ct_noise(hu, 30.0, "white")) for hu in [*slices, *volumes]]
+    noisy = [estimate_noise_hu(add_ct_noise(hu, 40.0, "white")) for hu in [*slices, *volumes]]
     assert all(20 < estimate < 26 for estimate in clean[:4])  # the coronacases the model learned from
-    assert sum(estimate > NOISY_CT_HU for estimate in clean) <= 1  # LUNG1-024, 29 HU: the most painted of the 12
+    assert max(clean) < NOISY_CT_HU
     assert min(noisy) > NOISY_CT_HU
