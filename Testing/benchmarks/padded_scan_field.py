@@ -3,13 +3,13 @@
 Reads ``../shared/data`` (never copied into the repository). Each CT (the three coronacases_001 slices of
 ``covid-hu-slices`` as a thin volume, with real COVID-19 infection, and five non-COVID CTs) is segmented by
 ``relsegcore.segment`` as it is, with metal at 6000 HU on the skin, and with that metal and -3024 outside a
-circular scan field (``relsegcore.scanner.padded_with_metal``, the construction of the padded test in
-``Testing/tests/core/test_ctseg.py``). Printed and written: the overall opacity (PO) clean -> variant and the
-infection and lung Dice against the clean CT. On the non-COVID CTs the infection is false-positive specks, whose
-Dice is no measure; the opacity they move is (session 25, RelSegCore README). ``--card`` writes the table into the
-model card's ``metrics.padded_scan_field``::
+circular scan field (``relsegcore.scanner.padded_with_metal``). Printed and written: the overall opacity (PO)
+clean -> variant and the infection and lung Dice against the clean CT. On the non-COVID CTs the infection is
+false-positive specks, whose Dice is no measure; the opacity they move is (session 25, RelSegCore README).
+``Testing/tests/core/test_ctseg.py`` runs this script per CT and asserts on its ``--json`` rows; ``--card`` writes
+the table into the model card's ``metrics.padded_scan_field``::
 
-    python Testing/benchmarks/padded_scan_field.py [--model covid-infection-2d] [--json OUT] [--card]
+    python Testing/benchmarks/padded_scan_field.py [--model covid-infection-2d] [--cases CASE ...] [--json OUT] [--card]
 """
 
 from __future__ import annotations
@@ -50,19 +50,27 @@ def case_rows(model: str, case: str) -> list[dict]:
     rows = []
     for kind, image in zip(("metal", "padding"), padded_with_metal(clean), strict=True):
         result = pipeline.segment(image, model=model, device="cpu")
-        overlap = {name: round(float(dice(sitk.GetArrayFromImage(getattr(result, name)) > 0,
-                                          sitk.GetArrayFromImage(getattr(reference, name)) > 0)), 3)
+        overlap = {name: float(dice(sitk.GetArrayFromImage(getattr(result, name)) > 0,
+                                    sitk.GetArrayFromImage(getattr(reference, name)) > 0))
                    for name in ("infection", "lungs")}
         rows.append({"case": case, "variant": kind,
-                     "percent_opacity_clean": round(reference.report["percent_opacity"]["overall"], 3),
-                     "percent_opacity": round(result.report["percent_opacity"]["overall"], 3),
-                     "infection_dice": overlap["infection"], "lung_dice": overlap["lungs"]})
+                     "percent_opacity_clean": reference.report["percent_opacity"]["overall"],
+                     "percent_opacity": result.report["percent_opacity"]["overall"],
+                     "infection_dice": overlap["infection"], "lung_dice": overlap["lungs"],
+                     "infection_voxels_clean": int((sitk.GetArrayFromImage(reference.infection) > 0).sum())})
     return rows
+
+
+def rounded(row: dict) -> dict:
+    """``row`` as printed and as written into the card: three decimals (``--json`` keeps them exact, for the test's
+    thresholds)."""
+    return {key: round(value, 3) if isinstance(value, float) else value for key, value in row.items()}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=zoo.DEFAULT_MODEL)
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="the CTs (default: all six)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     parser.add_argument("--card", action="store_true", help="also write them into the model's card")
     args = parser.parse_args()
@@ -70,18 +78,20 @@ def main() -> int:
         print(f"real data not found at {DATA}", file=sys.stderr)
         return 1
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
-    rows = [row for case in CASES for row in case_rows(args.model, case)]
+    rows = [row for case in args.cases for row in case_rows(args.model, case)]
     for row in rows:
-        print("  ".join(f"{key}={value}" for key, value in row.items()))
+        print("  ".join(f"{key}={value}" for key, value in rounded(row).items()))
     moved = [abs(row["percent_opacity"] - row["percent_opacity_clean"]) for row in rows]
     print(f"largest opacity move: {max(moved):.3f} points")
-    summary = {"command": "python Testing/benchmarks/padded_scan_field.py " + shlex.join(["--model", args.model]),
+    options = ["--model", args.model] + (["--cases", *args.cases] if args.cases != list(CASES) else [])
+    summary = {"command": "python Testing/benchmarks/padded_scan_field.py " + shlex.join(options),
                "measure": "percent_opacity overall, clean -> variant; infection and lung Dice against the clean CT",
                "cases": rows}
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     if args.card:
-        print(f"card: {write_to_card(args.model, summary, key='padded_scan_field')}")
+        card_summary = {**summary, "cases": [rounded(row) for row in rows]}
+        print(f"card: {write_to_card(args.model, card_summary, key='padded_scan_field')}")
     return 0
 
 

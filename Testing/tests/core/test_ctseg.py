@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -15,7 +20,6 @@ from relsegcore.data.ctseg import patient_folds, patient_of, patient_split, read
 from relsegcore.data.readers import ct_volume_files
 from relsegcore.errors import InputError
 from relsegcore.models import DualEncoderUNet, NetworkConfig
-from relsegcore.scanner import padded_with_metal
 from relsegcore.training import random_crops
 from relsegcore.zoo import LoadedModel, ModelCard
 
@@ -236,21 +240,9 @@ def test_pooled_slices_get_their_share_of_the_draws_and_the_others_keep_theirs()
     assert _pooled_share(negatives, 10, 6, np.zeros(2), None) is negatives
 
 
-def _covid_slices(shared_data) -> sitk.Image:
-    """The three coronacases_001 slices of covid-hu-slices (real COVID-19 infection) as a thin volume."""
-    paths = sorted((shared_data / "covid-hu-slices").glob("coronacases_001_*.npz"))
-    image = sitk.GetImageFromArray(np.stack([np.load(path)["image"] for path in paths]).astype(np.int16))
-    image.SetSpacing((0.7, 0.7, 5.0))
-    return image
-
-
-def _masks(reference, result, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """The ``name`` labels ("lungs" or "infection") of two segmentation results, as boolean arrays."""
-    return tuple(sitk.GetArrayFromImage(getattr(r, name)) > 0 for r in (reference, result))
-
-
 @pytest.mark.parametrize("case", ["covid-hu-slices", "LUNG1-001", "LUNG1-002", "LUNG1-005", "LUNG1-008", "LUNG1-013"])
-def test_a_real_ct_padded_outside_its_scan_field_with_metal_segments_like_the_clean_one(shared_data, case) -> None:
+def test_a_real_ct_padded_outside_its_scan_field_with_metal_segments_like_the_clean_one(shared_data, repo_root, case,
+                                                                                          tmp_path) -> None:
     """Real series pad outside the circular scan field with -3024 and may hold metal above 4095 HU: the
     default pipeline must segment them as the same CT without either. Lungs: Dice >= 0.99 always; metal
     leaves the infection as it was (measured 1.000 on all six CTs). Padding: real COVID-19 infection Dice
@@ -259,30 +251,25 @@ def test_a_real_ct_padded_outside_its_scan_field_with_metal_segments_like_the_cl
     instance norms see the whole slice, so the air outside the body nudges them), so there the padding may
     move the reported opacity by at most ``PADDING_PO_POINTS`` (measured: 2.3.1 up to 0.20, 2.4.0 up to 0.58,
     2.5.0 up to 0.07, both on LUNG1-013). ``intensity.robust_hu`` says how the padding is filled; RelSegCore/README.md,
-    session 25."""
-    from relsegcore.metrics import dice
+    session 25. The numbers come from Testing/benchmarks/padded_scan_field.py, which makes the card's table."""
     from relsegcore.zoo import DEFAULT_MODEL, find_model
 
     if intensity.recipe_of(find_model(DEFAULT_MODEL).preprocessing) != intensity.FULL_SLICE_CLAHE:
         pytest.skip("the default model is not a full-slice model")
-    if case == "covid-hu-slices":
-        clean = _covid_slices(shared_data)
-    else:
-        clean = sitk.ReadImage(str(shared_data / "pleural-effusion" / f"{case}_ct.nii.gz"))
-    reference = pipeline.segment(clean, device="cpu")
-    for image, kind in zip(padded_with_metal(clean), ("metal", "padding"), strict=True):
-        result = pipeline.segment(image, device="cpu")
-        expected, found = _masks(reference, result, "lungs")
-        score = dice(found, expected)
-        assert expected.any() and score >= 0.99, (kind, "lungs", score)
+    numbers_path = tmp_path / "padded.json"
+    subprocess.run([sys.executable, str(repo_root / "Testing" / "benchmarks" / "padded_scan_field.py"), "--cases", case,
+                    "--json", str(numbers_path)],
+                   check=True, timeout=300, env={**os.environ, "RELSEG_SHARED_DATA": str(shared_data)})
+    rows = {row["variant"]: row for row in json.loads(numbers_path.read_text())["cases"]}
+    assert sorted(rows) == ["metal", "padding"]
+    for kind, row in rows.items():
+        assert row["lung_dice"] >= 0.99, (kind, "lungs", row)
         if kind == "padding" and case != "covid-hu-slices":
-            moved = result.report["percent_opacity"]["overall"] - reference.report["percent_opacity"]["overall"]
-            assert abs(moved) <= PADDING_PO_POINTS, (kind, "opacity moved", moved)
+            moved = row["percent_opacity"] - row["percent_opacity_clean"]
+            assert abs(moved) <= PADDING_PO_POINTS, (kind, "opacity moved", row)
         else:
-            expected, found = _masks(reference, result, "infection")
-            assert case != "covid-hu-slices" or expected.any(), "the COVID-19 CT must show infection"
-            score = dice(found, expected)
-            assert score >= 0.99, (kind, "infection", score)
+            assert case != "covid-hu-slices" or row["infection_voxels_clean"] > 0, "the COVID-19 CT must show infection"
+            assert row["infection_dice"] >= 0.99, (kind, "infection", row)
 
 
 def test_a_slice_folder_without_cases_csv_is_one_line_naming_the_picture_route(tmp_path, capsys) -> None:
