@@ -47,17 +47,17 @@ def case_rows(model: str, case: str) -> list[dict]:
     """The metal and the padded variant of ``case`` against its clean CT."""
     clean = clean_ct(case)
     reference = pipeline.segment(clean, model=model, device="cpu")
+    expected = {name: sitk.GetArrayFromImage(getattr(reference, name)) > 0 for name in ("infection", "lungs")}
     rows = []
     for kind, image in zip(("metal", "padding"), padded_with_metal(clean), strict=True):
         result = pipeline.segment(image, model=model, device="cpu")
-        overlap = {name: float(dice(sitk.GetArrayFromImage(getattr(result, name)) > 0,
-                                    sitk.GetArrayFromImage(getattr(reference, name)) > 0))
-                   for name in ("infection", "lungs")}
+        overlap = {name: float(dice(sitk.GetArrayFromImage(getattr(result, name)) > 0, expected[name]))
+                   for name in expected}
         rows.append({"case": case, "variant": kind,
                      "percent_opacity_clean": reference.report["percent_opacity"]["overall"],
                      "percent_opacity": result.report["percent_opacity"]["overall"],
                      "infection_dice": overlap["infection"], "lung_dice": overlap["lungs"],
-                     "infection_voxels_clean": int((sitk.GetArrayFromImage(reference.infection) > 0).sum())})
+                     "infection_voxels_clean": int(expected["infection"].sum())})
     return rows
 
 
