@@ -1,7 +1,7 @@
 """Reproduce the COVID-SemiSeg models (1.x, lung-crop) and their ablation table from the real data.
 
 Since 2.0.0 the default ``covid-infection-2d`` and ``covid-lungs-2d`` are trained on real CT
-(``covid-ct-seg-2d``) by the two ``relseg train`` commands in their cards (RelSegCore/README.md);
+(``covid-ct-seg-2d``) by the ``relseg train`` commands in their cards (the default's: ``default_infection.py``);
 this recipe makes the screenshot models: ``covid-semiseg-2d`` (shipped, the 1.0.0 default) and
 ``covid-semiseg-2d-target-only`` (not shipped any more).
 

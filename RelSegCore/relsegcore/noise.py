@@ -2,7 +2,7 @@
 
 Infection networks take CT noise for ground-glass. ``estimate_noise_hu`` gives 23-25 HU on the
 ``covid-hu-slices`` (the soft-kernel CTs the models learned from) and 3-29 HU on the 12 non-COVID
-CTs of ``../shared/data``. White noise added to normal CTs (session 28, RelSegCore README) made
+CTs of ``../shared/data``. White noise added to normal CTs (session 28, RelSegCore/EXPERIMENTS.md) made
 2.4.0 paint LUNG1-026's lungs at 0.05 / 1.1 / 4.5 / 9.2 % as its noise reached 14 / 25 / 29 /
 34 HU. 2.5.0 learned noisy normal lung as no infection (``relseg train --negative-noise``): on
 LUNG1-001, 013 and 026 its opacity stays within 0.6 point of the clean CT's up to 110 HU of white

@@ -5,7 +5,7 @@ Reads ``../shared/data`` (never copied into the repository). Each CT (the three 
 ``relsegcore.segment`` as it is, with metal at 6000 HU on the skin, and with that metal and -3024 outside a
 circular scan field (``relsegcore.scanner.padded_with_metal``). Printed and written: the overall opacity (PO)
 clean -> variant and the infection and lung Dice against the clean CT. On the non-COVID CTs the infection is
-false-positive specks, whose Dice is no measure; the opacity they move is (session 25, RelSegCore README).
+false-positive specks, whose Dice is no measure; the opacity they move is (session 25, RelSegCore/EXPERIMENTS.md).
 ``Testing/tests/core/test_ctseg.py`` runs this script per CT and asserts on its ``--json`` rows; ``--card`` writes
 the table into the model card's ``metrics.padded_scan_field``::
 

@@ -108,7 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stage2.add_argument("--negative-noise", type=_noise_levels, default=(), metavar="HU[,HU...]",
                         help="with --negatives ct:...: each lung slice also rendered with white and with sharp-kernel "
                              "noise of each of these stds added in HU (e.g. 30,60,100): noisy normal lung taught as "
-                             "no infection (without it CT noise is taken for ground-glass: RelSegCore README)")
+                             "no infection (without it CT noise is taken for ground-glass: RelSegCore/EXPERIMENTS.md)")
     stage2.add_argument("--negative-fraction", type=float, default=0.25,
                         help="with --negatives: their share of the slices drawn for each batch")
     stage2.add_argument("--cache-dir", type=Path, help="cache the preprocessed --negatives slices here")

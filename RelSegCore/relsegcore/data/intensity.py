@@ -175,7 +175,7 @@ def robust_hu(hu_slice: np.ndarray) -> np.ndarray:
     air (below -900 HU) of the band just inside it: the scanner's air around the body, noise and all
     (deterministic, seed 0). The networks' instance norms see the whole slice, so the corners nudge what
     lies near the threshold even where the lungs' pixels are unchanged. Measured against the same CT
-    unpadded (session 25, six CTs, RelSegCore README): real COVID-19 infection Dice 0.993-0.994, the
+    unpadded (session 25, six CTs, RelSegCore/EXPERIMENTS.md): real COVID-19 infection Dice 0.993-0.994, the
     opacity of five non-COVID CTs moved by at most 0.6 point; -1024 everywhere suits CTs whose own
     padding is -1024 (within 0.2 point) but gives 0.983-0.985 on the COVID-19 CT, whose corners are air.
     Metal (ECG electrodes, wires, clips) becomes the median of the slice's tissue (0..3071 HU): set to the

@@ -2,7 +2,7 @@
 
 One training run on a few patients is a noisy draw (two runs of one recipe differ by up to 9 points of Dice on a
 held-out patient fold); averaging runs is the usual remedy, as nnU-Net averages its folds (on this project's
-shipped recipe it did not pay: RelSegCore README, session 21). The ensemble is an ordinary
+shipped recipe it did not pay: RelSegCore/EXPERIMENTS.md, session 21). The ensemble is an ordinary
 ``nn.Module`` so that inference, the OpenVINO engine and saving treat it like any network: ``forward`` returns
 the log of the mean probability, whose softmax (what inference applies to logits) is that mean exactly.
 """
