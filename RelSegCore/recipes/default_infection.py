@@ -12,7 +12,7 @@ Each stage is a plain ``relseg train`` command, printed as it runs; a stage whos
 skipped, so the recipe can be stopped and resumed between stages. ``--fold K`` (repeatable) makes fold models
 instead: the same stages on 9 of the 12 patients (``--fold K --folds 4``), scored on the other three by
 ``python Testing/benchmarks/choose_postprocessing.py --folds OUT/foldK/stage3 --thresholds 0.3 --flip-tta``
-(the four-fold table of RelSegCore/README.md). About 30 + 60 + 40 minutes a model on one CPU core::
+(the four-fold table of RelSegCore/README.md). About 2.5 hours a model on one CPU core (3 s an iteration)::
 
     python RelSegCore/recipes/default_infection.py --out work-dirs/default [--fold 0 --fold 3 --jobs 2]
         [--data ../shared/data/covid-ct-seg-2d] [--shared-data ../shared/data] [--device cpu] [--dry-run]
