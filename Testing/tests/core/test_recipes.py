@@ -43,8 +43,8 @@ def test_the_recipes_last_stage_is_the_command_in_the_shipped_defaults_card(repo
     assert len(stages) == 3 and all(stage[:2] == ["relseg", "train"] for stage in stages)
     card = json.loads((repo_root / "Resources" / "Models" / "covid-infection-2d.json").read_text())
     shipped, recipe = _options(shlex.split(card["training"]["command"])), _options(stages[2])
-    for own in ("--init", "--out"):
-        shipped.pop(own), recipe.pop(own)
+    for own in ("--init", "--out"):  # where each run starts from and writes to
+        del shipped[own], recipe[own]
     assert recipe == shipped
     for before, after in pairwise(stages):
         assert _options(after)["--init"] == [f"{_options(before)['--out'][0]}/covid-infection-2d.pt"]
