@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import io
 import json
 import math
@@ -28,7 +29,7 @@ import torch
 
 from .engines import resolve_engine
 from .errors import ModelError
-from .fileutil import atomic_path, atomic_write_text, sha256_of
+from .fileutil import atomic_write_bytes, atomic_write_text
 from .models import DualEncoderUNet, EnsembleNetwork, NetworkConfig
 from .registry import default_home
 
@@ -329,9 +330,12 @@ def save_model(network: torch.nn.Module, card: ModelCard, directory: str | os.Pa
     directory = Path(directory)
     weights_path = directory / f"{card.name}.pt"
     state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
-    with atomic_path(weights_path) as tmp:
-        torch.save(state, tmp)
-        sha = sha256_of(tmp)
+    # Saved to memory first: torch.save names the archive's records after the file it writes, and a temporary
+    # file's name is random, so equal weights would give files (and SHA-256) that differ from save to save.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(weights_path, buffer.getvalue())
+    sha = hashlib.sha256(buffer.getvalue()).hexdigest()
     card.file = weights_path.name
     card.sha256 = sha
     card.date = card.date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")

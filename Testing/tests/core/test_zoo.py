@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import shlex
@@ -28,6 +29,17 @@ def test_save_then_load_round_trips_weights(tmp_path):
     assert loaded.card.architecture["base_channels"] == 4
     for key, value in network.state_dict().items():
         assert torch.equal(value, loaded.network.state_dict()[key])
+
+
+def test_equal_weights_saved_twice_give_the_same_file_and_sha256(tmp_path):
+    """A retrain that reproduces a model's weights reproduces its SHA-256 too: nothing random (such as the name of
+    the temporary file written before the rename) ends up inside the saved archive."""
+    network = DualEncoderUNet(NetworkConfig(base_channels=4, depth=3))
+    first = zoo.save_model(network, tiny_card(), tmp_path / "a")
+    second = zoo.save_model(network, tiny_card(), tmp_path / "b")
+    assert first.read_bytes() == second.read_bytes()
+    cards = [json.loads(path.with_suffix(".json").read_text()) for path in (first, second)]
+    assert cards[0]["sha256"] == cards[1]["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
 
 
 def test_tampered_weights_are_refused_before_unpickling(tmp_path):
