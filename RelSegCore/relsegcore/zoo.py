@@ -334,8 +334,9 @@ def save_model(network: torch.nn.Module, card: ModelCard, directory: str | os.Pa
     # file's name is random, so equal weights would give files (and SHA-256) that differ from save to save.
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write_bytes(weights_path, buffer.getvalue())
-    sha = hashlib.sha256(buffer.getvalue()).hexdigest()
+    data = buffer.getvalue()
+    atomic_write_bytes(weights_path, data)
+    sha = hashlib.sha256(data).hexdigest()
     card.file = weights_path.name
     card.sha256 = sha
     card.date = card.date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
