@@ -55,23 +55,23 @@ def shared_arguments(data: Path, shared_data: Path, cache_dir: Path, device: str
             "--cache-dir", str(cache_dir), "--batch-size", "8", "--no-validation", "--device", device]
 
 
-def stage_commands(out: Path, shared: list[str], fold: int | None, extra: list[str]) -> list[list[str]]:
-    """The three ``relseg train`` commands of one model (all patients, or fold ``fold`` of 4), in order."""
+class Step(NamedTuple):
+    command: list[str]
+    model: Path  # what the command exports; the next stage starts from it
+
+
+def stage_commands(out: Path, shared: list[str], fold: int | None, extra: list[str]) -> list[Step]:
+    """The three ``relseg train`` steps of one model (all patients, or fold ``fold`` of 4), in order."""
     name = MODEL if fold is None else f"fold{fold}"
     folds = [] if fold is None else ["--fold", str(fold), "--folds", "4"]
-    commands, previous = [], None
+    steps: list[Step] = []
     for stage in STAGES:
-        init = [] if previous is None else ["--init", str(previous)]
+        init = ["--init", str(steps[-1].model)] if steps else []
         folder = out / stage.folder
-        commands.append(relseg("train", *shared, "--iterations", str(stage.iterations), "--seed", str(stage.seed),
-                               *init, *stage.extra, *folds, *extra, "--out", str(folder), "--export", name))
-        previous = folder / f"{name}.pt"
-    return commands
-
-
-def exported_model(command: list[str]) -> Path:
-    """The model a stage's command exports (``--out`` folder, ``--export`` name)."""
-    return Path(command[command.index("--out") + 1]) / f"{command[command.index('--export') + 1]}.pt"
+        steps.append(Step(relseg("train", *shared, "--iterations", str(stage.iterations), "--seed", str(stage.seed),
+                                 *init, *stage.extra, *folds, *extra, "--out", str(folder), "--export", name),
+                          folder / f"{name}.pt"))
+    return steps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,19 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     shared = shared_arguments(args.data, args.shared_data, args.cache_dir or args.out / "cache", args.device)
     chains = ([stage_commands(args.out, shared, None, extra)] if args.fold is None else
               [stage_commands(args.out / f"fold{k}", shared, k, extra) for k in args.fold])
-    for step in range(len(STAGES)):
-        commands = [chain[step] for chain in chains]
+    for index, stage in enumerate(STAGES):
+        steps = [chain[index] for chain in chains]
         if args.dry_run:
-            print("\n".join("relseg " + shlex.join(command[3:]) for command in commands))
+            print("\n".join("relseg " + shlex.join(step.command[3:]) for step in steps))
             continue
-        todo = [command for command in commands if not exported_model(command).is_file()]
-        for command in commands:
-            if command not in todo:
-                print(f"# {STAGES[step].folder} done: {exported_model(command)}")
+        for step in steps:
+            if step.model.is_file():
+                print(f"# {stage.folder} done: {step.model}")
+        todo = [step.command for step in steps if not step.model.is_file()]
         if todo:
-            run_all(todo, args.jobs, args.out / "logs" / STAGES[step].folder)
+            run_all(todo, args.jobs, args.out / "logs" / stage.folder)
     if not args.dry_run:
-        print("\n".join(str(exported_model(chain[-1])) for chain in chains))
+        print("\n".join(str(chain[-1].model) for chain in chains))
     return 0
 
 
