@@ -38,6 +38,12 @@ _TAG_SERIES_UID = "0020|000e"
 _TAG_SERIES_DESCRIPTION = "0008|103e"
 _TAG_SERIES_NUMBER = "0020|0011"
 _TAG_MODALITY = "0008|0060"
+_TAG_POSITION = "0020|0032"
+_TAG_ORIENTATION = "0020|0037"
+# A gap this far off the usual slice distance (a quarter of it, and at least 0.2 mm: positions are often
+# rounded to 0.1 mm) is a missing or an extra slice, not rounding.
+SLICE_GAP_TOLERANCE = 0.25
+SLICE_GAP_TOLERANCE_MM = 0.2
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,19 @@ def read_image(path: str | os.PathLike, series: str | None = None) -> sitk.Image
         )
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(list(chosen.files))
-        return _read_or_explain(reader.Execute, path)
+        reader.MetaDataDictionaryArrayUpdateOn()
+        shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's "non uniform sampling" goes to stderr unasked
+        try:
+            image = _read_or_explain(reader.Execute, path)
+        finally:
+            sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+        check_even_slices(
+            [_tag_of_slice(reader, index, _TAG_POSITION) for index in range(len(chosen.files))],
+            [_tag_of_slice(reader, index, _TAG_ORIENTATION) for index in range(len(chosen.files))],
+            path,
+        )
+        return image
     if not path.name.lower().endswith(VOLUME_SUFFIXES):
         raise InputError(
             f"Unsupported file type for {path.name}: give a NIfTI, NRRD, MHA file or a DICOM folder."
@@ -173,6 +191,55 @@ def list_dicom_series(folder: Path) -> list[SeriesInfo]:
 
         found.append(SeriesInfo(uid, tag(_TAG_SERIES_DESCRIPTION), tag(_TAG_SERIES_NUMBER), tag(_TAG_MODALITY), files))
     return found
+
+
+def _tag_of_slice(reader: sitk.ImageSeriesReader, index: int, key: str) -> str:
+    return reader.GetMetaData(index, key).strip() if reader.HasMetaDataKey(index, key) else ""
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(value) for value in text.split("\\")]
+
+
+def check_even_slices(positions: list[str], orientations: list[str], folder: Path) -> None:
+    """Raise ``InputError`` when a DICOM series' slices are not evenly spaced along their normal.
+
+    ITK stacks the files at their mean distance whatever the gaps, so a series with a missing file (an
+    incomplete transfer) or two reconstructions under one UID would be read with the anatomy beyond the gap
+    shifted and every volume wrong, with only a warning on stderr. Files without positions are not checked.
+    """
+    if len(positions) < 3 or not all(positions) or not all(orientations):
+        return
+    try:
+        directions = np.array([_numbers(text) for text in orientations])
+        points = np.array([_numbers(text) for text in positions])
+    except ValueError:  # unreadable tags: ITK's stacking is all there is to go by
+        return
+    if directions.ndim != 2 or directions.shape[1] != 6 or points.ndim != 2 or points.shape[1] != 3:
+        return
+    if not np.allclose(directions, directions[0], atol=1e-3):
+        raise InputError(
+            f"The DICOM series in {folder} mixes slice orientations: it is not one stack of parallel slices "
+            "(export the axial series alone)."
+        )
+    normal = np.cross(directions[0, :3], directions[0, 3:])
+    along = points @ normal
+    gaps = np.diff(np.sort(along))
+    usual = float(np.median(gaps))
+    worst = int(np.argmax(np.abs(gaps - usual)))
+    stacked_in_order = bool(np.all(np.diff(along) > 0) or np.all(np.diff(along) < 0))
+    if usual > 0 and abs(gaps[worst] - usual) <= max(SLICE_GAP_TOLERANCE * usual, SLICE_GAP_TOLERANCE_MM):
+        if stacked_in_order:
+            return
+        raise InputError(f"The files of the DICOM series in {folder} could not be put in slice order.")
+    what = "a slice is missing" if gaps[worst] > usual else "duplicate slices, or two reconstructions in one series"
+    raise InputError(
+        f"The DICOM series in {folder} has unevenly spaced slices: {gaps[worst]:.2f} mm between slices "
+        f"{worst + 1} and {worst + 2} of {len(positions)} (in position order) where the others are {usual:.2f} mm "
+        f"apart ({what}?). "
+        "Export the complete series again, or load it in 3D Slicer (which regularises uneven slices) and "
+        "segment it there."
+    )
 
 
 def choose_series(candidates: list[SeriesInfo], wanted: str | None, folder: Path) -> SeriesInfo:

@@ -331,6 +331,15 @@ def test_a_dicom_folder_is_one_case_and_the_series_is_named(ct_file, model_path,
     assert lungs.GetSize() == sitk.ReadImage(str(ct_file)).GetSize()
 
 
+def test_a_dicom_series_with_a_missing_file_is_one_line_and_writes_nothing(ct_file, model_path, tmp_path, capsys):
+    write_dicom_series(sitk.ReadImage(str(ct_file)), tmp_path / "CT_SERIES")
+    (tmp_path / "CT_SERIES" / "slice010.dcm").unlink()  # an incomplete transfer
+    assert segment(tmp_path / "CT_SERIES", "--out", tmp_path / "out", model=model_path) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("relseg: error: ") and "a slice is missing" in stderr and "Traceback" not in stderr
+    assert files_in(tmp_path / "out") == []
+
+
 def test_a_volume_too_large_for_memory_is_refused_before_any_work(ct_file, model_path, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RELSEG_MAX_VOXELS", "100000")  # stands in for a machine with little memory
     assert segment(ct_file, "--out", tmp_path / "out", model=model_path) == 2

@@ -176,6 +176,60 @@ def test_real_compressed_dicom_series(shared_data):
     imageio.validate_ct(image)
 
 
+@pytest.fixture()
+def dicom_stack(tmp_path) -> Path:
+    folder = tmp_path / "stack"
+    write_dicom_series(folder, ct_like(shape_zyx=(8, 16, 16), spacing=(0.7, 0.7, 2.5), seed=3),
+                       "1.2.826.0.1.3680043.2.1125.30", "Chest", "2")
+    return folder
+
+
+def test_evenly_spaced_dicom_series_reads_with_its_spacing_and_no_itk_warning(dicom_stack, capfd):
+    image = imageio.read_image(dicom_stack)
+    assert image.GetSize() == (16, 16, 8)
+    assert image.GetSpacing()[2] == pytest.approx(2.5)
+    assert "WARNING" not in capfd.readouterr().err
+
+
+def test_dicom_series_with_a_missing_slice_is_refused_naming_the_gap(dicom_stack, capfd):
+    """ITK would stack the seven files 2.86 mm apart, shifting everything past the gap and every volume."""
+    (dicom_stack / "2_004.dcm").unlink()
+    gap = r"5\.00 mm between slices 4 and 5 of 7 .* 2\.50 mm apart \(a slice is missing"
+    with pytest.raises(InputError, match=gap):
+        imageio.read_image(dicom_stack)
+    assert "WARNING" not in capfd.readouterr().err
+
+
+def test_dicom_series_with_a_slice_twice_is_refused(dicom_stack, tmp_path):
+    image = ct_like(shape_zyx=(1, 16, 16), spacing=(0.7, 0.7, 2.5), seed=4)
+    image.SetOrigin((0.0, 0.0, 2.5 * 3))  # a second file at the fourth slice's position
+    write_dicom_series(tmp_path / "extra", image, "1.2.826.0.1.3680043.2.1125.30", "Chest", "9")
+    (tmp_path / "extra" / "9_000.dcm").rename(dicom_stack / "9_000.dcm")
+    with pytest.raises(InputError, match="unevenly spaced slices.*duplicate slices"):
+        imageio.read_image(dicom_stack)
+
+
+def test_positions_rounded_to_a_tenth_of_a_millimetre_are_even(tmp_path):
+    """0.625 mm slices whose positions are stored to 0.1 mm alternate 0.6 / 0.7 mm apart: not a gap."""
+    positions = [f"0\\0\\{round(index * 0.625, 1)}" for index in range(12)]
+    imageio.check_even_slices(positions, ["1\\0\\0\\0\\1\\0"] * 12, tmp_path)
+    shuffled = positions[:5] + positions[6:7] + positions[5:6] + positions[7:]
+    with pytest.raises(InputError, match="could not be put in slice order"):
+        imageio.check_even_slices(shuffled, ["1\\0\\0\\0\\1\\0"] * 12, tmp_path)
+    with pytest.raises(InputError, match="mixes slice orientations"):
+        imageio.check_even_slices(positions, ["1\\0\\0\\0\\1\\0"] * 11 + ["1\\0\\0\\0\\0\\1"], tmp_path)
+
+
+def test_real_dicom_series_with_a_file_missing_is_refused(shared_data, tmp_path):
+    source = shared_data / "ct-fixtures" / "totalsegmentator-example" / "dicom"
+    files = sorted(source.iterdir())
+    assert len(files) == 20
+    for file in files[:9] + files[10:]:
+        (tmp_path / file.name).symlink_to(file)
+    with pytest.raises(InputError, match=r"4\.00 mm between slices .* 2\.00 mm apart \(a slice is missing"):
+        imageio.read_image(tmp_path)
+
+
 # --- validation --------------------------------------------------------------------------
 
 
