@@ -10,6 +10,8 @@ Three decisions the network's weights do not make, swept together on each fold m
   networks trained on both orientations, ``--augment-series``);
 - the smallest component kept: each slice's foreground components smaller than this fraction of its largest
   are dropped (for organs such as the lungs, never for lesions);
+- with ``--drop-outside-body`` (not swept: a fixed step after the components, as ``covid-lungs-2d``'s card has
+  it), the components lying mostly outside the body dropped (``inference.drop_outside_body``);
 - with ``--lung-folds``: the labels kept inside the lungs that a lung model of the same fold (the same held-out
   patients) finds on the slice, as ``relseg segment`` keeps infection inside its lungs step's; chosen, the card
   names ``--lung-model`` (``postprocessing.within_lungs``), which ``relseg evaluate`` then runs on 2D slices.
@@ -27,7 +29,8 @@ touched. The pipeline and ``relseg evaluate`` then follow it (the fine-tuning gu
 
     python Testing/benchmarks/choose_postprocessing.py --folds work-dirs/cv/infection-fold0 work-dirs/cv/infection-fold1
         [--data ctseg2d:../shared/data/covid-ct-seg-2d] [--target infection|lungs] [--thresholds 0.3,0.4,...]
-        [--flip-tta] [--upside-down-tta] [--fractions 0,0.05,0.1] [--lung-folds DIR... [--lung-model covid-lungs-2d]]
+        [--flip-tta] [--upside-down-tta] [--fractions 0,0.05,0.1] [--drop-outside-body]
+        [--lung-folds DIR... [--lung-model covid-lungs-2d]]
         [--min-gain 0.005] [--min-gain-agreeing 0.0025] [--json OUT] [--card covid-infection-2d]
 """
 
@@ -50,7 +53,7 @@ from relsegcore.data.readers import read_gray_picture, read_mask_picture
 from relsegcore.device import select_device
 from relsegcore.evaluation import native_probabilities, patients_to_turn_upright, predict_image
 from relsegcore.fileutil import atomic_write_text
-from relsegcore.inference import drop_small_components, labels_from, tta_views
+from relsegcore.inference import drop_outside_body, drop_small_components, labels_from, tta_views
 from relsegcore.metrics import dice
 
 DATA = Path(os.environ.get("RELSEG_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
@@ -97,7 +100,7 @@ def held_out_patients(fold_dir: Path) -> list[str]:
 
 
 def sweep_fold(fold_dir: Path, root: Path, target: str, settings: list[Setting], device: str,
-               lung_fold_dir: Path | None = None) -> dict:
+               lung_fold_dir: Path | None = None, outside_body_dropped: bool = False) -> dict:
     """Mean per-slice Dice per setting (and per patient) of one fold model on its held-out patients."""
     patients = held_out_patients(fold_dir)
     card = fold_model(fold_dir)
@@ -125,7 +128,8 @@ def sweep_fold(fold_dir: Path, root: Path, target: str, settings: list[Setting],
         lung_mask = predict_image(lungs, image) > 0 if lungs is not None else None
         for column, setting in enumerate(settings):
             labels = drop_small_components(labels_from(averaged[setting.flip_tta, setting.upside_down_tta],
-                                                       setting.threshold), setting.min_component_fraction) > 0
+                                                       setting.threshold), setting.min_component_fraction)
+            labels = (drop_outside_body(labels, image) if outside_body_dropped else labels) > 0
             scores[index, column] = dice(labels & lung_mask if setting.within_lungs else labels, reference)
     of_patient = np.array([patient_of(row["case"]) for row in rows])
     return {
@@ -164,7 +168,7 @@ def best_setting(folds: list[dict], settings: list[Setting], min_gain: float = 0
 
 
 def write_card(model: str, chosen: Setting, target: str, folds: list[dict], command: str,
-               lung_model: str | None = None) -> Path:
+               lung_model: str | None = None, outside_body_dropped: bool = False) -> Path:
     card = zoo.find_model(model)
     card_path = card.path.with_suffix(".json")
     data = json.loads(card_path.read_text())
@@ -174,6 +178,7 @@ def write_card(model: str, chosen: Setting, target: str, folds: list[dict], comm
         **({"upside_down_tta": True} if chosen.upside_down_tta else {}),
         **({"min_component_fraction": chosen.min_component_fraction} if chosen.min_component_fraction else {}),
         **({"within_lungs": lung_model} if chosen.within_lungs else {}),
+        **({"outside_body_dropped": True} if outside_body_dropped else {}),
         "chosen_by": command,
         "rule": f"best mean per-slice {target} Dice over the held-out patients of folds of this model's recipe, "
                 "if it beats the untuned setting (argmax, no flip, all components, not bounded by lungs) by at least "
@@ -195,6 +200,9 @@ def main() -> int:
     parser.add_argument("--upside-down-tta", action="store_true",
                         help="also try averaging with the slice turned upside down (networks trained on both)")
     parser.add_argument("--fractions", default="0", help="smallest components kept, as fractions of the largest")
+    parser.add_argument("--drop-outside-body", action="store_true",
+                        help="drop components lying mostly outside the body after every setting (covid-lungs-2d's "
+                             "card does); written into the card with --card")
     parser.add_argument("--lung-folds", nargs="+", type=Path,
                         help="a lung model's fold folders, one per --folds folder with the same held-out patients: "
                              "also try keeping the labels inside their lungs")
@@ -219,7 +227,7 @@ def main() -> int:
                              tuple(float(f) for f in args.fractions.split(",")),
                              (False, True) if args.lung_folds else (False,),
                              (False, True) if args.upside_down_tta else (False,))
-    folds = [sweep_fold(fold_dir, root, args.target, settings, args.device, lung_dir)
+    folds = [sweep_fold(fold_dir, root, args.target, settings, args.device, lung_dir, args.drop_outside_body)
              for fold_dir, lung_dir in zip(args.folds, args.lung_folds or [None] * len(args.folds), strict=True)]
     print("| setting | " + " | ".join(f"{f['model']['folder']} ({', '.join(f['held_out_patients'])})"
                                         for f in folds) + " | mean |")
@@ -233,7 +241,8 @@ def main() -> int:
         atomic_write_text(args.json, json.dumps({"chosen": chosen._asdict(), "folds": folds}, indent=2) + "\n")
     if args.card:
         command = "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
-        print(f"wrote {write_card(args.card, chosen, args.target, folds, command, args.lung_model)}")
+        card_path = write_card(args.card, chosen, args.target, folds, command, args.lung_model, args.drop_outside_body)
+        print(f"wrote {card_path}")
     return 0
 
 

@@ -240,6 +240,39 @@ def test_choose_postprocessing_sweeps_a_folds_held_out_patients_and_writes_the_c
     assert "choose_postprocessing.py" in card.postprocessing["chosen_by"]
 
 
+def test_choose_postprocessing_drops_what_lies_outside_the_body_as_the_lung_card_does(tmp_path, repo_root):
+    """With --drop-outside-body every setting is scored after the card's outside-body step (or a threshold chosen
+    for covid-lungs-2d would be judged without it), and the card written keeps the step. Here the body is a
+    16 x 16 block of a 32 x 32 slice, and a model painting the whole slice paints mostly outside it."""
+    import subprocess
+    import sys
+
+    from synthetic_slices import make_ctseg_folder
+
+    data = make_ctseg_folder(tmp_path / "ctseg")
+    for picture in (data / "images").iterdir():
+        body = np.zeros((32, 32), np.uint8)
+        body[8:24, 8:24] = 200
+        Image.fromarray(body).save(picture)
+    fold = tmp_path / "fold0"
+    fold.mkdir()
+    save_constant_model(fold, True, name="fold0", probability=0.3,
+                        preprocessing={"input_size": 32, "recipe": "full-slice-clahe"})
+    (fold / "fold_result.json").write_text(json.dumps({"val_patients": ["coronacases_002", "radiopaedia_10"]}))
+    target = tmp_path / "target"
+    target.mkdir()
+    save_constant_model(target, True, name="target")
+    command = [sys.executable, str(repo_root / "Testing" / "benchmarks" / "choose_postprocessing.py"), "--folds",
+               str(fold), "--data", f"ctseg2d:{data}", "--thresholds", "0.2", "--json", str(tmp_path / "sweep.json")]
+    dice_at_02 = []
+    for extra in ([], ["--drop-outside-body", "--card", str(target / "target.pt")]):
+        subprocess.run(command + extra, capture_output=True, text=True, check=True, timeout=120)
+        sweep = json.loads((tmp_path / "sweep.json").read_text())["folds"][0]
+        dice_at_02.append(sweep["mean_dice"]["threshold 0.2, flip off, components >= 0.0"])
+    assert dice_at_02[0] > 0.0 and dice_at_02[1] == 0.0
+    assert zoo.find_model(target / "target.pt").outside_body_dropped
+
+
 def test_choose_postprocessing_averages_the_views_as_relseg_does(tmp_path, repo_root):
     """The sweep's (flip, upside down) averages must be what relseg computes for a card that names them, or a
     setting chosen on the folds would not be the one shipped; on a random network the views differ."""
