@@ -33,10 +33,27 @@ def lps_geometry(volume_node) -> tuple[tuple[float, ...], tuple[float, ...], tup
     return tuple(ijk_to_lps[:3, 3]), tuple(spacing), tuple(direction.flatten())
 
 
+def check_not_warped(volume_node) -> None:
+    """Refuse a volume under a non-linear transform: its voxels are not where its grid says.
+
+    Slicer puts one on a DICOM series with unevenly spaced slices (acquisition geometry regularisation). The
+    network and every mL are computed on the voxel grid, so they would be those of the stacked, unwarped slices;
+    hardening the transform resamples the CT onto an even grid. A linear transform (a registration) is fine:
+    Slicer places the segments through it."""
+    transform = volume_node.GetParentTransformNode()
+    if transform is not None and not transform.IsTransformToWorldLinear():
+        raise ValueError(
+            f"Volume {volume_node.GetName()!r} is under the non-linear transform {transform.GetName()!r} (Slicer adds "
+            "one to a DICOM series with unevenly spaced slices): volumes in mL would be those of the unwarped "
+            "slices. Harden the transform first (Data module: right-click the volume, Harden transform), then segment."
+        )
+
+
 def sitk_image_from_volume(volume_node) -> sitk.Image:
     """A SimpleITK copy of a scalar volume node with the same voxels and physical geometry."""
     if volume_node is None or volume_node.GetImageData() is None:
         raise ValueError("The input volume has no image data; load a CT first.")
+    check_not_warped(volume_node)
     if volume_node.GetImageData().GetNumberOfScalarComponents() != 1:
         raise ValueError(f"Volume {volume_node.GetName()!r} is not a scalar (grey-level) volume.")
     image = sitk.GetImageFromArray(np.ascontiguousarray(slicer.util.arrayFromVolume(volume_node)))

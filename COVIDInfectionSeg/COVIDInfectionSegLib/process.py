@@ -25,7 +25,7 @@ from pathlib import Path
 import SimpleITK as sitk
 import slicer
 
-from .geometry import array_on_volume_grid
+from .geometry import array_on_volume_grid, check_not_warped
 from .results import ResultArrays, check_overwrite_allowed, write_result
 
 INPUT_STEM = "input"
@@ -214,6 +214,7 @@ class SegmentationProcess(CommandProcess):
         """Write the input to a temporary NRRD, then launch the command."""
         if self.output_segmentation is not None:
             check_overwrite_allowed(self.output_segmentation, self.overwrite)  # fail before a long run
+        check_not_warped(self.input_volume)  # the file written holds the unwarped grid
         self._work_dir = Path(tempfile.mkdtemp(prefix="COVIDInfectionSeg-"))
         input_path = self._work_dir / f"{INPUT_STEM}.nrrd"
         storage = slicer.vtkMRMLVolumeArchetypeStorageNode()

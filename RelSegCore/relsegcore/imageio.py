@@ -237,8 +237,8 @@ def check_even_slices(positions: list[str], orientations: list[str], folder: Pat
         f"The DICOM series in {folder} has unevenly spaced slices: {gaps[worst]:.2f} mm between slices "
         f"{worst + 1} and {worst + 2} of {len(positions)} (in position order) where the others are {usual:.2f} mm "
         f"apart ({what}?). "
-        "Export the complete series again, or load it in 3D Slicer (which regularises uneven slices) and "
-        "segment it there."
+        "Export the complete series again, or load it in 3D Slicer, harden the acquisition transform it adds "
+        "(which resamples the slices evenly) and segment it there."
     )
 
 

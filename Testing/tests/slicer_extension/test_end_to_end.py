@@ -93,6 +93,71 @@ def test_oblique_ct_result_stays_on_the_volume_grid(mrml, ct_image, test_model, 
     assert_consistent_result(segmentation, volume, logic)
 
 
+def demo_volume(demo_ct, name: str = "demo"):
+    import slicer
+
+    from COVIDInfectionSegLib.geometry import update_volume_from_sitk
+
+    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    update_volume_from_sitk(volume, demo_ct)
+    return volume
+
+
+def test_a_ct_moved_by_a_registration_gets_its_segments_where_it_lies(mrml, demo_ct, test_model):
+    """A CT under a linear transform (aligned to a prior study): the segments follow it in the views, and measured
+    on its grid they are the voxels the untransformed CT gives."""
+    import slicer
+    import vtk
+
+    logic = InfectionSegmentationLogic()
+    plain = demo_volume(demo_ct, "plain")
+    expected = logic.segment(plain, model=str(test_model), device="cpu", show3D=False)
+    moved = demo_volume(demo_ct, "moved")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 40.0)
+    matrix.SetElement(2, 3, -25.0)
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    transform.SetMatrixTransformToParent(matrix)
+    moved.SetAndObserveTransformNodeID(transform.GetID())
+    segmentation = logic.segment(moved, model=str(test_model), device="cpu", show3D=False)
+    for name in ("Left lung", "Right lung"):
+        assert np.array_equal(mask(segmentation, name, moved), mask(expected, name, plain))
+    bounds, volume_bounds = [0.0] * 6, [0.0] * 6
+    segmentation.GetRASBounds(bounds)
+    moved.GetRASBounds(volume_bounds)
+    assert volume_bounds[0] - 1 <= bounds[0] and bounds[1] <= volume_bounds[1] + 1  # drawn on the moved CT
+    assert assert_consistent_result(segmentation, moved, logic)["lungs"] == stored_report(expected)["lungs"]
+
+
+def test_a_ct_under_a_non_linear_transform_is_refused_before_any_work(mrml, demo_ct, test_model):
+    """Slicer's regularisation of unevenly spaced DICOM slices is a grid transform: the voxel grid is not where
+    the voxels lie, so every mL would be off; both paths ask to harden it, and nothing is added to the scene."""
+    import slicer
+    import vtk
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    volume = demo_volume(demo_ct)
+    grid = vtk.vtkImageData()
+    grid.SetDimensions(2, 2, 2)
+    grid.SetSpacing(400.0, 400.0, 400.0)
+    grid.SetOrigin(-200.0, -200.0, -200.0)
+    grid.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    displacement = vtk_to_numpy(grid.GetPointData().GetScalars())
+    displacement[:] = 0.0
+    displacement[4:, 2] = 3.0  # slices stretched along z, as a missing slice makes them
+    warp = slicer.vtkOrientedGridTransform()
+    warp.SetDisplacementGridData(grid)
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLGridTransformNode", "Acquisition transform")
+    transform.SetAndObserveTransformToParent(warp)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    before = node_ids()
+    with pytest.raises(ValueError, match="non-linear transform 'Acquisition transform'.*Harden"):
+        InfectionSegmentationLogic().segment(volume, model=str(test_model), device="cpu", show3D=False)
+    with pytest.raises(ValueError, match="Harden"):
+        SegmentationProcess(volume, model=str(test_model), device="cpu").start()
+    assert node_ids() == before
+
+
 def test_separate_process_gives_the_same_segmentation_as_the_blocking_path(mrml, shared_data, shipped_model):
     """With the shipped model's real weights, through the real ``relsegcore.cli segment`` subprocess."""
     volume = load_volume(shared_data / SMALL_CT, "small")
