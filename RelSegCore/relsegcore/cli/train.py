@@ -155,6 +155,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augment-noise", type=float, default=MAX_NOISE_SIGMA, metavar="SIGMA",
                         help=f"the top of the Gaussian noise added to the 0..1 image (default {MAX_NOISE_SIGMA}; "
                              "0.1 covers about 60 HU of CT noise in the lungs after the full-slice-clahe recipe)")
+    parser.add_argument("--false-negative-weight", type=_open_fraction, default=0.5, metavar="B",
+                        help="the overlap loss's weight of missed pixels against false ones: 0.5 is Dice + "
+                             "cross-entropy (default), above 0.5 the Tversky index favours sensitivity")
     parser.add_argument("--validate-every", type=int, default=250)
     parser.add_argument("--no-validation", action="store_true",
                         help="with --fold: do not score the held-out slices while training (score them "
@@ -180,7 +183,8 @@ def _config(args: argparse.Namespace, out: Path, network: NetworkConfig, **extra
     return TrainConfig(
         out_dir=out, network=network, iterations=args.iterations, batch_size=args.batch_size,
         learning_rate=args.lr, seed=args.seed, augment_strength=args.augment,
-        augment_series=args.augment_series, augment_noise=args.augment_noise, device=args.device,
+        augment_series=args.augment_series, augment_noise=args.augment_noise,
+        false_negative_weight=args.false_negative_weight, device=args.device,
         validate_every=args.validate_every, checkpoint_every=args.validate_every,
         patch_size=getattr(args, "patch_size", None), **extra,
     )
@@ -484,6 +488,17 @@ def _pooled_share(weights, total: int, start: int, pooled, fraction: float | Non
     weights *= (1.0 - fraction) / weights.sum()
     weights[is_pooled] = fraction / len(pooled)
     return weights
+
+
+def _open_fraction(text: str) -> float:
+    """A number strictly between 0 and 1 (``--false-negative-weight``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, not {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, not {text}")
+    return value
 
 
 def _noise_levels(text: str) -> tuple[float, ...]:

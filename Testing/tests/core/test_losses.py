@@ -70,3 +70,46 @@ def test_distillation_loss_is_zero_when_student_and_teacher_agree_and_grows_with
     assert float(distillation_loss(far, teacher, temperature=1.0)) == pytest.approx(float((p * (p / q).log()).sum()))
     with pytest.raises(ValueError, match="differ"):
         distillation_loss(torch.zeros(1, 3, 1, 1), teacher)
+
+
+def confident_logits(labels: torch.Tensor) -> torch.Tensor:
+    """Two-class logits that put (almost) all probability on ``labels``."""
+    return torch.stack([(labels == 0).float(), (labels == 1).float()], dim=1) * 40.0
+
+
+def test_tversky_weight_half_is_dice_to_the_last_bit_and_above_half_costs_misses_more():
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    target[0, 2:6, 2:6] = 1  # 16 pixels
+    missed, extra = target.clone(), target.clone()
+    missed[0, 2, 2:6] = 0  # 4 missed: TP 12, FN 4
+    extra[0, 6, 2:6] = 1  # 4 extra: TP 16, FP 4
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 8, 8)
+    labels = torch.randint(0, 2, (2, 8, 8))
+    assert torch.equal(soft_dice_loss(logits, labels, false_negative_weight=0.5), soft_dice_loss(logits, labels))
+    # Tversky by hand: 1 - TP / (TP + 0.3 FP + 0.7 FN)
+    assert soft_dice_loss(confident_logits(missed), target, false_negative_weight=0.7).item() == pytest.approx(
+        1 - 12 / (12 + 0.7 * 4), abs=1e-4)
+    assert soft_dice_loss(confident_logits(extra), target, false_negative_weight=0.7).item() == pytest.approx(
+        1 - 16 / (16 + 0.3 * 4), abs=1e-4)
+    for prediction, costs_more in ((missed, True), (extra, False)):
+        dice = soft_dice_loss(confident_logits(prediction), target).item()
+        tversky = soft_dice_loss(confident_logits(prediction), target, false_negative_weight=0.7).item()
+        assert (tversky > dice) == costs_more
+    missed_logits = confident_logits(missed)
+    assert segmentation_loss(missed_logits, target, 0.7) > segmentation_loss(missed_logits, target)
+
+
+def test_false_negative_weight_reaches_the_training_config(tmp_path):
+    from relsegcore.cli import build_parser
+    from relsegcore.cli.train import stage2_config
+
+    def config(*extra: str):
+        args = build_parser().parse_args(["train", "--data", f"ctseg2d:{tmp_path}", "--out", str(tmp_path), *extra])
+        return stage2_config(args)
+
+    assert config().false_negative_weight == 0.5
+    assert config("--false-negative-weight", "0.7").to_dict()["false_negative_weight"] == 0.7
+    for bad in ("1", "0", "high"):
+        with pytest.raises(SystemExit):
+            config("--false-negative-weight", bad)
