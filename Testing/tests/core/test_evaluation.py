@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,6 +206,20 @@ def test_a_threshold_on_a_multiclass_model_is_refused(tmp_path):
         zoo.find_model(card_path)
 
 
+def constant_fold_and_target(tmp_path: Path) -> tuple[Path, Path]:
+    """A fold folder (a model at foreground probability 0.3, holding out two patients of ``make_ctseg_folder``)
+    and a target model folder whose card a sweep writes."""
+    fold = tmp_path / "fold0"
+    fold.mkdir()
+    save_constant_model(fold, True, name="fold0", probability=0.3,
+                        preprocessing={"input_size": 32, "recipe": "full-slice-clahe"})
+    (fold / "fold_result.json").write_text(json.dumps({"val_patients": ["coronacases_002", "radiopaedia_10"]}))
+    target = tmp_path / "target"
+    target.mkdir()
+    save_constant_model(target, True, name="target")
+    return fold, target
+
+
 def test_choose_postprocessing_sweeps_a_folds_held_out_patients_and_writes_the_card(tmp_path, repo_root):
     """Testing/benchmarks/choose_postprocessing.py on a fold folder (a model at foreground probability 0.3 and
     the fold's held-out patients, every slice with some infection): at 0.2 it calls every pixel infection (Dice
@@ -216,14 +231,7 @@ def test_choose_postprocessing_sweeps_a_folds_held_out_patients_and_writes_the_c
     from synthetic_slices import make_ctseg_folder
 
     data = make_ctseg_folder(tmp_path / "ctseg")
-    fold = tmp_path / "fold0"
-    fold.mkdir()
-    save_constant_model(fold, True, name="fold0", probability=0.3,
-                        preprocessing={"input_size": 32, "recipe": "full-slice-clahe"})
-    (fold / "fold_result.json").write_text(json.dumps({"val_patients": ["coronacases_002", "radiopaedia_10"]}))
-    target = tmp_path / "target"
-    target.mkdir()
-    save_constant_model(target, True, name="target")
+    fold, target = constant_fold_and_target(tmp_path)
     completed = subprocess.run(
         [sys.executable, str(repo_root / "Testing" / "benchmarks" / "choose_postprocessing.py"), "--folds",
          str(fold), "--data", f"ctseg2d:{data}", "--thresholds", "0.2,0.5,0.8", "--flip-tta", "--fractions",
@@ -254,14 +262,7 @@ def test_choose_postprocessing_drops_what_lies_outside_the_body_as_the_lung_card
         body = np.zeros((32, 32), np.uint8)
         body[8:24, 8:24] = 200
         Image.fromarray(body).save(picture)
-    fold = tmp_path / "fold0"
-    fold.mkdir()
-    save_constant_model(fold, True, name="fold0", probability=0.3,
-                        preprocessing={"input_size": 32, "recipe": "full-slice-clahe"})
-    (fold / "fold_result.json").write_text(json.dumps({"val_patients": ["coronacases_002", "radiopaedia_10"]}))
-    target = tmp_path / "target"
-    target.mkdir()
-    save_constant_model(target, True, name="target")
+    fold, target = constant_fold_and_target(tmp_path)
     command = [sys.executable, str(repo_root / "Testing" / "benchmarks" / "choose_postprocessing.py"), "--folds",
                str(fold), "--data", f"ctseg2d:{data}", "--thresholds", "0.2", "--json", str(tmp_path / "sweep.json")]
     dice_at_02 = []
