@@ -1,6 +1,6 @@
 """Choose a 2D model's postprocessing on the held-out patients of its recipe's folds.
 
-Three decisions the network's weights do not make, swept together on each fold model's own held-out patients
+The decisions the network's weights do not make, swept together on each fold model's own held-out patients
 (``relseg train --fold K --export foldK``: the model and ``fold_result.json`` in one folder):
 
 - the decision threshold: the foreground probability a pixel must exceed (a network trained with Dice +
