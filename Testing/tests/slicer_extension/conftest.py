@@ -19,7 +19,7 @@ for path in (HERE, REPO / "COVIDInfectionSeg"):
         sys.path.insert(0, str(path))
 
 import headless_slicer  # noqa: E402
-from headless_slicer import load_volume  # noqa: E402
+from headless_slicer import load_volume, volume_from_image  # noqa: E402
 
 
 @pytest.fixture
@@ -49,13 +49,7 @@ def ct_volume(request, mrml, demo_ct):
     """A chest CT in HU as a volume node: the synthetic demo CT always, the real lung1 CT where ../shared/data is."""
     if request.param == "lung1":
         return request.getfixturevalue("lung_ct")
-    import slicer
-
-    from COVIDInfectionSegLib.geometry import update_volume_from_sitk
-
-    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "demo")
-    update_volume_from_sitk(volume, demo_ct)
-    return volume
+    return volume_from_image(demo_ct, "demo")
 
 
 @pytest.fixture(scope="session")

@@ -67,3 +67,12 @@ def load_volume(path: Path, name: str = "CT"):
     if not storage.ReadData(volume):
         raise OSError(f"Slicer could not read {path}")
     return volume
+
+
+def volume_from_image(image, name: str = "CT"):
+    """A scalar volume node holding a SimpleITK image's voxels and geometry (the module's own conversion)."""
+    from COVIDInfectionSegLib.geometry import update_volume_from_sitk
+
+    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    update_volume_from_sitk(volume, image)
+    return volume

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-from headless_slicer import load_volume
+from headless_slicer import load_volume, volume_from_image
 from test_results import assert_on_volume_grid, mask, node_ids, segment_names
 
 from COVIDInfectionSegLib import InfectionSegmentationLogic, SegmentationProcess, stored_report
@@ -93,16 +93,6 @@ def test_oblique_ct_result_stays_on_the_volume_grid(mrml, ct_image, test_model, 
     assert_consistent_result(segmentation, volume, logic)
 
 
-def demo_volume(demo_ct, name: str = "demo"):
-    import slicer
-
-    from COVIDInfectionSegLib.geometry import update_volume_from_sitk
-
-    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    update_volume_from_sitk(volume, demo_ct)
-    return volume
-
-
 def test_a_ct_moved_by_a_registration_gets_its_segments_where_it_lies(mrml, demo_ct, test_model):
     """A CT under a linear transform (aligned to a prior study): the segments follow it in the views, and measured
     on its grid they are the voxels the untransformed CT gives."""
@@ -110,9 +100,9 @@ def test_a_ct_moved_by_a_registration_gets_its_segments_where_it_lies(mrml, demo
     import vtk
 
     logic = InfectionSegmentationLogic()
-    plain = demo_volume(demo_ct, "plain")
+    plain = volume_from_image(demo_ct, "plain")
     expected = logic.segment(plain, model=str(test_model), device="cpu", show3D=False)
-    moved = demo_volume(demo_ct, "moved")
+    moved = volume_from_image(demo_ct, "moved")
     matrix = vtk.vtkMatrix4x4()
     matrix.SetElement(0, 3, 40.0)
     matrix.SetElement(2, 3, -25.0)
@@ -136,7 +126,7 @@ def test_a_ct_under_a_non_linear_transform_is_refused_before_any_work(mrml, demo
     import vtk
     from vtk.util.numpy_support import vtk_to_numpy
 
-    volume = demo_volume(demo_ct)
+    volume = volume_from_image(demo_ct, "demo")
     grid = vtk.vtkImageData()
     grid.SetDimensions(2, 2, 2)
     grid.SetSpacing(400.0, 400.0, 400.0)

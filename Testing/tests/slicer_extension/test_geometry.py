@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from headless_slicer import load_volume
+from headless_slicer import load_volume, volume_from_image
 
 from COVIDInfectionSegLib import GeometryError, sitk_image_from_volume, update_volume_from_sitk
 from COVIDInfectionSegLib.geometry import array_on_volume_grid
@@ -79,11 +79,8 @@ def test_update_volume_from_sitk_is_the_inverse(mrml):
 
 
 def test_result_off_the_volume_grid_is_refused(mrml):
-    import slicer
-
     original = synthetic_ct(np.eye(3))
-    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
-    update_volume_from_sitk(volume, original)
+    volume = volume_from_image(original, "ct")
     labels = sitk.Image(original.GetSize(), sitk.sitkUInt8)
     labels.CopyInformation(original)
     assert array_on_volume_grid(labels, volume).shape == (6, 9, 11)
