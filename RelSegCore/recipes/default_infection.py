@@ -99,10 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print("\n".join("relseg " + shlex.join(step.command[3:]) for step in steps))
             continue
+        todo = []
         for step in steps:
             if step.model.is_file():
                 print(f"# {stage.folder} done: {step.model}")
-        todo = [step.command for step in steps if not step.model.is_file()]
+            else:
+                todo.append(step.command)
         if todo:
             run_all(todo, args.jobs, args.out / "logs" / stage.folder)
     if not args.dry_run:
