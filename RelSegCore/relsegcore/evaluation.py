@@ -99,7 +99,7 @@ def evaluate_image_folder(loaded: LoadedModel, images_dir: Path, masks_dir: Path
     asked, loaded = loaded, model_for_pictures(loaded, recipe)
     multiclass = len(loaded.card.classes) > 2
     labels = {name.replace(" ", "_").replace("-", "_"): i for i, name in enumerate(loaded.card.classes) if i}
-    transpose = needs_transpose(np.stack([resize_slices(image[None], 64)[0] for image in images]), orientation)
+    transpose = needs_transpose(np.stack([resize_slices(image[None], 64)[0] for image in images]), orientation, recipe)
     lungs = lung_model_for(loaded)
     cases = []
     for index, ((name, _, mask_path), image) in enumerate(zip(pairs, images, strict=True)):

@@ -115,7 +115,7 @@ def read_image_folder(
 
     ``orientation``: ``"as-is"``; ``"transposed"`` for slices stored with the lungs one above the
     other (anterior on the left, the patient's right on top), as the COVID-SemiSeg / MedSeg
-    slices are; ``"auto"`` decides for the whole folder from where the mediastinum lies.
+    slices are; ``"auto"``: see ``needs_transpose``.
     """
     root = Path(root)
     pairs = find_picture_pairs(root / image_dir, root / mask_dir)[:limit]
@@ -128,7 +128,7 @@ def read_image_folder(
         pictures.append(resize_slices(image[None], size, order=1)[0])
         labels.append(resize_slices(mask[None], size, order=0)[0])
     stacked_images, stacked_masks = np.stack(pictures), np.stack(labels)
-    if needs_transpose(stacked_images, orientation):
+    if needs_transpose(stacked_images, orientation, picture_recipe(pictures)):
         stacked_images = np.ascontiguousarray(stacked_images.transpose(0, 2, 1))
         stacked_masks = np.ascontiguousarray(stacked_masks.transpose(0, 2, 1))
     return SliceSet(stacked_images, stacked_masks, [f"{root.name}/{stem}" for stem, _, _ in pairs], root.name)
@@ -191,11 +191,20 @@ def _natural_key(stem: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", stem)]
 
 
-def needs_transpose(images: np.ndarray, orientation: str) -> bool:
+def needs_transpose(images: np.ndarray, orientation: str, recipe: str) -> bool:
+    """Whether pictures are stored with the lungs one above the other and must be turned for the network.
+
+    ``"auto"`` decides for the whole folder from where the mediastinum lies, for lung-window crops (``recipe``
+    ``lung-crop``: COVID-SemiSeg / MedSeg store theirs transposed) only. Whole CT slices (``full-slice-clahe``) are
+    axial slices as the scanner stored them, never transposed: on them the mediastinum test is unreliable (it
+    votes "transposed" for every slice of coronacases_001 and 003 of covid-ct-seg-2d, whose lungs lie side by side).
+    """
     if orientation not in ("auto", "as-is", "transposed"):
         raise InputError(f"orientation must be 'auto', 'as-is' or 'transposed', not {orientation!r}")
     if orientation != "auto":
         return orientation == "transposed"
+    if recipe == FULL_SLICE_CLAHE:
+        return False
     votes = [mediastinum_band(image) == "horizontal" for image in images]
     return sum(votes) > len(votes) / 2
 

@@ -285,3 +285,26 @@ def test_a_slice_folder_without_cases_csv_is_one_line_naming_the_picture_route(t
     stderr = capsys.readouterr().err.strip()
     assert len(stderr.splitlines()) == 1 and "no cases.csv" in stderr, stderr
     assert f"--images {tmp_path / 'images'} --masks {tmp_path / 'masks'}" in stderr
+
+
+def test_whole_ct_slices_given_as_pictures_are_scored_as_stored(shared_data, tmp_path) -> None:
+    """The picture route the error above names: whole CT slices are never turned as COVID-SemiSeg's crops are (the
+    mediastinum test would turn every slice of coronacases_001), so they score as in the covid-ct-seg-2d route."""
+    from relsegcore.cli import main
+
+    source = shared_data / "covid-ct-seg-2d"
+    files = ["0000.png", "0050.png", "0100.png"]  # coronacases_001, stored anterior up
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+        for name in files:
+            (tmp_path / folder / name).write_bytes((source / folder / name).read_bytes())
+    (tmp_path / "cases.csv").write_text("file,case\n" + "".join(f"{name},coronacases_001\n" for name in files))
+    scores = {}
+    for route, data in (("pictures", ["--images", str(tmp_path / "images"), "--masks", str(tmp_path / "masks")]),
+                        ("ctseg2d", ["--data", f"ctseg2d:{tmp_path}"])):
+        out = tmp_path / f"{route}.json"
+        assert main(["evaluate", "--model", "covid-infection-2d", *data, "--device", "cpu", "--json", str(out)]) == 0
+        scores[route] = json.loads(out.read_text())
+    assert scores["pictures"]["transposed"] is False
+    assert scores["pictures"]["mean_dice"] > 0.45  # transposed, these three scored 0.237
+    assert scores["pictures"]["mean_dice"] == pytest.approx(scores["ctseg2d"]["mean_dice"], abs=1e-6)

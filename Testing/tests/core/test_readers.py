@@ -392,3 +392,17 @@ def test_each_real_picture_is_recognised_by_the_recipe_that_prepared_it(shared_d
     assert len(crops) == 50 and len(slices) == 1163
     assert [picture_recipe([read_gray_picture(p)]) for p in crops] == ["lung-crop"] * len(crops)
     assert [picture_recipe([read_gray_picture(p)]) for p in slices] == ["full-slice-clahe"] * len(slices)
+
+
+def test_whole_ct_slices_are_not_transposed_by_the_mediastinum_test(tmp_path: Path) -> None:
+    """A dark frame (air and table around the body) marks a whole CT slice: kept as stored even where the
+    mediastinum test votes "transposed"; forcing it still turns it."""
+    root = tmp_path / "whole"
+    for folder in ("images", "masks"):
+        (root / folder).mkdir(parents=True)
+    picture = np.pad(_chest_picture(transposed=True), 12)  # lungs one above the other, framed by black
+    Image.fromarray(picture).save(root / "images" / "0.png")
+    Image.fromarray(np.zeros_like(picture)).save(root / "masks" / "0.png")
+    assert mediastinum_band(picture) == "horizontal"
+    assert mediastinum_band(read_image_folder(root, size=64).images[0]) == "horizontal"
+    assert mediastinum_band(read_image_folder(root, size=64, orientation="transposed").images[0]) == "vertical"
