@@ -26,21 +26,23 @@ from relsegcore.data.readers import (
 from relsegcore.errors import InputError, RelSegError
 
 
-def _chest_picture(transposed: bool = False) -> np.ndarray:
-    """Two dark lungs left and right of a bright mediastinum (canonical), or one above the other."""
+def _chest_picture(transposed: bool = False, frame: int = 0) -> np.ndarray:
+    """Two dark lungs left and right of a bright mediastinum (canonical), or one above the other; cropped to the
+    chest as a lung-window screenshot is, or, with ``frame`` pixels of black around it, a whole CT slice."""
     picture = np.full((60, 80), 200, np.uint8)
     picture[8:52, 6:34] = 30
     picture[8:52, 46:74] = 30
-    return picture.T.copy() if transposed else picture
+    return np.pad(picture.T if transposed else picture, frame)
 
 
-def _write_folder(root: Path, count: int = 3, transposed: bool = False, mask_dir: str = "masks") -> None:
+def _write_folder(root: Path, count: int = 3, transposed: bool = False, mask_dir: str = "masks",
+                  frame: int = 0) -> None:
     """``count`` chest pictures with a lesion mask at rows 10:20, columns 30:40 as stored."""
     (root / "images").mkdir(parents=True)
     (root / mask_dir).mkdir()
     for index in range(count):
-        Image.fromarray(_chest_picture(transposed)).save(root / "images" / f"{index}.jpg", quality=95)
-        mask = np.zeros(_chest_picture(transposed).shape, np.uint8)
+        Image.fromarray(_chest_picture(transposed, frame)).save(root / "images" / f"{index}.jpg", quality=95)
+        mask = np.zeros(_chest_picture(transposed, frame).shape, np.uint8)
         mask[10:20, 30:40] = 255
         Image.fromarray(mask).save(root / mask_dir / f"{index}.png")
 
@@ -398,11 +400,7 @@ def test_whole_ct_slices_are_not_transposed_by_the_mediastinum_test(tmp_path: Pa
     """A dark frame (air and table around the body) marks a whole CT slice: kept as stored even where the
     mediastinum test votes "transposed"; forcing it still turns it."""
     root = tmp_path / "whole"
-    for folder in ("images", "masks"):
-        (root / folder).mkdir(parents=True)
-    picture = np.pad(_chest_picture(transposed=True), 12)  # lungs one above the other, framed by black
-    Image.fromarray(picture).save(root / "images" / "0.png")
-    Image.fromarray(np.zeros_like(picture)).save(root / "masks" / "0.png")
-    assert mediastinum_band(picture) == "horizontal"
+    _write_folder(root, count=1, transposed=True, frame=12)  # lungs one above the other, framed by black
+    assert mediastinum_band(_chest_picture(transposed=True, frame=12)) == "horizontal"
     assert mediastinum_band(read_image_folder(root, size=64).images[0]) == "horizontal"
     assert mediastinum_band(read_image_folder(root, size=64, orientation="transposed").images[0]) == "vertical"
