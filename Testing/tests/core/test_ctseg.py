@@ -246,13 +246,13 @@ def test_a_real_ct_padded_outside_its_scan_field_with_metal_segments_like_the_cl
     """Real series pad outside the circular scan field with -3024 and may hold metal above 4095 HU: the
     default pipeline must segment them as the same CT without either. Lungs: Dice >= 0.99 always; metal
     leaves the infection as it was (measured 1.000 on all six CTs). Padding: real COVID-19 infection Dice
-    >= 0.99 (2.3.1 0.993, 2.4.0 and 2.5.0 0.994). On the non-COVID CTs the "infection" is false-positive specks near
-    the threshold, whose Dice is no measure (2.3.1: 0.58-0.93 on these five, 2.4.0: 0.00-0.88; the network's
-    instance norms see the whole slice, so the air outside the body nudges them), so there the padding may
-    move the reported opacity by at most ``PADDING_PO_POINTS`` (measured: 2.3.1 up to 0.20, 2.4.0 up to 0.58,
-    2.5.0 up to 0.07, both on LUNG1-013). ``intensity.robust_hu`` says how the padding is filled;
-    RelSegCore/EXPERIMENTS.md, session 25. The numbers come from Testing/benchmarks/padded_scan_field.py, which
-    makes the card's table."""
+    >= 0.99 (2.3.1 0.993, 2.4.0 and 2.5.0 0.994, 2.6.0 0.993). On the non-COVID CTs the "infection" is
+    false-positive specks near the threshold, whose Dice is no measure (2.3.1: 0.58-0.93 on these five, 2.4.0:
+    0.00-0.88; the network's instance norms see the whole slice, so the air outside the body nudges them), so
+    there the padding may move the reported opacity by at most ``PADDING_PO_POINTS`` (measured: 2.3.1 up to
+    0.20, 2.4.0 up to 0.58, 2.5.0 up to 0.07 and 2.6.0 up to 0.08, these two on LUNG1-013).
+    ``intensity.robust_hu`` says how the padding is filled; RelSegCore/EXPERIMENTS.md, session 25. The numbers
+    come from Testing/benchmarks/padded_scan_field.py, which makes the card's table."""
     from relsegcore.zoo import DEFAULT_MODEL, find_model
 
     if intensity.recipe_of(find_model(DEFAULT_MODEL).preprocessing) != intensity.FULL_SLICE_CLAHE:

@@ -34,7 +34,7 @@ def _options(command: list[str]) -> dict[str, list[str]]:
 
 
 def test_the_recipes_last_stage_is_the_command_in_the_shipped_defaults_card(repo_root, capsys) -> None:
-    """The recipe is the shipped model's: its third stage trains as the card says 2.5.0 was trained (only where it
+    """The recipe is the shipped model's: its third stage trains as the card says 2.6.0 was trained (only where it
     starts from and writes to differ), and each stage goes on from the model the one before exported."""
     assert _recipe(repo_root).main(["--out", "work-dirs/default", "--data", "../shared/data/covid-ct-seg-2d",
                                     "--shared-data", "../shared/data", "--cache-dir", "work-dirs/cache",
@@ -73,7 +73,7 @@ def test_the_recipe_trains_its_stages_in_a_row_and_resumes_after_the_last_finish
     for before, after in pairwise(cards):
         assert f"sha256 {before['sha256'][:12]}" in after["training"]["data"]  # went on from the stage before
     assert "started from" not in cards[0]["training"]["data"]
-    assert "--negative-noise 25,50,100,150" in cards[2]["training"]["command"]
+    assert "--negative-noise 25,50,100,150 --false-negative-weight 0.6" in cards[2]["training"]["command"]
     assert cards[2]["training"]["iterations"] == 2  # the arguments after -- reach every stage
 
     finished = {stage: (out / stage / "covid-infection-2d.pt").stat().st_mtime_ns for stage in ("stage1", "stage2")}
