@@ -41,10 +41,10 @@ def _write_folder(root: Path, count: int = 3, transposed: bool = False, mask_dir
     (root / "images").mkdir(parents=True)
     (root / mask_dir).mkdir()
     picture = _chest_picture(transposed, frame)
+    mask = np.zeros(picture.shape, np.uint8)
+    mask[10:20, 30:40] = 255
     for index in range(count):
         Image.fromarray(picture).save(root / "images" / f"{index}.jpg", quality=95)
-        mask = np.zeros(picture.shape, np.uint8)
-        mask[10:20, 30:40] = 255
         Image.fromarray(mask).save(root / mask_dir / f"{index}.png")
 
 
