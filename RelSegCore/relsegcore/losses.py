@@ -15,32 +15,36 @@ import torch.nn.functional as F
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5,
-                   false_negative_weight: float = 0.5) -> torch.Tensor:
+                   false_negative_weight: float = 0.5, per_sample: bool = False) -> torch.Tensor:
     """1 - mean foreground soft Dice over classes 1..C-1, computed over the whole batch (batch Dice).
 
     ``false_negative_weight`` b makes it the Tversky index (Salehi et al., 2017), TP / (TP + (1-b) FP + b FN):
     0.5 is Dice exactly (the same floating-point result), above 0.5 a missed pixel costs more than a false one.
+    ``per_sample`` computes one Dice per sample and averages them, as the benchmark's mean per-slice Dice does:
+    a slice with a small structure then weighs as much as one with a large one (a sample without the class
+    scores about 0 with almost no gradient, as in nnU-Net's non-batch Dice; cross-entropy still teaches it).
     """
     probabilities = logits.float().softmax(dim=1)
     one_hot = F.one_hot(target.long(), logits.shape[1]).movedim(-1, 1).to(probabilities.dtype)
-    reduce_dims = [0, *range(2, logits.ndim)]
+    reduce_dims = [*([] if per_sample else [0]), *range(2, logits.ndim)]
     intersection = (probabilities * one_hot).sum(reduce_dims)
     predicted, expected = probabilities.sum(reduce_dims), one_hot.sum(reduce_dims)
     # 2 TP + 2 (1-b) FP + 2 b FN = P + G + (2b - 1)(G - P); the last term is exactly 0 at b = 0.5
     denominator = predicted + expected + (2 * false_negative_weight - 1) * (expected - predicted)
     dice = (2 * intersection + smooth) / (denominator + smooth)
-    return 1 - dice[1:].mean()
+    return 1 - dice[..., 1:].mean()
 
 
 def segmentation_loss(logits: torch.Tensor | list[torch.Tensor], target: torch.Tensor,
-                      false_negative_weight: float = 0.5) -> torch.Tensor:
+                      false_negative_weight: float = 0.5, dice_per_sample: bool = False) -> torch.Tensor:
     """Dice (or Tversky, ``soft_dice_loss``) + cross-entropy; with deep supervision (a list of logits, finest
     first) a weighted sum.
 
     Coarser outputs are compared with a nearest-downsampled target and weighted 1/2^k, as in nnU-Net.
     """
     if isinstance(logits, torch.Tensor):
-        return (soft_dice_loss(logits, target, false_negative_weight=false_negative_weight)
+        return (soft_dice_loss(logits, target, false_negative_weight=false_negative_weight,
+                               per_sample=dice_per_sample)
                 + F.cross_entropy(logits.float(), target.long()))
     weights = [0.5**k for k in range(len(logits))]
     total = 0.0
@@ -48,7 +52,8 @@ def segmentation_loss(logits: torch.Tensor | list[torch.Tensor], target: torch.T
         level_target = target
         if level_logits.shape[2:] != target.shape[1:]:
             level_target = F.interpolate(target[:, None].float(), size=level_logits.shape[2:], mode="nearest")[:, 0]
-        total = total + weight * segmentation_loss(level_logits, level_target, false_negative_weight)
+        total = total + weight * segmentation_loss(level_logits, level_target, false_negative_weight,
+                                                   dice_per_sample)
     return total / sum(weights)
 
 

@@ -84,6 +84,7 @@ class TrainConfig:
     augment_series: bool = False  # also the series differences of covid-ct-seg-2d (data.augment, series=True)
     augment_noise: float = MAX_NOISE_SIGMA  # the top of the added noise's sigma, in grey range units (0..1)
     false_negative_weight: float = 0.5  # the overlap loss's weight of missed pixels (0.5: Dice; above: Tversky)
+    dice_per_sample: bool = False  # one Dice per sample, averaged (the per-slice metric), instead of batch Dice
     patch_size: int | None = None  # random square crops of the augmented slices (None: whole slices)
     validate_every: int = 250
     checkpoint_every: int = 250
@@ -424,7 +425,7 @@ def train(config: TrainConfig, train_images: np.ndarray, train_masks: np.ndarray
             group["lr"] = lr * group.get("lr_scale", 1.0)
         with autocast(device):
             logits, features = model(batch_images, return_features=True)
-            seg = segmentation_loss(logits, batch_masks, config.false_negative_weight)
+            seg = segmentation_loss(logits, batch_masks, config.false_negative_weight, config.dice_per_sample)
             rel = _relation_term(config, features, teacher, batch_images, generator)
             distill = None
             if distill_from is not None:

@@ -158,6 +158,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--false-negative-weight", type=_open_fraction, default=0.5, metavar="B",
                         help="the overlap loss's weight of missed pixels against false ones: 0.5 is Dice + "
                              "cross-entropy (default), above 0.5 the Tversky index favours sensitivity")
+    parser.add_argument("--dice-per-sample", action="store_true",
+                        help="one Dice per slice (or crop), averaged, as the mean per-slice Dice is scored, "
+                             "instead of one Dice over the batch: slices with small structures weigh as much")
     parser.add_argument("--validate-every", type=int, default=250)
     parser.add_argument("--no-validation", action="store_true",
                         help="with --fold: do not score the held-out slices while training (score them "
@@ -184,7 +187,8 @@ def _config(args: argparse.Namespace, out: Path, network: NetworkConfig, **extra
         out_dir=out, network=network, iterations=args.iterations, batch_size=args.batch_size,
         learning_rate=args.lr, seed=args.seed, augment_strength=args.augment,
         augment_series=args.augment_series, augment_noise=args.augment_noise,
-        false_negative_weight=args.false_negative_weight, device=args.device,
+        false_negative_weight=args.false_negative_weight, dice_per_sample=args.dice_per_sample,
+        device=args.device,
         validate_every=args.validate_every, checkpoint_every=args.validate_every,
         patch_size=getattr(args, "patch_size", None), **extra,
     )

@@ -113,3 +113,22 @@ def test_false_negative_weight_reaches_the_training_config(tmp_path):
     for bad in ("1", "0", "high"):
         with pytest.raises(SystemExit):
             config("--false-negative-weight", bad)
+
+
+def test_per_sample_dice_weighs_a_small_structure_as_much_as_a_large_one():
+    # Sample 0: a 36-pixel structure found exactly; sample 1: a 4-pixel one with 4 false pixels beside it.
+    target = torch.zeros(2, 8, 8, dtype=torch.long)
+    target[0, 1:7, 1:7] = 1
+    target[1, 0, 0:4] = 1
+    prediction = target.clone()
+    prediction[1, 0, 0:4] = 0
+    prediction[1, 0, 0:2] = 1  # TP 2, FN 2
+    prediction[1, 7, 0:4] = 1  # FP 4
+    logits = confident_logits(prediction)
+    # batch Dice: 2 * 38 / (42 + 40); per sample: 1 and 2 * 2 / (6 + 4), averaged
+    assert soft_dice_loss(logits, target).item() == pytest.approx(1 - 76 / 82, abs=1e-4)
+    assert soft_dice_loss(logits, target, per_sample=True).item() == pytest.approx(1 - (1 + 0.4) / 2, abs=1e-4)
+    assert segmentation_loss(logits, target, dice_per_sample=True) > segmentation_loss(logits, target)
+    # one sample: both readings are the same number
+    assert soft_dice_loss(logits[:1], target[:1], per_sample=True).item() == pytest.approx(
+        soft_dice_loss(logits[:1], target[:1]).item(), abs=1e-6)
