@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5,
                    false_negative_weight: float = 0.5, per_sample: bool = False) -> torch.Tensor:
-    """1 - mean foreground soft Dice over classes 1..C-1, computed over the whole batch (batch Dice).
+    """1 - mean foreground soft Dice over classes 1..C-1, by default one Dice over the whole batch (batch Dice).
 
     ``false_negative_weight`` b makes it the Tversky index (Salehi et al., 2017), TP / (TP + (1-b) FP + b FN):
     0.5 is Dice exactly (the same floating-point result), above 0.5 a missed pixel costs more than a false one.
