@@ -100,7 +100,7 @@ def test_tversky_weight_half_is_dice_to_the_last_bit_and_above_half_costs_misses
     assert segmentation_loss(missed_logits, target, 0.7) > segmentation_loss(missed_logits, target)
 
 
-def test_false_negative_weight_reaches_the_training_config(tmp_path):
+def test_the_loss_options_reach_the_training_config(tmp_path):
     from relsegcore.cli import build_parser
     from relsegcore.cli.train import stage2_config
 
@@ -113,6 +113,8 @@ def test_false_negative_weight_reaches_the_training_config(tmp_path):
     for bad in ("1", "0", "high"):
         with pytest.raises(SystemExit):
             config("--false-negative-weight", bad)
+    assert not config().dice_per_sample
+    assert config("--dice-per-sample").to_dict()["dice_per_sample"] is True
 
 
 def test_per_sample_dice_weighs_a_small_structure_as_much_as_a_large_one():
