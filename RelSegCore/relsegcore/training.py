@@ -25,6 +25,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -353,121 +354,57 @@ def train(config: TrainConfig, train_images: np.ndarray, train_masks: np.ndarray
     Resumes from ``out_dir/checkpoint.pt`` when present and ``resume`` is true.
     """
     started = time.perf_counter()
-    rank, world, local_rank = distributed_context()
-    device = select_device(config.device)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        _init_distributed(device)
+    rank, world, device = _training_device(config.device)
     out_dir = Path(config.out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    network = build_network(config)
-    if initial_state is not None:
-        network.load_state_dict(initial_state)
-        network.freeze_general_encoder(config.freeze_general)
-        limit_trainable(network, config.trainable)
-    network.to(device)
+    network = _starting_network(config, initial_state).to(device)
     optimizer = make_optimizer(network, config)
-    teacher = None
-    if config.relation.reading == "ema":
-        teacher = frozen(copy.deepcopy(network))
+    teacher = frozen(copy.deepcopy(network)) if config.relation.reading == "ema" else None
     distill_from = load_teacher(config.teacher, device) if config.teacher else None
-    history: list[dict] = []
-    start_iteration = 0
     checkpoint_path = out_dir / "checkpoint.pt"
-    if resume and checkpoint_path.is_file():
-        state = load_checkpoint(checkpoint_path)
-        network.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if teacher is not None and "teacher" in state:
-            teacher.load_state_dict(state["teacher"])
-        start_iteration = int(state["iteration"])
-        history = list(state.get("history", []))
-        started -= history[-1]["seconds"] if history else 0.0  # seconds count the whole run, not this part
-        log.info("resumed from %s at iteration %d", checkpoint_path, start_iteration)
-    model = network
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            network, device_ids=[device.index] if device.type == "cuda" else None)
-    images = images_to_tensor(train_images, device)
-    masks = torch.from_numpy(np.ascontiguousarray(train_masks)).long().to(device)
-    val = None
-    if val_images is not None and len(val_images):
-        val = (images_to_tensor(val_images, device), torch.from_numpy(np.ascontiguousarray(val_masks)).to(device))
-    weights = None
-    if sample_weights is not None:
-        weights = torch.as_tensor(np.asarray(sample_weights, dtype=np.float64), dtype=torch.float32, device=device)
+    start_iteration, history = _resume(checkpoint_path, network, optimizer, teacher) if resume else (0, [])
+    started -= history[-1]["seconds"] if history else 0.0  # seconds count the whole run, not this part
+    model = network if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        network, device_ids=[device.index] if device.type == "cuda" else None)
+    slices = _slices_on(device, train_images, train_masks, sample_weights)
+    val = _slices_on(device, val_images, val_masks) if val_images is not None and len(val_images) else None
     # One generator per rank, re-seeded from the iteration so a resumed run continues the same stream.
     generator = torch.Generator(device=device)
-    bar = None
-    if show_bar and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=config.iterations, initial=start_iteration, desc="training", unit="it")
+    bar = _progress_bar(config.iterations, start_iteration) if show_bar and rank == 0 else None
     network.train()
     running: dict[str, float] = {}
     for iteration in range(start_iteration, config.iterations):
         generator.manual_seed(config.seed * 1_000_003 + iteration * 101 + rank)
-        if weights is None:
-            index = torch.randint(0, images.shape[0], (config.batch_size,), generator=generator, device=device)
-        else:
-            index = torch.multinomial(weights, config.batch_size, replacement=True, generator=generator)
-        batch_images = images[index].float() / 255.0
-        batch_images, batch_masks = augment_batch(batch_images, masks[index], generator=generator,
-                                                  strength=config.augment_strength, series=config.augment_series,
-                                                  max_noise_sigma=config.augment_noise)
-        batch_images, batch_masks = random_crops(batch_images, batch_masks, config.patch_size, generator)
+        batch_images, batch_masks = _draw_batch(slices, config, generator)
         lr = learning_rate_at(iteration, config)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        with autocast(device):
-            logits, features = model(batch_images, return_features=True)
-            seg = segmentation_loss(logits, batch_masks, config.false_negative_weight, config.dice_per_sample)
-            rel = _relation_term(config, features, teacher, batch_images, generator)
-            distill = None
-            if distill_from is not None:
-                with torch.no_grad():
-                    teacher_logits = distill_from(batch_images)
-                distill = distillation_loss(_finest(logits), teacher_logits, config.distill_temperature)
-        weight = relation_weight_at(iteration, config)
-        loss = seg + weight * rel if rel is not None else seg
-        if distill is not None:
-            loss = loss + config.distill_weight * distill
+        terms = _loss_terms(model, config, batch_images, batch_masks, teacher, distill_from, generator)
+        loss = _total_loss(terms, iteration, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
         optimizer.step()
         if teacher is not None:
             _update_ema(teacher, network, config.relation.ema_decay)
-        for key, value in (("loss", loss), ("segmentation_loss", seg), ("relation_loss", rel),
-                           ("distill_loss", distill)):
-            if value is not None:
-                running[key] = running.get(key, 0.0) + float(value.detach())
-        running["n"] = running.get("n", 0) + 1
+        _add_to_running(running, {"loss": loss, **terms})
         step = iteration + 1
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         if step % config.validate_every == 0 or step == config.iterations:
-            row = {"iteration": step, "lr": lr, "seconds": round(time.perf_counter() - started, 1)}
-            row.update({k: v / running["n"] for k, v in running.items() if k != "n"})
+            row = _log_row(step, lr, time.perf_counter() - started, running)
             running = {}
             if val is not None and rank == 0:
-                row["val_dice"] = mean_case_dice(predict_labels(network, val[0]), val[1])
+                row["val_dice"] = mean_case_dice(predict_labels(network, val.images), val.masks)
             history.append(row)
             if rank == 0:
                 write_log(out_dir, history)
                 if bar is not None and "val_dice" in row:
                     bar.write(f"iteration {step}: loss {row['loss']:.4f} val Dice {row['val_dice']:.4f}")
         if rank == 0 and (step % config.checkpoint_every == 0 or step == config.iterations):
-            state = {"model": network.state_dict(), "optimizer": optimizer.state_dict(),
-                     "iteration": step, "history": history, "config": config.to_dict()}
-            if teacher is not None:
-                state["teacher"] = teacher.state_dict()
-            save_checkpoint(checkpoint_path, state)
+            save_checkpoint(checkpoint_path, _training_state(config, network, optimizer, teacher, step, history))
         if progress is not None:  # after the checkpoint, so a cancelled run resumes from here
             progress.update(step / config.iterations, "training")
     if bar is not None:
@@ -477,6 +414,133 @@ def train(config: TrainConfig, train_images: np.ndarray, train_masks: np.ndarray
     vals = [row["val_dice"] for row in history if "val_dice" in row]
     return TrainResult(network=network, history=history, final_val_dice=vals[-1] if vals else None,
                        best_val_dice=max(vals) if vals else None, seconds=time.perf_counter() - started)
+
+
+def _training_device(requested: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process; under torchrun it joins the process group, each rank on its
+    own GPU."""
+    rank, world, local_rank = distributed_context()
+    device = select_device(requested)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        _init_distributed(device)
+    return rank, world, device
+
+
+def _starting_network(config: TrainConfig, initial_state: dict[str, torch.Tensor] | None) -> DualEncoderUNet:
+    """The seeded new network, or ``initial_state``'s weights with only the layers that fine-tuning trains
+    left learnable."""
+    torch.manual_seed(config.seed)
+    network = build_network(config)
+    if initial_state is not None:
+        network.load_state_dict(initial_state)
+        network.freeze_general_encoder(config.freeze_general)
+        limit_trainable(network, config.trainable)
+    return network
+
+
+def _resume(path: Path, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            teacher: torch.nn.Module | None) -> tuple[int, list[dict]]:
+    """Load a stopped run's checkpoint into the network, optimizer and EMA teacher; return its iteration and
+    history ((0, []) when there is none)."""
+    if not path.is_file():
+        return 0, []
+    state = load_checkpoint(path)
+    network.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if teacher is not None and "teacher" in state:
+        teacher.load_state_dict(state["teacher"])
+    log.info("resumed from %s at iteration %d", path, int(state["iteration"]))
+    return int(state["iteration"]), list(state.get("history", []))
+
+
+def _training_state(config: TrainConfig, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    teacher: torch.nn.Module | None, step: int, history: list[dict]) -> dict:
+    """What ``_resume`` needs to go on from ``step``, and the config that made it."""
+    state = {"model": network.state_dict(), "optimizer": optimizer.state_dict(),
+             "iteration": step, "history": history, "config": config.to_dict()}
+    if teacher is not None:
+        state["teacher"] = teacher.state_dict()
+    return state
+
+
+class _Slices(NamedTuple):
+    images: torch.Tensor  # uint8 (N,1,H,W) on the training device
+    masks: torch.Tensor  # class indices (N,H,W)
+    weights: torch.Tensor | None  # per-slice draw weights (None: uniform)
+
+
+def _slices_on(device: torch.device, images: np.ndarray, masks: np.ndarray,
+               weights: np.ndarray | None = None) -> _Slices:
+    """The slices in memory on the training device, where batches are drawn and augmented."""
+    return _Slices(images_to_tensor(images, device),
+                   torch.from_numpy(np.ascontiguousarray(masks)).long().to(device),
+                   None if weights is None else
+                   torch.as_tensor(np.asarray(weights, dtype=np.float64), dtype=torch.float32, device=device))
+
+
+def _draw_batch(slices: _Slices, config: TrainConfig,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of ``config.batch_size`` slices (drawn by their weights), augmented and cropped to the patch."""
+    if slices.weights is None:
+        index = torch.randint(0, slices.images.shape[0], (config.batch_size,), generator=generator,
+                              device=slices.images.device)
+    else:
+        index = torch.multinomial(slices.weights, config.batch_size, replacement=True, generator=generator)
+    batch_images, batch_masks = augment_batch(slices.images[index].float() / 255.0, slices.masks[index],
+                                              generator=generator, strength=config.augment_strength,
+                                              series=config.augment_series, max_noise_sigma=config.augment_noise)
+    return random_crops(batch_images, batch_masks, config.patch_size, generator)
+
+
+def _loss_terms(model: torch.nn.Module, config: TrainConfig, batch_images: torch.Tensor, batch_masks: torch.Tensor,
+                teacher: torch.nn.Module | None, distill_from: torch.nn.Module | None,
+                generator: torch.Generator) -> dict[str, torch.Tensor | None]:
+    """The batch's segmentation loss, and its relation and distillation losses (None where not trained)."""
+    with autocast(batch_images.device):
+        logits, features = model(batch_images, return_features=True)
+        terms = {"segmentation_loss": segmentation_loss(logits, batch_masks, config.false_negative_weight,
+                                                        config.dice_per_sample),
+                 "relation_loss": _relation_term(config, features, teacher, batch_images, generator),
+                 "distill_loss": None}
+        if distill_from is not None:
+            with torch.no_grad():
+                teacher_logits = distill_from(batch_images)
+            terms["distill_loss"] = distillation_loss(_finest(logits), teacher_logits, config.distill_temperature)
+    return terms
+
+
+def _total_loss(terms: dict[str, torch.Tensor | None], iteration: int, config: TrainConfig) -> torch.Tensor:
+    """Segmentation + the relation loss at this iteration's ramped weight + the weighted distillation loss."""
+    loss = terms["segmentation_loss"]
+    if terms["relation_loss"] is not None:
+        loss = loss + relation_weight_at(iteration, config) * terms["relation_loss"]
+    if terms["distill_loss"] is not None:
+        loss = loss + config.distill_weight * terms["distill_loss"]
+    return loss
+
+
+def _add_to_running(running: dict[str, float], losses: dict[str, torch.Tensor | None]) -> None:
+    """Sum each loss used (and the count of iterations) since the last log row."""
+    for key, value in losses.items():
+        if value is not None:
+            running[key] = running.get(key, 0.0) + float(value.detach())
+    running["n"] = running.get("n", 0) + 1
+
+
+def _log_row(step: int, lr: float, seconds: float, running: dict[str, float]) -> dict:
+    """One row of ``log.csv``: the losses averaged over the iterations since the last row."""
+    row = {"iteration": step, "lr": lr, "seconds": round(seconds, 1)}
+    row.update({k: v / running["n"] for k, v in running.items() if k != "n"})
+    return row
+
+
+def _progress_bar(total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", unit="it")
 
 
 def load_teacher(model: str | os.PathLike, device: torch.device) -> torch.nn.Module:
