@@ -390,8 +390,7 @@ def finetune(
     started = time.perf_counter()
     progress = progress or Progress()
     parent = _find_parent(model, registry_home)
-    size = int(parent.preprocessing.get("input_size", 256))
-    num_classes = len(parent.classes)
+    size, num_classes = int(parent.preprocessing.get("input_size", 256)), len(parent.classes)
     data = _as_slices(images, masks, edited, cases, size, num_classes, source, fingerprints)
     if holdout_images is not None:
         held = _as_slices(holdout_images, holdout_masks, None, holdout_cases, size, num_classes, "held-out slices")
@@ -399,20 +398,13 @@ def finetune(
     else:
         train_idx, held_idx = holdout_split(data.cases, holdout_fraction, seed)
         trained, held = data.subset(train_idx), data.subset(held_idx)
-    out_path = _checked_out(out)
-    if out_path is not None and parent.path is not None and out_path.resolve() == parent.path.resolve():
-        raise InputError(f"the fine-tuned model would overwrite its parent {parent.path}; choose another --out")
+    out_path = _checked_out(out, parent)
     config_network = parent.member_config()
     reading = relation or ("encoders" if config_network.use_general_encoder else "none")
     if reading == "encoders" and not config_network.use_general_encoder:
         raise InputError(f"the model {parent.name} has no general encoder for the 'encoders' relation loss")
     torch_device = select_device(device)
-    network = build_network(parent)
-    try:
-        parent_state = load_state_dict_verified(parent.path, parent.sha256)
-        network.load_state_dict(parent_state)
-    except RuntimeError as error:
-        raise ModelError(f"weights of {parent.name} do not match its architecture: {error}") from None
+    network, parent_state = _parent_network(parent)
 
     progress.update(0.0, "Scoring the current model")
     dice_before = holdout_dice(network, held, torch_device, parent.threshold, parent.flip_tta)
@@ -424,19 +416,10 @@ def finetune(
             validate_every=max(1, math.ceil(iterations / 6)), checkpoint_every=iterations, device=device,
             trainable=trainable,
         )
-        images, masks, edited = trained.images, trained.masks, trained.edited
-        if replay is not None:
-            replayed = _as_slices(replay[0], replay[1], np.zeros(len(replay[0]), bool), None, size, num_classes,
-                                  "replay")
-            images, masks = np.concatenate([images, replayed.images]), np.concatenate([masks, replayed.masks])
-            edited = np.concatenate([edited, replayed.edited])
         # an ensemble learns member by member, each from its own weights, on the same corrections
         members = network.member_states() if isinstance(network, EnsembleNetwork) else [parent_state]
-        results = [train(dataclasses.replace(config, out_dir=Path(work) / f"member{i}"), images, masks,
-                         progress=_span(progress, 0.05 + 0.9 * i / len(members), 0.05 + 0.9 * (i + 1) / len(members)),
-                         resume=False, initial_state=state, sample_weights=sample_weights(edited, edited_weight))
-                   for i, state in enumerate(members)]
-        result = _as_one(results, config_network)
+        result = _train_members(config, members, _with_replay(trained, replay, size, num_classes), edited_weight,
+                                progress)
     progress.update(0.95, "Scoring the fine-tuned model")
     dice_after = holdout_dice(result.network, held, torch_device, parent.threshold, parent.flip_tta)
     accepted = dice_after >= dice_before
@@ -444,17 +427,57 @@ def finetune(
     command = command or f"relsegcore.finetune.finetune(model={str(model)!r}, iterations={iterations}, seed={seed})"
     card = _child_card(parent, trained, held, config, result, (dice_before, dice_after), accepted,
                        {"command": command, "edited_weight": float(edited_weight)})
-    is_default = False
-    if out_path is not None:
-        card.name, card.version = out_path.stem, child_version(parent.version)
-        path = save_model(result.network, card, out_path.parent)
-    else:
-        path, is_default = _register(result.network, card, parent, registry_home, make_default and accepted)
+    path, is_default = _save_child(result.network, card, parent, out_path, registry_home, make_default and accepted)
     message = guard_message(parent, card, dice_before, dice_after, len(held), accepted, make_default, is_default)
     progress.update(1.0, "Done")
     return FinetuneResult(path=path, card=card, dice_before=dice_before, dice_after=dice_after, accepted=accepted,
                           message=message, is_default=is_default, history=result.history,
                           seconds=time.perf_counter() - started)
+
+
+def _parent_network(parent: ModelCard) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The parent's network with its weights (checked against its card's SHA-256), and those weights."""
+    network = build_network(parent)
+    try:
+        state = load_state_dict_verified(parent.path, parent.sha256)
+        network.load_state_dict(state)
+    except RuntimeError as error:
+        raise ModelError(f"weights of {parent.name} do not match its architecture: {error}") from None
+    return network, state
+
+
+def _with_replay(trained: FinetuneSlices, replay: tuple[np.ndarray, np.ndarray] | None, size: int,
+                 num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, masks, edited) to train on: the corrected slices, then the parent's replayed ones as unedited."""
+    if replay is None:
+        return trained.images, trained.masks, trained.edited
+    replayed = _as_slices(replay[0], replay[1], np.zeros(len(replay[0]), bool), None, size, num_classes, "replay")
+    return (np.concatenate([trained.images, replayed.images]), np.concatenate([trained.masks, replayed.masks]),
+            np.concatenate([trained.edited, replayed.edited]))
+
+
+def _train_members(config: TrainConfig, members: list[dict[str, torch.Tensor]],
+                   slices: tuple[np.ndarray, np.ndarray, np.ndarray], edited_weight: float,
+                   progress: Progress) -> TrainResult:
+    """Each member's weights (one network's, or an ensemble's each) trained on the same slices, edited ones
+    drawn ``edited_weight`` times as often; the progress runs from 5 to 95 % over the members."""
+    images, masks, edited = slices
+    count = len(members)
+    results = [train(dataclasses.replace(config, out_dir=Path(config.out_dir) / f"member{i}"), images, masks,
+                     progress=_span(progress, 0.05 + 0.9 * i / count, 0.05 + 0.9 * (i + 1) / count),
+                     resume=False, initial_state=state, sample_weights=sample_weights(edited, edited_weight))
+               for i, state in enumerate(members)]
+    return _as_one(results, config.network)
+
+
+def _save_child(network: torch.nn.Module, card: ModelCard, parent: ModelCard, out_path: Path | None,
+                registry_home, make_default: bool) -> tuple[Path, bool]:
+    """Write the fine-tuned model at ``out_path`` (named by its file), or else into the registry; return its path
+    and whether it became the default."""
+    if out_path is not None:
+        card.name, card.version = out_path.stem, child_version(parent.version)
+        return save_model(network, card, out_path.parent), False
+    return _register(network, card, parent, registry_home, make_default)
 
 
 def _as_one(results: list[TrainResult], config: NetworkConfig) -> TrainResult:
@@ -521,13 +544,16 @@ def _as_slices(images, masks, edited, cases, size: int, num_classes: int, source
     return FinetuneSlices(images, masks, flags, names, source, prints)
 
 
-def _checked_out(out: str | os.PathLike | None) -> Path | None:
+def _checked_out(out: str | os.PathLike | None, parent: ModelCard) -> Path | None:
+    """``out`` as a path to a new ``NAME.pt`` (its folder made), never the parent's own file."""
     if out is None:
         return None
     out = Path(out)
     if out.suffix != ".pt":
         raise InputError(f"the fine-tuned model's path must end in .pt (NAME.pt), not {out.name}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if parent.path is not None and out.resolve() == parent.path.resolve():
+        raise InputError(f"the fine-tuned model would overwrite its parent {parent.path}; choose another --out")
     return out
 
 
