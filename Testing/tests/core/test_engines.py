@@ -117,12 +117,15 @@ def real_cts(shared_data) -> dict[str, np.ndarray]:
 
 
 @needs_openvino
-@pytest.mark.parametrize("model", ["covid-infection-2d", "covid-lungs-2d"])
-def test_openvino_labels_match_pytorch_on_real_ct(real_cts, model):
+@pytest.mark.parametrize(("model", "every"), [("covid-infection-2d", 1), ("covid-lungs-2d", 2)])
+def test_openvino_labels_match_pytorch_on_real_ct(real_cts, model, every):
+    """The lung model runs four views a slice (mirrored, upside down): half the slices keep its run near the
+    infection model's, and its masks stay far above the 1,000 pixels a CT needs to be scored."""
     reference = zoo.load_model(model, CPU, "torch")
     fast = zoo.load_model(model, CPU, "openvino")
     pooled_reference, pooled_fast, scores = [], [], {}
-    for name, hu in real_cts.items():
+    for name, volume in real_cts.items():
+        hu = volume[::every]
         z = np.arange(len(hu))
         expected, _ = pipeline.slice_labels_2d(reference, hu, z, None)
         found, _ = pipeline.slice_labels_2d(fast, hu, z, None)
