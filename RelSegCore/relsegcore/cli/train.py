@@ -33,19 +33,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train a single-encoder network on non-COVID lesion data (nodules, tumours, effusion); "
                     "its encoder becomes the general encoder of the dual model.",
     )
-    pretrain.add_argument("--data", action="append", default=[], metavar="KIND:PATH",
-                          help="a dataset: folder:DIR (images/ + masks/), pairs:DIR (volumes + masks), "
-                               "decathlon:DIR, npz:FILE (patches), slices:FILE (--save-slices); repeat for several")
-    pretrain.add_argument("--shared-data", type=Path, metavar="DIR",
-                          help="read the recipe's non-COVID sets from this data folder (e.g. ../shared/data)")
-    pretrain.add_argument("--sets", default="lidc,pleural-effusion,lung-tumor,msd-patches",
-                          help="with --shared-data: which sets (default: all four)")
-    pretrain.add_argument("--save-slices", type=Path, metavar="FILE",
-                          help="also save the prepared slices (.npz) for --data slices:FILE on another machine")
-    pretrain.add_argument("--prepare-only", action="store_true", help="stop after reading (and saving) the data")
-    pretrain.add_argument("--cache-dir", type=Path, help="cache preprocessed slices here (fast second read)")
-    pretrain.add_argument("--recipe", choices=RECIPES, default=LUNG_CROP,
-                          help="how whole-chest HU slices look to the network (the target model's recipe)")
+    lesions = pretrain.add_argument_group("non-COVID lesion data")
+    lesions.add_argument("--data", action="append", default=[], metavar="KIND:PATH",
+                         help="a dataset: folder:DIR (images/ + masks/), pairs:DIR (volumes + masks), "
+                              "decathlon:DIR, npz:FILE (patches), slices:FILE (--save-slices); repeat for several")
+    lesions.add_argument("--shared-data", type=Path, metavar="DIR",
+                         help="read the recipe's non-COVID sets from this data folder (e.g. ../shared/data)")
+    lesions.add_argument("--sets", default="lidc,pleural-effusion,lung-tumor,msd-patches",
+                         help="with --shared-data: which sets (default: all four)")
+    lesions.add_argument("--save-slices", type=Path, metavar="FILE",
+                         help="also save the prepared slices (.npz) for --data slices:FILE on another machine")
+    lesions.add_argument("--prepare-only", action="store_true", help="stop after reading (and saving) the data")
+    lesions.add_argument("--cache-dir", type=Path, help="cache preprocessed slices here (fast second read)")
+    lesions.add_argument("--recipe", choices=RECIPES, default=LUNG_CROP,
+                         help="how whole-chest HU slices look to the network (the target model's recipe)")
     _add_common(pretrain)
     pretrain.set_defaults(func=run_pretrain)
 
@@ -56,120 +57,149 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "relation-consistency loss; --cross-validate runs k-fold cross-validation (by patient for "
                     "ctseg2d data, by volume for --volumes).",
     )
-    stage2.add_argument("--images", type=Path, help="folder of training images (or give --data)")
-    stage2.add_argument("--masks", type=Path, help="folder of masks with matching stems")
-    stage2.add_argument("--volumes", action="store_true",
-                        help="--images and --masks hold CT volumes in HU (NIfTI/NRRD/MHA, masks matched by file "
-                             "name; without --masks, beside the CTs: NAME_ct + NAME_label, imagesTr/ + labelsTr/...): "
-                             "every axial slice, rendered as full-slice-clahe like the shipped models at "
-                             "inference, slices with a lesion drawn at least --lesion-fraction of the time; folds "
-                             "go by volume (a Radiopaedia patient's series together)")
-    stage2.add_argument("--lesion-fraction", type=float, default=0.5,
-                        help="with --volumes: the least share of each batch drawn from slices with a lesion "
-                             "(most slices of a CT have none; default 0.5)")
-    stage2.add_argument("--data", metavar="ctseg2d:DIR",
-                        help="a covid-ct-seg-2d folder (images/, masks/, lungs/, cases.csv): whole slices in the "
-                             "full-slice-clahe appearance; folds and splits go by patient")
-    stage2.add_argument("--target", choices=("infection", "lungs"), default="infection",
-                        help="with --data: learn the infection masks or the lung masks (a lung model); with "
-                             "--volumes: what the masks hold")
-    stage2.add_argument("--cases", help="with --data or --volumes: only these cases or patients (comma-separated)")
-    stage2.add_argument("--multiclass", action="store_true",
-                        help="masks hold 0 background, 1 ground-glass, 2 consolidation")
-    stage2.add_argument("--general-encoder", type=Path, help="stage-1 model (.pt) whose encoder is the general one")
-    stage2.add_argument("--finetune-general", action="store_true",
-                        help="train the general encoder too, at --general-lr-scale times the learning rate")
-    stage2.add_argument("--general-lr-scale", type=float, default=0.1)
-    stage2.add_argument("--init-target-from-general", action="store_true",
-                        help="start the target encoder from the general encoder's weights")
-    stage2.add_argument("--relation", choices=RELATION_READINGS, default="none", help="relation-loss reading")
-    stage2.add_argument("--relation-weight", type=float, default=1.0)
-    stage2.add_argument("--relation-level", type=int, default=-1, help="encoder level compared (-1 = bottleneck)")
-    stage2.add_argument("--fusion-levels", default="all", help="levels whose general features reach the decoder")
-    stage2.add_argument("--teacher", metavar="MODEL",
-                        help="a trained model (name or .pt with its card, same recipe and classes) whose softened "
-                             "predictions the network learns beside the masks: e.g. a dual-encoder model "
-                             "distilled into a target-only network that runs at its speed")
-    stage2.add_argument("--distill-weight", type=float, default=1.0, help="with --teacher: the distillation "
-                        "loss's weight beside Dice + cross-entropy")
-    stage2.add_argument("--distill-temperature", type=float, default=2.0, help="with --teacher: softening")
-    stage2.add_argument("--init", metavar="MODEL",
-                        help="start from a trained model's weights (name or .pt with its card: same architecture, "
-                             "recipe, input size and classes) instead of random ones, e.g. to go on training a "
-                             "model under another recipe; with --fold it must not have seen the fold's held-out "
-                             "slices (its card's fingerprints are checked), so start each fold from its own model")
-    stage2.add_argument("--negatives", action="append", default=[], metavar="KIND:PATH",
-                        help="non-COVID CT taught as containing no infection: ct:DIR (CT volumes, no masks "
-                             "needed: up to --negative-slices lung slices each) or a kind of pretrain-general "
-                             "--data (lesion slices, masks ignored); repeat for several; never validated on")
-    stage2.add_argument("--negative-slices", type=int, default=16, metavar="N",
-                        help="with --negatives ct:...: lung slices taken from each volume, evenly spread along z "
-                             "(more slices: more of each volume's normal anatomy at the same share of each batch)")
-    stage2.add_argument("--negative-noise", type=_noise_levels, default=(), metavar="HU[,HU...]",
-                        help="with --negatives ct:...: each lung slice also rendered with white and with sharp-kernel "
-                             "noise of each of these stds added in HU (e.g. 30,60,100): noisy normal lung taught as "
-                             "no infection (without it CT noise is taken for ground-glass: RelSegCore/EXPERIMENTS.md)")
-    stage2.add_argument("--negative-fraction", type=float, default=0.25,
-                        help="with --negatives: their share of the slices drawn for each batch")
-    stage2.add_argument("--cache-dir", type=Path, help="cache the preprocessed --negatives slices here")
-    stage2.add_argument("--folds", type=int, default=5)
-    stage2.add_argument("--fold", type=int, help="train on the other folds and validate on this one")
-    stage2.add_argument("--few-shot", action="store_true",
-                        help="with --fold and --data: train on this fold's patients only and validate on all the "
-                             "others (COVID-19-CT-Seg's Task 1, limited annotations, by patient)")
-    stage2.add_argument("--pooled", action="append", default=[], metavar="KIND:PATH",
-                        help="labelled slices pooled into the training slices, any lesion as infection: non-COVID "
-                             "lesion data (a kind of pretrain-general --data; COVID-19-CT-Seg's Task 3, naive "
-                             "pooling) or another appearance of COVID-19 infection, e.g. the COVID-SemiSeg "
-                             "screenshots as folder:DIR (images/ + masks/, fingerprinted in the card)")
-    stage2.add_argument("--pooled-fraction", type=float,
-                        help="with --pooled: their share of the slices drawn for each batch, the others keeping "
-                             "their relative shares (default: drawn like any training slice)")
-    stage2.add_argument("--cross-validate", action="store_true", help="run every fold and summarise")
-    stage2.add_argument("--jobs", type=int, default=1, help="folds run in parallel processes")
-    stage2.add_argument("--upright", action="store_true",
-                        help="with --data ctseg2d: turn the patients stored posterior up (told by their lung masks) "
-                             "anterior up, so the network only sees chests as relseg segment shows them; the card "
-                             "says so and relseg evaluate turns such slices upright for it too")
+    _add_training_data(stage2.add_argument_group("COVID-19 training data"))
+    _add_general_encoder(stage2.add_argument_group("general encoder and relation loss (the paper's method)"))
+    _add_extra_slices(stage2.add_argument_group("negatives and pooled slices"))
+    _add_starting_weights(stage2.add_argument_group("starting weights and distillation"))
+    _add_folds(stage2.add_argument_group("folds (by patient, or by volume with --volumes)"))
     _add_common(stage2)
     stage2.set_defaults(func=run_train)
 
 
+def _add_training_data(group: argparse._ArgumentGroup) -> None:
+    """What the network learns from: a picture folder, CT volumes or a covid-ct-seg-2d folder."""
+    group.add_argument("--images", type=Path, help="folder of training images (or give --data)")
+    group.add_argument("--masks", type=Path, help="folder of masks with matching stems")
+    group.add_argument("--volumes", action="store_true",
+                       help="--images and --masks hold CT volumes in HU (NIfTI/NRRD/MHA, masks matched by file "
+                            "name; without --masks, beside the CTs: NAME_ct + NAME_label, imagesTr/ + labelsTr/...): "
+                            "every axial slice, rendered as full-slice-clahe like the shipped models at "
+                            "inference, slices with a lesion drawn at least --lesion-fraction of the time; folds "
+                            "go by volume (a Radiopaedia patient's series together)")
+    group.add_argument("--lesion-fraction", type=float, default=0.5,
+                       help="with --volumes: the least share of each batch drawn from slices with a lesion "
+                            "(most slices of a CT have none; default 0.5)")
+    group.add_argument("--data", metavar="ctseg2d:DIR",
+                       help="a covid-ct-seg-2d folder (images/, masks/, lungs/, cases.csv): whole slices in the "
+                            "full-slice-clahe appearance; folds and splits go by patient")
+    group.add_argument("--target", choices=("infection", "lungs"), default="infection",
+                       help="with --data: learn the infection masks or the lung masks (a lung model); with "
+                            "--volumes: what the masks hold")
+    group.add_argument("--cases", help="with --data or --volumes: only these cases or patients (comma-separated)")
+    group.add_argument("--multiclass", action="store_true",
+                       help="masks hold 0 background, 1 ground-glass, 2 consolidation")
+    group.add_argument("--upright", action="store_true",
+                       help="with --data ctseg2d: turn the patients stored posterior up (told by their lung masks) "
+                            "anterior up, so the network only sees chests as relseg segment shows them; the card "
+                            "says so and relseg evaluate turns such slices upright for it too")
+
+
+def _add_general_encoder(group: argparse._ArgumentGroup) -> None:
+    """The dual encoder: the general encoder from stage 1 and the relation-consistency loss."""
+    group.add_argument("--general-encoder", type=Path, help="stage-1 model (.pt) whose encoder is the general one")
+    group.add_argument("--finetune-general", action="store_true",
+                       help="train the general encoder too, at --general-lr-scale times the learning rate")
+    group.add_argument("--general-lr-scale", type=float, default=0.1)
+    group.add_argument("--init-target-from-general", action="store_true",
+                       help="start the target encoder from the general encoder's weights")
+    group.add_argument("--relation", choices=RELATION_READINGS, default="none", help="relation-loss reading")
+    group.add_argument("--relation-weight", type=float, default=1.0)
+    group.add_argument("--relation-level", type=int, default=-1, help="encoder level compared (-1 = bottleneck)")
+    group.add_argument("--fusion-levels", default="all", help="levels whose general features reach the decoder")
+
+
+def _add_extra_slices(group: argparse._ArgumentGroup) -> None:
+    """Slices beside the COVID-19 ones: negatives (no infection) and pooled lesion slices."""
+    group.add_argument("--negatives", action="append", default=[], metavar="KIND:PATH",
+                       help="non-COVID CT taught as containing no infection: ct:DIR (CT volumes, no masks "
+                            "needed: up to --negative-slices lung slices each) or a kind of pretrain-general "
+                            "--data (lesion slices, masks ignored); repeat for several; never validated on")
+    group.add_argument("--negative-slices", type=int, default=16, metavar="N",
+                       help="with --negatives ct:...: lung slices taken from each volume, evenly spread along z "
+                            "(more slices: more of each volume's normal anatomy at the same share of each batch)")
+    group.add_argument("--negative-noise", type=_noise_levels, default=(), metavar="HU[,HU...]",
+                       help="with --negatives ct:...: each lung slice also rendered with white and with sharp-kernel "
+                            "noise of each of these stds added in HU (e.g. 30,60,100): noisy normal lung taught as "
+                            "no infection (without it CT noise is taken for ground-glass: RelSegCore/EXPERIMENTS.md)")
+    group.add_argument("--negative-fraction", type=float, default=0.25,
+                       help="with --negatives: their share of the slices drawn for each batch")
+    group.add_argument("--pooled", action="append", default=[], metavar="KIND:PATH",
+                       help="labelled slices pooled into the training slices, any lesion as infection: non-COVID "
+                            "lesion data (a kind of pretrain-general --data; COVID-19-CT-Seg's Task 3, naive "
+                            "pooling) or another appearance of COVID-19 infection, e.g. the COVID-SemiSeg "
+                            "screenshots as folder:DIR (images/ + masks/, fingerprinted in the card)")
+    group.add_argument("--pooled-fraction", type=float,
+                       help="with --pooled: their share of the slices drawn for each batch, the others keeping "
+                            "their relative shares (default: drawn like any training slice)")
+    group.add_argument("--cache-dir", type=Path, help="cache the preprocessed --negatives slices here")
+
+
+def _add_starting_weights(group: argparse._ArgumentGroup) -> None:
+    """Weights to start from, and a model to distil."""
+    group.add_argument("--init", metavar="MODEL",
+                       help="start from a trained model's weights (name or .pt with its card: same architecture, "
+                            "recipe, input size and classes) instead of random ones, e.g. to go on training a "
+                            "model under another recipe; with --fold it must not have seen the fold's held-out "
+                            "slices (its card's fingerprints are checked), so start each fold from its own model")
+    group.add_argument("--teacher", metavar="MODEL",
+                       help="a trained model (name or .pt with its card, same recipe and classes) whose softened "
+                            "predictions the network learns beside the masks: e.g. a dual-encoder model "
+                            "distilled into a target-only network that runs at its speed")
+    group.add_argument("--distill-weight", type=float, default=1.0, help="with --teacher: the distillation "
+                       "loss's weight beside Dice + cross-entropy")
+    group.add_argument("--distill-temperature", type=float, default=2.0, help="with --teacher: softening")
+
+
+def _add_folds(group: argparse._ArgumentGroup) -> None:
+    """Cross-validation and Task 1's few-shot folds."""
+    group.add_argument("--folds", type=int, default=5)
+    group.add_argument("--fold", type=int, help="train on the other folds and validate on this one")
+    group.add_argument("--few-shot", action="store_true",
+                       help="with --fold and --data: train on this fold's patients only and validate on all the "
+                            "others (COVID-19-CT-Seg's Task 1, limited annotations, by patient)")
+    group.add_argument("--cross-validate", action="store_true", help="run every fold and summarise")
+    group.add_argument("--jobs", type=int, default=1, help="folds run in parallel processes")
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, log.csv, curves.png)")
-    parser.add_argument("--iterations", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=256, help="input size in pixels")
-    parser.add_argument("--base-channels", type=int, default=16)
-    parser.add_argument("--depth", type=int, default=5)
-    parser.add_argument("--deep-supervision", action="store_true")
-    parser.add_argument("--patch-size", type=int,
-                        help="train on random square crops of this size (faster steps; validation and inference "
-                             "see whole slices)")
-    parser.add_argument("--augment", type=float, default=1.0, help="augmentation strength (0 = none)")
-    parser.add_argument("--augment-series", action="store_true",
-                        help="also flip slices upside down and squeeze their grey range, as the series of "
-                             "covid-ct-seg-2d differ (Radiopaedia stored posterior-up, min-max squeezed by outliers)")
-    parser.add_argument("--augment-noise", type=float, default=MAX_NOISE_SIGMA, metavar="SIGMA",
-                        help=f"the top of the Gaussian noise added to the 0..1 image (default {MAX_NOISE_SIGMA}; "
-                             "0.1 covers about 60 HU of CT noise in the lungs after the full-slice-clahe recipe)")
-    parser.add_argument("--false-negative-weight", type=_open_fraction, default=0.5, metavar="B",
-                        help="the overlap loss's weight of missed pixels against false ones: 0.5 is Dice + "
-                             "cross-entropy (default), above 0.5 the Tversky index favours sensitivity")
-    parser.add_argument("--dice-per-sample", action="store_true",
-                        help="one Dice per slice (or crop), averaged, as the mean per-slice Dice is scored, "
-                             "instead of one Dice over the batch: slices with small structures weigh as much")
-    parser.add_argument("--validate-every", type=int, default=250)
-    parser.add_argument("--no-validation", action="store_true",
-                        help="with --fold: do not score the held-out slices while training (score them "
-                             "afterwards with relseg evaluate, which also gives NSD)")
-    parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
-    parser.add_argument("--export", metavar="NAME", help="also write the final model NAME.pt + NAME.json here")
-    parser.add_argument("--model-dir", type=Path, help="folder for --export (default: the run folder)")
-    parser.add_argument("--description", default="", help="one line for the model card")
-    parser.add_argument("--model-version", default="1.0.0", help="version for the --export model card")
+    """The network, schedule, loss and run options of both training commands."""
+    network = parser.add_argument_group("network")
+    network.add_argument("--size", type=int, default=256, help="input size in pixels")
+    network.add_argument("--base-channels", type=int, default=16)
+    network.add_argument("--depth", type=int, default=5)
+    network.add_argument("--deep-supervision", action="store_true")
+    schedule = parser.add_argument_group("schedule, loss and augmentation")
+    schedule.add_argument("--iterations", type=int, default=3000)
+    schedule.add_argument("--batch-size", type=int, default=16)
+    schedule.add_argument("--lr", type=float, default=2e-3)
+    schedule.add_argument("--seed", type=int, default=0)
+    schedule.add_argument("--patch-size", type=int,
+                          help="train on random square crops of this size (faster steps; validation and inference "
+                               "see whole slices)")
+    schedule.add_argument("--augment", type=float, default=1.0, help="augmentation strength (0 = none)")
+    schedule.add_argument("--augment-series", action="store_true",
+                          help="also flip slices upside down and squeeze their grey range, as the series of "
+                               "covid-ct-seg-2d differ (Radiopaedia stored posterior-up, min-max squeezed by outliers)")
+    schedule.add_argument("--augment-noise", type=float, default=MAX_NOISE_SIGMA, metavar="SIGMA",
+                          help=f"the top of the Gaussian noise added to the 0..1 image (default {MAX_NOISE_SIGMA}; "
+                               "0.1 covers about 60 HU of CT noise in the lungs after the full-slice-clahe recipe)")
+    schedule.add_argument("--false-negative-weight", type=_open_fraction, default=0.5, metavar="B",
+                          help="the overlap loss's weight of missed pixels against false ones: 0.5 is Dice + "
+                               "cross-entropy (default), above 0.5 the Tversky index favours sensitivity")
+    schedule.add_argument("--dice-per-sample", action="store_true",
+                          help="one Dice per slice (or crop), averaged, as the mean per-slice Dice is scored, "
+                               "instead of one Dice over the batch: slices with small structures weigh as much")
+    schedule.add_argument("--validate-every", type=int, default=250)
+    schedule.add_argument("--no-validation", action="store_true",
+                          help="with --fold: do not score the held-out slices while training (score them "
+                               "afterwards with relseg evaluate, which also gives NSD)")
+    run = parser.add_argument_group("run folder and export")
+    run.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, log.csv, curves.png)")
+    run.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    run.add_argument("--export", metavar="NAME", help="also write the final model NAME.pt + NAME.json here")
+    run.add_argument("--model-dir", type=Path, help="folder for --export (default: the run folder)")
+    run.add_argument("--description", default="", help="one line for the model card")
+    run.add_argument("--model-version", default="1.0.0", help="version for the --export model card")
     add_device_argument(parser)
 
 

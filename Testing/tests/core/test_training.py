@@ -142,6 +142,26 @@ def test_train_cli_exports_a_model_card_with_the_command(tmp_path):
     assert len(set(saved["training"]["image_fingerprints"])) == 6  # relseg evaluate spots these slices
 
 
+@pytest.mark.parametrize("command", ["train", "pretrain-general"])
+def test_the_training_help_lists_each_option_under_what_it_is_for(command, capsys):
+    """``relseg train`` has about fifty options: each is in a titled group (data, folds, schedule...), none left
+    in the untitled list but help and the device every command has."""
+    from relsegcore.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    sections, title = {}, None
+    for line in capsys.readouterr().out.splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            title = line[:-1]
+        elif title and line.startswith("  -"):
+            sections.setdefault(title, []).append(line.split()[0].rstrip(","))
+    assert sections.pop("options") == ["-h", "--device"]
+    assert len(sections) >= 4 and all(sections.values())
+    options = [option for listed in sections.values() for option in listed]
+    assert "--out" in options and "--iterations" in options and len(options) == len(set(options))
+
+
 def test_share_weights_give_the_members_their_share_of_the_draws():
     from relsegcore.training import share_weights
 
