@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .data import intensity
 from .data.readers import picture_fingerprint
@@ -33,7 +34,15 @@ from .device import select_device
 from .errors import InputError, ModelError
 from .models import EnsembleNetwork, NetworkConfig
 from .progress import Progress
-from .training import RelationConfig, TrainConfig, TrainResult, images_to_tensor, predict_labels, train
+from .training import (
+    RelationConfig,
+    TrainConfig,
+    TrainResult,
+    distributed_context,
+    images_to_tensor,
+    predict_labels,
+    train,
+)
 from .zoo import ModelCard, build_network, find_model, load_state_dict_verified, save_model
 
 DEFAULT_ITERATIONS = 60  # 16 real 256 px slices, batch 8: 352 CPU-seconds, about 3 min on 2 free cores
@@ -385,7 +394,8 @@ def finetune(
     ``trainable``: which parameters learn (``training.TRAINABLE``). ``replay``: (images, masks) of the parent's
     own training slices, drawn as unedited slices beside the corrections so the model keeps what it knew.
     ``relation``: the relation-loss reading (default ``encoders`` when the model has a
-    general encoder).
+    general encoder). Under ``torchrun`` every rank trains (DistributedDataParallel), rank 0 alone scores the
+    held-out slices and writes the model, and every rank returns rank 0's result.
     """
     started = time.perf_counter()
     progress = progress or Progress()
@@ -406,8 +416,9 @@ def finetune(
     torch_device = select_device(device)
     network, parent_state = _parent_network(parent)
 
+    first_rank = distributed_context()[0] == 0  # under torchrun every rank trains; rank 0 alone scores and writes
     progress.update(0.0, "Scoring the current model")
-    dice_before = holdout_dice(network, held, torch_device, parent.threshold, parent.flip_tta)
+    dice_before = holdout_dice(network, held, torch_device, parent.threshold, parent.flip_tta) if first_rank else 0.0
     with tempfile.TemporaryDirectory(prefix="relseg-finetune-") as work:
         config = TrainConfig(
             out_dir=Path(work), network=config_network, iterations=iterations, batch_size=batch_size,
@@ -420,6 +431,8 @@ def finetune(
         members = network.member_states() if isinstance(network, EnsembleNetwork) else [parent_state]
         result = _train_members(config, members, _with_replay(trained, replay, size, num_classes), edited_weight,
                                 progress)
+    if not first_rank:
+        return _result_of_first_rank(None)
     progress.update(0.95, "Scoring the fine-tuned model")
     dice_after = holdout_dice(result.network, held, torch_device, parent.threshold, parent.flip_tta)
     accepted = dice_after >= dice_before
@@ -430,9 +443,19 @@ def finetune(
     path, is_default = _save_child(result.network, card, parent, out_path, registry_home, make_default and accepted)
     message = guard_message(parent, card, dice_before, dice_after, len(held), accepted, make_default, is_default)
     progress.update(1.0, "Done")
-    return FinetuneResult(path=path, card=card, dice_before=dice_before, dice_after=dice_after, accepted=accepted,
-                          message=message, is_default=is_default, history=result.history,
-                          seconds=time.perf_counter() - started)
+    return _result_of_first_rank(FinetuneResult(
+        path=path, card=card, dice_before=dice_before, dice_after=dice_after, accepted=accepted, message=message,
+        is_default=is_default, history=result.history, seconds=time.perf_counter() - started))
+
+
+def _result_of_first_rank(result: FinetuneResult | None) -> FinetuneResult:
+    """Rank 0's result on every rank of a torchrun (the others trained beside it but wrote nothing); ``result``
+    itself in a single process."""
+    if not dist.is_initialized():
+        return result
+    shared = [result]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def _parent_network(parent: ModelCard) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:

@@ -79,6 +79,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         slices_from_store,
         spread,
     )
+    from ..training import distributed_context
     from ..zoo import find_model
     from . import progress_display
 
@@ -102,11 +103,13 @@ def run_finetune(args: argparse.Namespace) -> int:
         data = slices_from_store(args.store, {"input_size": size, **parent.preprocessing})
     else:
         data = slices_from_folder(args.images, args.masks, size, multiclass)
-    print(f"fine-tuning {parent.name} {parent.version} on {len(data)} slices "
-          f"({int(data.edited.sum())} edited) from {len(set(data.cases))} case(s) in {data.source}", flush=True)
-    if holdout is not None:
+    first_rank = distributed_context()[0] == 0  # under torchrun, rank 0 alone speaks (and writes the model)
+    if first_rank:
+        print(f"fine-tuning {parent.name} {parent.version} on {len(data)} slices "
+              f"({int(data.edited.sum())} edited) from {len(set(data.cases))} case(s) in {data.source}", flush=True)
+    if holdout is not None and first_rank:
         print(f"guard: {len(holdout)} held-out slices of {len(set(holdout.cases))} case(s)", flush=True)
-    with progress_display(args.progress) as progress:
+    with progress_display(args.progress if first_rank else "none") as progress:
         result = finetune(
             parent.path, data.images, data.masks, data.edited, args.out, cases=data.cases,
             fingerprints=data.fingerprints,
@@ -116,6 +119,8 @@ def run_finetune(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, learning_rate=args.lr, edited_weight=args.edited_weight,
             trainable=args.trainable, source=data.source, command=command_line(args), progress=progress, seed=args.seed,
         )
+    if not first_rank:
+        return 0
     print(f"model written: {result.path} ({result.card.name} {result.card.version}, {result.seconds:.0f} s)")
     print(f"Dice on held-out slices: before {result.dice_before:.4f}, after {result.dice_after:.4f}; "
           f"{'accepted' if result.accepted else 'NOT accepted'}")

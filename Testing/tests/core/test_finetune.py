@@ -298,6 +298,47 @@ def test_cli_writes_the_model_and_reports_dice(tmp_path, untrained, capsys):
     assert card["training"]["corrections"]["slices"] == 6
 
 
+TORCHRUN_SCRIPT = """
+import json, sys
+import torch.distributed as dist
+from relsegcore.cli import main
+from relsegcore.finetune import finetune, slices_from_folder
+
+model, images, masks, home, out = sys.argv[1:]
+assert main(["finetune", "--model", model, "--images", images, "--masks", masks, "--iterations", "6",
+             "--batch-size", "2", "--lr", "0.01", "--device", "cpu", "--progress", "none"]) == 0
+data = slices_from_folder(images, masks, 32, False)
+result = finetune(model, data.images, data.masks, out=out, iterations=4, batch_size=2, device="cpu")
+with open(f"{home}/rank{dist.get_rank()}.json", "w") as handle:
+    json.dump([str(result.path), result.dice_before, result.dice_after, result.card.sha256], handle)
+"""
+
+
+def test_under_torchrun_every_rank_trains_and_rank_0_alone_writes_and_speaks(tmp_path, untrained):
+    """Sites with several GPUs fine-tune with ``torchrun --nproc_per_node N -m relsegcore.cli finetune``: a real
+    two-process gloo run. The ranks train one model together (DDP); one version is registered, its lines printed
+    once, and the API returns rank 0's result on both ranks."""
+    import os
+    import subprocess
+    import sys
+
+    images_dir, masks_dir = write_folder(tmp_path / "data", *squares(8))
+    home, out = tmp_path / "home", tmp_path / "out" / "site.pt"
+    home.mkdir()
+    script = tmp_path / "ranks.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(untrained), str(images_dir), str(masks_dir), str(home), str(out)],
+                         capture_output=True, text=True, timeout=240,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", RELSEG_HOME=str(home)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("fine-tuning tiny 1.0.0 on") == 1 and run.stdout.count("model written:") == 1
+    assert sorted(path.name for path in (home / "models").iterdir()) == ["tiny-ft1.json", "tiny-ft1.pt"]
+    rank0, rank1 = (json.loads((home / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert rank0 == rank1 and rank0[0] == str(out) and out.is_file()
+    assert load_model(out, torch.device("cpu")).card.sha256 == rank0[3]
+
+
 def test_cli_registers_by_default_and_rejects_bad_arguments(tmp_path, untrained, monkeypatch, capsys):
     monkeypatch.setenv("RELSEG_HOME", str(tmp_path / "home"))
     images_dir, masks_dir = write_folder(tmp_path / "data", *squares(4))
