@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import locale
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,18 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def two_gloo_processes():
+    """Run a script under a real ``torchrun`` of two processes (gloo on the CPU, one thread each); fail the test
+    with the end of its stderr unless both ranks exit cleanly. Returns the finished run (its stdout)."""
+
+    def run(script: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        finished = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                   str(script), *args], capture_output=True, text=True, timeout=240,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        return finished
+
+    return run

@@ -314,24 +314,18 @@ with open(f"{home}/rank{dist.get_rank()}.json", "w") as handle:
 """
 
 
-def test_under_torchrun_every_rank_trains_and_rank_0_alone_writes_and_speaks(tmp_path, untrained):
+def test_under_torchrun_every_rank_trains_and_rank_0_alone_writes_and_speaks(tmp_path, untrained,
+                                                                            two_gloo_processes):
     """Sites with several GPUs fine-tune with ``torchrun --nproc_per_node N -m relsegcore.cli finetune``: a real
     two-process gloo run. The ranks train one model together (DDP); one version is registered, its lines printed
     once, and the API returns rank 0's result on both ranks."""
-    import os
-    import subprocess
-    import sys
-
     images_dir, masks_dir = write_folder(tmp_path / "data", *squares(8))
     home, out = tmp_path / "home", tmp_path / "out" / "site.pt"
     home.mkdir()
     script = tmp_path / "ranks.py"
     script.write_text(TORCHRUN_SCRIPT)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script), str(untrained), str(images_dir), str(masks_dir), str(home), str(out)],
-                         capture_output=True, text=True, timeout=240,
-                         env=dict(os.environ, OMP_NUM_THREADS="1", RELSEG_HOME=str(home)))
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = two_gloo_processes(script, str(untrained), str(images_dir), str(masks_dir), str(home), str(out),
+                             env={"RELSEG_HOME": str(home)})
     assert run.stdout.count("fine-tuning tiny 1.0.0 on") == 1 and run.stdout.count("model written:") == 1
     assert sorted(path.name for path in (home / "models").iterdir()) == ["tiny-ft1.json", "tiny-ft1.pt"]
     rank0, rank1 = (json.loads((home / f"rank{rank}.json").read_text()) for rank in (0, 1))

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -96,13 +93,10 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_ddp_with_two_gloo_processes_keeps_replicas_identical(tmp_path):
+def test_ddp_with_two_gloo_processes_keeps_replicas_identical(tmp_path, two_gloo_processes):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script)], capture_output=True, text=True, timeout=240, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
+    two_gloo_processes(script)
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     initial = train(TrainConfig(out_dir=tmp_path / "init", network=TINY, iterations=0, device="cpu"),
