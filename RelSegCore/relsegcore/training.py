@@ -538,6 +538,7 @@ def _log_row(step: int, lr: float, seconds: float, running: dict[str, float]) ->
 
 
 def _progress_bar(total: int, initial: int):
+    """The command line's tqdm bar over the iterations (a resumed run starts at ``initial``)."""
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc="training", unit="it")
