@@ -21,6 +21,12 @@
 # for --prepare, NEGATIVE_SLICES=48 (lung slices per negative CT; 16). ONLY=infection EXTRA=--upright trains the
 # infection recipe on upright slices only (session 19; not the lung runs: covid-lungs-2d tells the orientation and
 # must keep seeing both).
+#
+# Not the current default's recipe (session 38): covid-infection-2d 2.6.0 is three stages in a row
+# (RelSegCore/recipes/default_infection.py), the third with the negatives rendered again with CT noise
+# (--negative-noise 25,50,100,150: 720 slices instead of 80, 43 MB as a slices: file, 39 MB as an LZMA stack),
+# which does not fit beside covid-ct-seg-2d (57.6 MB as LZMA stacks) in one call's 64 MiB; nor does a SimpleITK
+# wheel to render them there. This script still trains the 2.0.0-2.1.x recipes (one stage, no noisy negatives).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 TRAIN=.gpu/train
