@@ -159,8 +159,9 @@ for f in "$RUNS"/long/*.log; do echo "$(basename "$f"): $(grep -a '^{' "$f" | ta
 infection && python3 Testing/benchmarks/choose_postprocessing.py --folds "$RUNS"/long/infection-fold{0,1,2,3} \
     --data "$DATA" --thresholds 0.5 --flip-tta --device "$DEVICE" --json "$RUNS/long/infection-sweep.json" 2>&1 \
     | grep -v "it/s" | tail -12
-# The lungs at covid-lungs-2d 2.1.2's card (four views, components >= 0.1, the outside of the body dropped), and without
-# the components and the body rule: its folds' figures (0.9823 / 0.9822 / 0.9750 / 0.9371 on the CPU recipe) compare.
+# The lungs at covid-lungs-2d 2.1.2's card (four views, components >= 0.1, the outside of the body dropped; the sweep's
+# other rows: fewer views, all components), whose folds' figures (0.9823 / 0.9822 / 0.9750 / 0.9371 on the CPU recipe)
+# they compare with.
 lungs && python3 Testing/benchmarks/choose_postprocessing.py --folds "$RUNS"/long/lungs-fold{0,1,2,3} --data "$DATA" \
     --target lungs --thresholds 0.5 --flip-tta --upside-down-tta --fractions 0,0.1 --drop-outside-body \
     --device "$DEVICE" --json "$RUNS/long/lungs-sweep.json" 2>&1 | grep -v "it/s" | tail -12
