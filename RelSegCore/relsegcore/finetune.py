@@ -31,7 +31,7 @@ import torch.distributed as dist
 from .data import intensity
 from .data.readers import picture_fingerprint
 from .device import select_device
-from .errors import InputError, ModelError
+from .errors import InputError
 from .models import EnsembleNetwork, NetworkConfig
 from .progress import Progress
 from .training import (
@@ -43,7 +43,7 @@ from .training import (
     predict_labels,
     train,
 )
-from .zoo import ModelCard, build_network, find_model, load_state_dict_verified, save_model
+from .zoo import ModelCard, find_model, save_model, verified_network
 
 DEFAULT_ITERATIONS = 60  # 16 real 256 px slices, batch 8: 352 CPU-seconds, about 3 min on 2 free cores
 DEFAULT_BATCH_SIZE = 8
@@ -414,7 +414,7 @@ def finetune(
     if reading == "encoders" and not config_network.use_general_encoder:
         raise InputError(f"the model {parent.name} has no general encoder for the 'encoders' relation loss")
     torch_device = select_device(device)
-    network, parent_state = _parent_network(parent)
+    network, parent_state = verified_network(parent)
 
     first_rank = distributed_context()[0] == 0  # under torchrun every rank trains; rank 0 alone scores and writes
     progress.update(0.0, "Scoring the current model")
@@ -456,17 +456,6 @@ def _result_of_first_rank(result: FinetuneResult | None) -> FinetuneResult:
     shared = [result]
     dist.broadcast_object_list(shared, src=0)
     return shared[0]
-
-
-def _parent_network(parent: ModelCard) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """The parent's network with its weights (checked against its card's SHA-256), and those weights."""
-    network = build_network(parent)
-    try:
-        state = load_state_dict_verified(parent.path, parent.sha256)
-        network.load_state_dict(state)
-    except RuntimeError as error:
-        raise ModelError(f"weights of {parent.name} do not match its architecture: {error}") from None
-    return network, state
 
 
 def _with_replay(trained: FinetuneSlices, replay: tuple[np.ndarray, np.ndarray] | None, size: int,

@@ -310,16 +310,23 @@ def load_state_dict_verified(path: Path, sha256: str) -> dict:
         raise ModelError(f"cannot load model weights {path.name}: {error}") from None
 
 
+def verified_network(card: ModelCard) -> tuple[DualEncoderUNet | EnsembleNetwork, dict]:
+    """The card's network with its weights (read only after their SHA-256 matches the card), and those weights."""
+    network = build_network(card)
+    state = load_state_dict_verified(card.path, card.sha256)
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as error:
+        raise ModelError(f"weights of {card.name} do not match its architecture: {error}") from None
+    return network, state
+
+
 def load_model(name_or_path: str | os.PathLike | ModelCard | None, device: torch.device,
                engine: str = "torch") -> LoadedModel:
     """The verified network on ``device``; ``engine`` ("auto", "torch", "openvino": see ``engines``) says what
     runs its forward passes in ``inference``. A card already found is used as it is."""
     card = name_or_path if isinstance(name_or_path, ModelCard) else find_model(name_or_path)
-    network = build_network(card)
-    try:
-        network.load_state_dict(load_state_dict_verified(card.path, card.sha256))
-    except RuntimeError as error:
-        raise ModelError(f"weights of {card.name} do not match its architecture: {error}") from None
+    network, _ = verified_network(card)
     network.to(device).eval()
     resolved = resolve_engine(engine, device, int(card.architecture.get("dims", 2)))
     return LoadedModel(network=network, card=card, device=device, engine=resolved)
