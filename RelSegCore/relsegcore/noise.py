@@ -51,7 +51,13 @@ def estimate_noise_hu(hu: np.ndarray, slices: int = 9) -> float | None:
     values = np.concatenate(residuals) if residuals else np.zeros(0, np.float32)
     if values.size < _MIN_TISSUE_PIXELS:
         return None
-    mad = float(np.median(np.abs(values - np.median(values))))
+    return white_noise_std(values)
+
+
+def white_noise_std(high_pass: np.ndarray) -> float:
+    """The std of the white noise whose 3 x 3 high-pass (pixel minus its neighbourhood's mean) has these values:
+    their robust std (1.4826 x median absolute deviation), scaled back through the high-pass."""
+    mad = float(np.median(np.abs(high_pass - np.median(high_pass))))
     return 1.4826 * mad / _WHITE_GAIN
 
 

@@ -25,7 +25,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from relsegcore.lungs import segment_lungs
-from relsegcore.noise import _WHITE_GAIN, NOISY_CT_HU, add_ct_noise, estimate_noise_hu
+from relsegcore.noise import NOISY_CT_HU, add_ct_noise, estimate_noise_hu, white_noise_std
 
 DATA = Path(os.environ.get("RELSEG_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 PARENCHYMA_HU = (-950.0, -700.0)
@@ -41,9 +41,7 @@ def parenchyma_noise_hu(crop: np.ndarray) -> float | None:
         parenchyma = ndimage.binary_erosion((smooth >= PARENCHYMA_HU[0]) & (smooth <= PARENCHYMA_HU[1]), iterations=2)
         residuals.append((plane - ndimage.uniform_filter(plane, 3))[parenchyma])
     values = np.concatenate(residuals)
-    if values.size < 500:
-        return None
-    return 1.4826 * float(np.median(np.abs(values - np.median(values)))) / _WHITE_GAIN
+    return None if values.size < 500 else white_noise_std(values)
 
 
 def crops_inside(lungs: np.ndarray, count: int = 12, size: int = 44, depth: int = 8) -> list[tuple[slice, ...]]:
